@@ -1,0 +1,1 @@
+"""HF <-> MindSpore checkpoint conversion, streaming one tensor at a time."""

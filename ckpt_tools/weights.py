@@ -1,0 +1,190 @@
+"""Move weights between checkpoint files and a live mindport model.
+
+Loading checks every tensor against the model: an HF tensor no parameter takes is
+"unexpected", a parameter no tensor fills is "missing", and shapes must agree; each
+error names the file and tensor. Export writes HF names and layouts in size-capped
+shards into a temporary directory renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint
+from mindport.ckpt_tools.name_map import NameMap, Target
+from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsWriter, f32_to_bf16_bits
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+MS_DTYPE_CODE = {ms.float32: "F32", ms.float16: "F16", ms.bfloat16: "BF16"}
+
+
+def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None) -> None:
+    """Fill ``model``'s parameters from ``ckpt`` (HF names via ``name_map``; None = mindport names)."""
+    params = dict(model.parameters_and_names())
+    stacks: dict[str, np.ndarray] = {}
+    filled: dict[str, set] = {name: set() for name in params}
+    for path, names in ckpt.by_file():
+        for hf_name in names:
+            target = name_map.to_ours(hf_name, path) if name_map else Target(hf_name)
+            if target.name is None:
+                continue
+            if target.name not in params:
+                raise CheckpointError(f"{path}: unexpected tensor '{hf_name}' (model has no parameter "
+                                      f"'{target.name}')")
+            param = params[target.name]
+            full_shape = tuple(param.shape)
+            shape = full_shape if target.expert is None else full_shape[1:]
+            info = ckpt.info(hf_name)
+            if tuple(info.shape) != shape or (target.expert is not None and target.expert >= full_shape[0]):
+                where = "" if target.expert is None else f" (expert {target.expert} of {full_shape[0]})"
+                raise CheckpointError(f"{path}: tensor '{hf_name}' has shape {list(info.shape)}, the config "
+                                      f"implies {list(shape)}{where}")
+            array = ckpt.get(hf_name)
+            if target.expert is None:
+                _assign(param, array)
+                filled[target.name].add(None)
+            else:
+                stack = stacks.setdefault(target.name, np.empty(full_shape, np.float32))
+                stack[target.expert] = array
+                filled[target.name].add(target.expert)
+                if len(filled[target.name]) == full_shape[0]:
+                    _assign(param, stacks.pop(target.name))
+    for name, param in params.items():
+        got = filled[name]
+        if None in got or (got and len(got) == param.shape[0]):
+            continue  # filled directly, or every expert slot of a stack filled (and assigned)
+        missing = _hf_names(name_map, name, param.shape[0], got)
+        raise CheckpointError(f"{ckpt.directory}: missing tensor '{missing}' (needed for parameter '{name}')")
+
+
+def _hf_names(name_map: NameMap | None, our_name: str, num_experts: int, got: set) -> str:
+    if name_map is None:
+        return our_name
+    for hf_name, expert in name_map.to_hf(our_name, num_experts):
+        if expert not in got:
+            return hf_name
+    return our_name
+
+
+def _assign(param, array: np.ndarray) -> None:
+    param.set_data(Tensor(np.asarray(array, dtype=np.float32)).astype(param.dtype))
+
+
+def tensor_bytes(param, dtype_code: str) -> np.ndarray:
+    """A parameter's data in the given safetensors dtype (bf16 as raw bits)."""
+    data = param.astype(ms.float32).asnumpy() if param.dtype == ms.bfloat16 else param.asnumpy()
+    if dtype_code == "BF16":
+        return f32_to_bf16_bits(data.astype(np.float32))
+    return data.astype({"F32": np.float32, "F16": np.float16}[dtype_code])
+
+
+def plan_shards(entries: list[tuple[str, str, tuple[int, ...], int]], max_bytes: int) -> list[list]:
+    """Group (name, dtype, shape, nbytes) entries, in order, into shards of at most ``max_bytes``."""
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry[3] > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry[3]
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+
+
+def write_sharded(out_dir: str, entries: list, fetch, max_bytes: int = DEFAULT_SHARD_BYTES,
+                  metadata: dict | None = None) -> dict[str, str]:
+    """Write ``entries`` (name, dtype, shape, nbytes) with ``fetch(name)`` -> data, plus the index.
+
+    Returns the weight map (tensor -> shard file).
+    """
+    shards = plan_shards(entries, max_bytes)
+    files = shard_names(len(shards))
+    weight_map = {}
+    for file_name, shard in zip(files, shards):
+        writer = SafetensorsWriter(os.path.join(out_dir, file_name), [(n, d, s) for n, d, s, _ in shard],
+                                   metadata or {"format": "pt"})
+        for name, *_ in shard:
+            writer.write(name, fetch(name))
+            weight_map[name] = file_name
+        writer.close()
+    if len(files) > 1:
+        total = sum(e[3] for e in entries)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+    return weight_map
+
+
+class StagingDir:
+    """A temporary sibling directory renamed onto ``final`` on success, removed on failure."""
+
+    def __init__(self, final: str, overwrite: bool):
+        self.final = os.path.abspath(final)
+        if os.path.exists(self.final) and not overwrite:
+            raise CheckpointError(f"{final}: destination exists (pass --overwrite / overwrite=True to replace it)")
+        parent = os.path.dirname(self.final)
+        os.makedirs(parent, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.tmp-", dir=parent)
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        if os.path.exists(self.final):  # --overwrite: swap, then drop the old copy
+            old = f"{self.final}.old-{os.getpid()}"
+            os.replace(self.final, old)
+            os.replace(self.path, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.path, self.final)
+
+
+def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str | None = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Save a live model as an HF directory: config.json, generation_config.json, safetensors."""
+    config = model.config
+    name_map = family.name_map
+    params = dict(model.parameters_and_names())
+    entries, source = [], {}
+    for our_name, param in params.items():
+        code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype] if dtype else MS_DTYPE_CODE[param.dtype]
+        for hf_name, expert in name_map.to_hf(our_name, config.num_experts):
+            shape = tuple(param.shape if expert is None else param.shape[1:])
+            entries.append((hf_name, code, shape, int(np.prod(shape)) * (2 if code != "F32" else 4)))
+            source[hf_name] = (param, expert, code)
+
+    def fetch(hf_name: str) -> np.ndarray:
+        param, expert, code = source[hf_name]
+        data = tensor_bytes(param, code)
+        return data if expert is None else data[expert]
+
+    hf_config = family.config_to_hf(config)
+    if dtype:
+        hf_config["torch_dtype"] = dtype
+    with StagingDir(out_dir, overwrite) as tmp:
+        write_sharded(tmp, entries, fetch, max_shard_bytes)
+        write_hf_configs(tmp, hf_config, config)
+
+
+def write_hf_configs(directory: str, hf_config: dict, config) -> None:
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2)
+    generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
+                                    ("pad_token_id", config.pad_token_id)) if v is not None}
+    with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(generation, f, indent=2)

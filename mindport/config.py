@@ -1,0 +1,375 @@
+"""Configuration dataclasses: model, parallel layout and training.
+
+Every config validates itself once (``__post_init__``) and derives what follows from
+its fields, so layers never re-check divisibility. Configs load from mindformers-shaped
+YAML (``model: model_config: ...``, ``parallel_config: ...``, ``optimizer``,
+``lr_schedule``, ``runner_config``) and model configs from a HuggingFace ``config.json``
+through the family registry (:mod:`mindport.models`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration key holds a value mindport cannot use."""
+
+
+def _fail(source: str, key: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"{source}: key '{key}' = {value!r}: expected {expected}")
+
+
+def _positive(source: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            _fail(source, name, value, "a positive integer")
+
+
+def _divides(source: str, key: str, value: int, divisor_key: str, divisor: int) -> None:
+    if value % divisor:
+        _fail(source, key, value, f"a multiple of {divisor_key} = {divisor}")
+
+
+def _one_of(source: str, key: str, value: Any, choices) -> None:
+    if value not in choices:
+        _fail(source, key, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+class _Loadable:
+    """Shared construction from a plain mapping, rejecting unknown keys by name."""
+
+    ALIASES: dict[str, str] = {}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str | None = None):
+        source = source or cls.__name__
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = cls.ALIASES.get(key, key)
+            if name not in known:
+                raise ConfigError(f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(known))})")
+            kwargs[name] = value
+        try:
+            return cls(**kwargs, _source=source) if "_source" in known else cls(**kwargs)
+        except TypeError as err:  # a required field is missing
+            raise ConfigError(f"{source}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ModelConfig(_Loadable):
+    """Architecture of a decoder-only causal LM (dense or MoE), independent of family.
+
+    Sizes: H hidden_size, n num_heads, n_kv num_kv_heads, hd = H / n, F ffn_hidden_size,
+    E num_experts, I moe_intermediate_size.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_hidden_size: int
+    num_kv_heads: int | None = None  # None: multi-head attention (n_kv = n)
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    # attention projections
+    kv_layout: str = "separate"  # "separate": k_proj, v_proj; "interleaved": one key_value, rows K0,V0,K1,V1,...
+    qkv_bias: bool = False
+    o_bias: bool = False
+    # dense MLP
+    gate_up_bias: bool = False
+    down_bias: bool = False
+    # rotary embedding
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # "none" | "telechat_ntk" (dynamic NTK + mscale)
+    training_seqlen: int | None = None  # telechat_ntk: length the model was trained at
+    base_seqlen: int | None = None  # telechat_ntk: length alpha is measured against
+    rope_fp16_tables: bool = False  # round cos/sin to fp16 as TeleChat2's published code does
+    use_logn_attn: bool = False  # opt-in logN query scaling beyond training_seqlen
+    # mixture of experts (num_experts == 0: dense MLP)
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    norm_topk_eps: float = 0.0  # XVERSE-MoE renormalises as w / (sum(w) + 1e-6)
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # Qwen: shared output scaled by sigmoid(Linear(H -> 1))
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    capacity_factor: float = 0.0  # 0: dropless
+    # token ids and dtypes
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    initializer_range: float = 0.02
+
+    ALIASES = {  # mindformers model_config names
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "n_kv_heads": "num_kv_heads",
+        "num_key_value_heads": "num_kv_heads",
+        "intermediate_size": "ffn_hidden_size",
+        "theta": "rope_theta",
+        "max_position_embedding": "max_position_embeddings",
+        "param_init_type": "param_dtype",
+    }
+
+    def __post_init__(self) -> None:
+        src = f"model config ({self.family})"
+        _positive(src, self, "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
+                  "max_position_embeddings")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        _positive(src, self, "num_kv_heads")
+        _divides(src, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        _divides(src, "num_heads", self.num_heads, "num_kv_heads", self.num_kv_heads)
+        if self.head_dim % 2:
+            _fail(src, "hidden_size", self.hidden_size, "an even head dimension hidden_size / num_heads")
+        if not self.rms_norm_eps > 0:
+            _fail(src, "rms_norm_eps", self.rms_norm_eps, "a positive number")
+        if not self.rope_theta > 0:
+            _fail(src, "rope_theta", self.rope_theta, "a positive number")
+        _one_of(src, "kv_layout", self.kv_layout, ("separate", "interleaved"))
+        _one_of(src, "rope_scaling", self.rope_scaling, ("none", "telechat_ntk"))
+        _one_of(src, "param_dtype", self.param_dtype, ("float32", "float16", "bfloat16"))
+        _one_of(src, "compute_dtype", self.compute_dtype, ("float32", "float16", "bfloat16"))
+        if self.rope_scaling == "telechat_ntk" or self.use_logn_attn:
+            self.training_seqlen = self.training_seqlen or self.max_position_embeddings
+            self.base_seqlen = self.base_seqlen or self.training_seqlen
+            _positive(src, self, "training_seqlen", "base_seqlen")
+        if self.num_experts:
+            _positive(src, self, "num_experts", "moe_top_k", "moe_intermediate_size")
+            if self.moe_top_k > self.num_experts:
+                _fail(src, "moe_top_k", self.moe_top_k, f"at most num_experts = {self.num_experts}")
+            if self.capacity_factor < 0:
+                _fail(src, "capacity_factor", self.capacity_factor, "0 (dropless) or a positive number")
+        elif self.moe_top_k or self.shared_expert_intermediate_size:
+            _fail(src, "num_experts", self.num_experts, "a positive count when MoE keys are set")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def num_parameters(self) -> int:
+        """Parameter count of the model this config builds."""
+        h, hd, n, nkv = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
+        attn = h * n * hd + 2 * h * nkv * hd + n * hd * h
+        attn += (n * hd + 2 * nkv * hd) * self.qkv_bias + h * self.o_bias
+        if self.is_moe:
+            mlp = self.num_experts * 3 * h * self.moe_intermediate_size + self.num_experts * h
+            mlp += 3 * h * self.shared_expert_intermediate_size + h * self.shared_expert_gate
+        else:
+            mlp = 3 * h * self.ffn_hidden_size + 2 * self.ffn_hidden_size * self.gate_up_bias + h * self.down_bias
+        per_layer = attn + mlp + 2 * h
+        return self.num_layers * per_layer + 2 * self.vocab_size * h + h
+
+    def save(self, path: str) -> None:
+        _atomic_write_text(path, json.dumps({"mindport_config": self.to_dict()}, indent=2) + "\n")
+
+
+@dataclass
+class ParallelConfig(_Loadable):
+    """Parallel layout in mindformers' ``parallel_config`` names.
+
+    world = data_parallel x pipeline_stage x context_parallel x model_parallel, with
+    model_parallel varying fastest so a tensor-parallel group sits inside one node.
+    """
+
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    context_parallel: int = 1
+    expert_parallel: int = 1
+    micro_batch_num: int = 1
+    use_seq_parallel: bool = False
+    optimizer_shard: bool = False
+    context_parallel_algo: str = "ring"
+    gradient_aggregation_group: int = 4
+    vocab_emb_dp: bool = False
+
+    def __post_init__(self) -> None:
+        src = "parallel_config"
+        _positive(src, self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
+                  "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
+        _one_of(src, "context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))
+        if self.micro_batch_num < self.pipeline_stage and self.pipeline_stage > 1:
+            _fail(src, "micro_batch_num", self.micro_batch_num, f"at least pipeline_stage = {self.pipeline_stage}")
+
+    @property
+    def world_size(self) -> int:
+        return self.data_parallel * self.pipeline_stage * self.context_parallel * self.model_parallel
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Fail before any work when the model cannot be split this way."""
+        src, tp = "parallel_config", self.model_parallel
+        for key in ("num_heads", "num_kv_heads", "vocab_size"):
+            _divides(f"{src} vs model", key, getattr(model, key), "model_parallel", tp)
+        width = model.moe_intermediate_size if model.is_moe else model.ffn_hidden_size
+        _divides(f"{src} vs model", "ffn width", width, "model_parallel", tp)
+        if model.is_moe:
+            _divides(f"{src} vs model", "num_experts", model.num_experts, "expert_parallel", self.expert_parallel)
+        if model.num_layers < self.pipeline_stage:
+            _fail(src, "pipeline_stage", self.pipeline_stage, f"at most num_layers = {model.num_layers}")
+
+
+@dataclass
+class TrainConfig(_Loadable):
+    """Optimiser, schedule and run settings (mindformers' optimizer/lr_schedule/runner_config)."""
+
+    seed: int = 0
+    output_dir: str = "./output"
+    batch_size: int = 1
+    seq_length: int = 256
+    train_steps: int = 100
+    learning_rate: float = 3e-4
+    min_learning_rate: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accumulation: int = 1
+    amp_level: str = "O0"
+    loss_scale: float = 1.0
+    recompute: bool = False
+    save_steps: int = 0
+    keep_checkpoints: int = 2
+    log_steps: int = 1
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        src = "training config"
+        _positive(src, self, "batch_size", "seq_length", "train_steps", "grad_accumulation", "keep_checkpoints",
+                  "log_steps")
+        _one_of(src, "amp_level", self.amp_level, ("O0", "O1", "O2"))
+        for key in ("learning_rate", "loss_scale"):
+            if not getattr(self, key) > 0:
+                _fail(src, key, getattr(self, key), "a positive number")
+        if self.warmup_steps < 0 or self.save_steps < 0:
+            _fail(src, "warmup_steps/save_steps", (self.warmup_steps, self.save_steps), "non-negative integers")
+
+
+@dataclass
+class RunConfig:
+    """A whole YAML file: model, layout and training."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# YAML sections (mindformers layout) -> TrainConfig keys they may carry.
+_TRAIN_SECTIONS = {
+    "optimizer": {"learning_rate": "learning_rate", "weight_decay": "weight_decay", "eps": "eps",
+                  "beta1": "beta1", "beta2": "beta2", "type": None},
+    "lr_schedule": {"learning_rate": "learning_rate", "lr_end": "min_learning_rate",
+                    "warmup_steps": "warmup_steps", "total_steps": "train_steps", "type": None},
+    "runner_config": {"batch_size": "batch_size", "seq_length": "seq_length", "train_steps": "train_steps",
+                      "gradient_accumulation_steps": "grad_accumulation", "grad_clip": "grad_clip",
+                      "amp_level": "amp_level", "loss_scale": "loss_scale", "recompute": "recompute",
+                      "save_steps": "save_steps", "keep_checkpoints": "keep_checkpoints",
+                      "log_steps": "log_steps", "epochs": None, "sink_mode": None},
+    "train_dataset": {"data_dir": "data_dir"},
+}
+_TOP_LEVEL_TRAIN = {"seed": "seed", "output_dir": "output_dir"}
+_IGNORED_TOP_LEVEL = {"run_mode", "trainer", "context", "use_parallel", "load_checkpoint", "src_strategy_path_or_dir",
+                      "auto_trans_ckpt", "only_save_strategy", "resume_training", "recompute_config"}
+
+
+def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
+    """Build a :class:`RunConfig` from a mindformers-shaped mapping."""
+    if not isinstance(doc, Mapping) or "model" not in doc:
+        raise ConfigError(f"{source}: expected a mapping with a 'model: model_config:' section")
+    model_section = doc["model"]
+    if not isinstance(model_section, Mapping) or not isinstance(model_section.get("model_config"), Mapping):
+        raise ConfigError(f"{source}: key 'model.model_config' missing: expected the model's settings there")
+    extra = set(model_section) - {"model_config", "arch"}
+    if extra:
+        raise ConfigError(f"{source}: unknown key 'model.{sorted(extra)[0]}' (known: model_config, arch)")
+    model_values = {k: v for k, v in model_section["model_config"].items() if k != "type"}
+    model = ModelConfig.from_dict(model_values, f"{source}: model.model_config")
+    parallel = ParallelConfig.from_dict(doc.get("parallel_config") or {}, f"{source}: parallel_config")
+    train_values: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in ("model", "parallel_config") or key in _IGNORED_TOP_LEVEL:
+            continue
+        if key in _TOP_LEVEL_TRAIN:
+            train_values[_TOP_LEVEL_TRAIN[key]] = value
+        elif key in _TRAIN_SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: key '{key}' = {value!r}: expected a mapping")
+            for sub, sub_value in value.items():
+                if sub not in _TRAIN_SECTIONS[key]:
+                    raise ConfigError(f"{source}: unknown key '{key}.{sub}' (known: "
+                                      f"{', '.join(sorted(_TRAIN_SECTIONS[key]))})")
+                if _TRAIN_SECTIONS[key][sub]:
+                    train_values[_TRAIN_SECTIONS[key][sub]] = sub_value
+        else:
+            raise ConfigError(f"{source}: unknown top-level key '{key}'")
+    train = TrainConfig.from_dict(train_values, f"{source}: training settings")
+    parallel.check_model(model)
+    return RunConfig(model, parallel, train)
+
+
+def _coerce(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars) to a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: '{item}' is not of the form key.path=value")
+        path, text = item.split("=", 1)
+        node = doc
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: key '{path}' crosses a non-mapping value at '{key}'")
+        node[keys[-1]] = _coerce(text)
+    return doc
+
+
+def load_yaml(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load a mindformers-shaped YAML run config, with optional ``key=value`` overrides."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            doc = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return run_config_from_dict(apply_overrides(doc or {}, overrides or []), path)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

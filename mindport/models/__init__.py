@@ -1,0 +1,1 @@
+"""Model assembly and the family registry behind the Auto classes."""

@@ -1,0 +1,79 @@
+"""HuggingFace-style entry points: ``AutoConfig`` and ``AutoModelForCausalLM``.
+
+A model directory is either HF format (config.json with ``model_type`` + HF tensor
+names) or mindport format (config.json holding ``{"mindport_config": {...}}`` +
+mindport parameter names, as written by ``mindport convert hf2ms`` and training).
+"""
+from __future__ import annotations
+
+import os
+
+from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint, read_json
+from mindport.config import ConfigError, ModelConfig
+from mindport.models import registry
+
+MINDPORT_KEY = "mindport_config"
+
+
+def _config_path(path: str) -> str:
+    if os.path.isdir(path):
+        return os.path.join(path, "config.json")
+    if os.path.isfile(path) and path.endswith(".json"):
+        return path
+    raise ConfigError(f"{path}: expected a model directory (with config.json) or a config.json file")
+
+
+def read_config(path: str, **overrides) -> tuple[ModelConfig, bool]:
+    """(config, is_hf_format) of a model directory or config.json."""
+    json_path = _config_path(path)
+    doc = read_json(json_path)
+    if MINDPORT_KEY in doc:
+        values = {**doc[MINDPORT_KEY], **overrides}
+        return ModelConfig.from_dict(values, json_path), False
+    fam = registry.detect(doc, json_path)
+    config = fam.config_from_hf(doc, json_path)
+    return (config.replace(**overrides) if overrides else config), True
+
+
+class AutoConfig:
+    @staticmethod
+    def from_pretrained(path: str, **overrides) -> ModelConfig:
+        """The :class:`ModelConfig` of an HF or mindport model directory (or its config.json)."""
+        return read_config(path, **overrides)[0]
+
+    @staticmethod
+    def from_preset(name: str, **overrides) -> ModelConfig:
+        config = registry.find_preset(name)
+        return config.replace(**overrides) if overrides else config
+
+
+class AutoModelForCausalLM:
+    @staticmethod
+    def from_config(config: ModelConfig):
+        from mindport.models.causal_lm import CausalLM
+
+        return CausalLM(config)
+
+    @staticmethod
+    def from_preset(name: str, **overrides):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_preset(name, **overrides))
+
+    @staticmethod
+    def from_pretrained(path: str, dtype: str | None = None, **overrides):
+        """Build the model of a directory and load its weights (HF or mindport names).
+
+        ``dtype`` ("float32", "float16", "bfloat16") sets parameter and compute dtype;
+        default float32, since bf16 matmul is unavailable on CPU.
+        """
+        from mindport.ckpt_tools.weights import load_into_model
+
+        if dtype:
+            overrides.update(param_dtype=dtype, compute_dtype=dtype)
+        config, is_hf = read_config(path, **overrides)
+        model = AutoModelForCausalLM.from_config(config)
+        ckpt = HFCheckpoint(path)
+        try:
+            load_into_model(model, ckpt, registry.family(config.family).name_map if is_hf else None)
+        finally:
+            ckpt.close()
+        return model

@@ -1,0 +1,1 @@
+"""Explicit (Megatron-style) parallelism: process groups, collectives, parallel layers."""

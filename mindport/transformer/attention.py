@@ -1,0 +1,64 @@
+"""Causal self-attention: MHA or GQA, separate or per-head-interleaved K/V projection."""
+from __future__ import annotations
+
+import math
+
+from mindspore import Tensor, nn
+
+from mindport import dispatch
+from mindport.config import ModelConfig
+from mindport.transformer.layers import linear
+
+
+class Attention(nn.Cell):
+    """Projections, RoPE, the attention core (dispatched) and the output projection.
+
+    ``kv_layout="interleaved"`` keeps TeleChat2's fused ``key_value`` weight as published:
+    rows grouped per kv head as (Nkv, 2, D, H), so a split by kv head stays contiguous.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.scale = 1.0 / math.sqrt(d)
+        self.interleaved_kv = config.kv_layout == "interleaved"
+        self.q_proj = linear(config, h, self.num_heads * d, config.qkv_bias, role="column")
+        if self.interleaved_kv:
+            self.kv_proj = linear(config, h, 2 * self.num_kv_heads * d, config.qkv_bias, role="column")
+        else:
+            self.k_proj = linear(config, h, self.num_kv_heads * d, config.qkv_bias, role="column")
+            self.v_proj = linear(config, h, self.num_kv_heads * d, config.qkv_bias, role="column")
+        self.o_proj = linear(config, self.num_heads * d, h, config.o_bias, role="row")
+        self.rotary = dispatch.get("rotary")
+        self.attend = dispatch.get("attention")
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v of shape (B, Nkv, S, D) before RoPE."""
+        b, s, _ = x.shape
+        if self.interleaved_kv:
+            kv = self.kv_proj(x).reshape(b, s, self.num_kv_heads, 2, self.head_dim)  # (B, S, Nkv, 2, D)
+            k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+        else:
+            k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        return k.swapaxes(1, 2), v.swapaxes(1, 2)
+
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale: Tensor | None = None,
+                  cache=None) -> Tensor:
+        """x (B, S, H); cos/sin (B, 1, S, D); mask additive, (B|1, 1, S, Sk); q_scale (B, 1, S, 1) or None.
+
+        ``cache`` (a :class:`mindport.transformer.kv_cache.LayerCache`) appends this step's keys
+        and values and returns the full K/V to attend over.
+        """
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).swapaxes(1, 2)  # (B, N, S, D)
+        k, v = self.project_kv(x)
+        cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+        if q_scale is not None:
+            q = q * q_scale.astype(q.dtype)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = self.attend(q, k, v, mask, self.scale)  # (B, N, S, D)
+        return self.o_proj(out.swapaxes(1, 2).reshape(b, s, self.num_heads * self.head_dim))

@@ -1,0 +1,59 @@
+"""Rotary position tables: plain RoPE and TeleChat2's dynamic NTK with attention scaling.
+
+Tables are computed on the host in numpy for the positions a forward pass needs, so the
+same model graph serves any length. TeleChat2 (``rope_scaling="telechat_ntk"``):
+
+    seq_len = max(total_len, training_seqlen)
+    alpha   = max(2 ** ceil(log2(seq_len / base_seqlen) + 1) - 1, 1)
+    base'   = base * alpha ** (D / (D - 2))
+    mscale  = 1 if seq_len <= training_seqlen else 0.1 * ln(seq_len / training_seqlen) + 1
+
+and mscale multiplies cos and sin. With ``rope_fp16_tables`` the tables are rounded as
+the published code does: computed in fp32, cast to fp16, scaled by mscale, fp16 again.
+
+KV-cache decoding follows the published code: tables for the current total length are
+recomputed at every step, while keys already in the cache keep the rotation they were
+written with.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mindport.config import ModelConfig
+
+
+def ntk_scaling(total_len: int, training_seqlen: int, base_seqlen: int) -> tuple[float, float]:
+    """TeleChat2's (alpha, mscale) for a sequence whose total length is ``total_len``."""
+    seq_len = max(total_len, training_seqlen)
+    alpha = max(2 ** math.ceil(math.log2(seq_len / base_seqlen) + 1) - 1, 1)
+    ratio = seq_len / training_seqlen
+    mscale = 1.0 if ratio <= 1 else 0.1 * math.log(ratio) + 1.0
+    return float(alpha), mscale
+
+
+def rope_tables(config: ModelConfig, total_len: int, num_positions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (num_positions, D) in fp32, for a sequence of ``total_len`` tokens."""
+    d = config.head_dim
+    base, mscale = config.rope_theta, 1.0
+    if config.rope_scaling == "telechat_ntk":
+        alpha, mscale = ntk_scaling(total_len, config.training_seqlen, config.base_seqlen)
+        base = base * alpha ** (d / (d - 2))
+    inv_freq = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+    positions = np.arange(num_positions or total_len, dtype=np.float32)
+    freqs = np.outer(positions, inv_freq.astype(np.float32))
+    angles = np.concatenate([freqs, freqs], axis=-1)  # (S, D): rotate-half layout
+    cos, sin = np.cos(angles), np.sin(angles)
+    if config.rope_fp16_tables:
+        cos = (cos.astype(np.float16) * np.float16(mscale)).astype(np.float16)
+        sin = (sin.astype(np.float16) * np.float16(mscale)).astype(np.float16)
+        return cos.astype(np.float32), sin.astype(np.float32)
+    return (cos * mscale).astype(np.float32), (sin * mscale).astype(np.float32)
+
+
+def logn_scale(config: ModelConfig, positions: np.ndarray) -> np.ndarray:
+    """Opt-in logN query scale: ln(p + 1) / ln(training_seqlen) past training_seqlen, else 1."""
+    p = positions.astype(np.float64) + 1.0
+    scale = np.log(np.maximum(p, 1.0)) / math.log(config.training_seqlen)
+    return np.where(p > config.training_seqlen, scale, 1.0).astype(np.float32)

@@ -1,0 +1,1 @@
+"""Custom operators, each with reference / cpu / ascend backends behind mindport.dispatch."""

@@ -1,0 +1,1 @@
+"""Model families: presets, HF config fields and HF tensor-name maps (data only)."""

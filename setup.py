@@ -1,0 +1,36 @@
+"""mindport: MindSpore ports of TeleChat2, XVERSE, Mixtral and Qwen-MoE for Ascend.
+
+The repository keeps the design card's top-level folders (research/, ops/, ckpt_tools/)
+but installs them inside the single import namespace ``mindport``:
+``mindport.research``, ``mindport.ops`` and ``mindport.ckpt_tools``.
+"""
+from setuptools import find_packages, setup
+
+CORE = ["mindport"] + [f"mindport.{p}" for p in find_packages("mindport")]
+MAPPED = {"research": "mindport.research", "ops": "mindport.ops", "ckpt_tools": "mindport.ckpt_tools"}
+
+packages, package_dir = list(CORE), {"mindport": "mindport"}
+for folder, namespace in MAPPED.items():
+    package_dir[namespace] = folder
+    packages.append(namespace)
+    packages += [f"{namespace}.{p}" for p in find_packages(folder)]
+
+setup(
+    name="mindport",
+    version="0.1.0",
+    description="MindSpore ports of TeleChat2, XVERSE and MoE LLMs, testable on CPU, built for Ascend",
+    python_requires=">=3.11,<3.12",
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"mindport.ops": ["*/csrc/*.cc"], "mindport": ["configs/*/*.yaml"]},
+    install_requires=[
+        "mindspore==2.10.0",
+        "numpy>=1.26,<2",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tqdm>=4.66",
+    ],
+    extras_require={"test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45"]},
+    entry_points={"console_scripts": ["mindport = mindport.cli:main"]},
+)
