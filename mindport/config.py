@@ -19,25 +19,25 @@ class ConfigError(ValueError):
     """A configuration key holds a value mindport cannot use."""
 
 
-def _fail(source: str, key: str, value: Any, expected: str) -> None:
-    raise ConfigError(f"{source}: key '{key}' = {value!r}: expected {expected}")
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"key '{key}' = {value!r}: expected {expected}")
 
 
-def _positive(source: str, obj: Any, *names: str) -> None:
+def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            _fail(source, name, value, "a positive integer")
+            _fail(name, value, "a positive integer")
 
 
-def _divides(source: str, key: str, value: int, divisor_key: str, divisor: int) -> None:
+def _divides(key: str, value: int, divisor_key: str, divisor: int) -> None:
     if value % divisor:
-        _fail(source, key, value, f"a multiple of {divisor_key} = {divisor}")
+        _fail(key, value, f"a multiple of {divisor_key} = {divisor}")
 
 
-def _one_of(source: str, key: str, value: Any, choices) -> None:
+def _one_of(key: str, value: Any, choices) -> None:
     if value not in choices:
-        _fail(source, key, value, "one of " + ", ".join(repr(c) for c in choices))
+        _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
 class _Loadable:
@@ -56,8 +56,10 @@ class _Loadable:
                 raise ConfigError(f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(known))})")
             kwargs[name] = value
         try:
-            return cls(**kwargs, _source=source) if "_source" in known else cls(**kwargs)
+            return cls(**kwargs)
         except TypeError as err:  # a required field is missing
+            raise ConfigError(f"{source}: {err}") from None
+        except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,36 +131,35 @@ class ModelConfig(_Loadable):
     }
 
     def __post_init__(self) -> None:
-        src = f"model config ({self.family})"
-        _positive(src, self, "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
+        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
                   "max_position_embeddings")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        _positive(src, self, "num_kv_heads")
-        _divides(src, "hidden_size", self.hidden_size, "num_heads", self.num_heads)
-        _divides(src, "num_heads", self.num_heads, "num_kv_heads", self.num_kv_heads)
+        _positive(self, "num_kv_heads")
+        _divides("hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        _divides("num_heads", self.num_heads, "num_kv_heads", self.num_kv_heads)
         if self.head_dim % 2:
-            _fail(src, "hidden_size", self.hidden_size, "an even head dimension hidden_size / num_heads")
+            _fail("hidden_size", self.hidden_size, "an even head dimension hidden_size / num_heads")
         if not self.rms_norm_eps > 0:
-            _fail(src, "rms_norm_eps", self.rms_norm_eps, "a positive number")
+            _fail("rms_norm_eps", self.rms_norm_eps, "a positive number")
         if not self.rope_theta > 0:
-            _fail(src, "rope_theta", self.rope_theta, "a positive number")
-        _one_of(src, "kv_layout", self.kv_layout, ("separate", "interleaved"))
-        _one_of(src, "rope_scaling", self.rope_scaling, ("none", "telechat_ntk"))
-        _one_of(src, "param_dtype", self.param_dtype, ("float32", "float16", "bfloat16"))
-        _one_of(src, "compute_dtype", self.compute_dtype, ("float32", "float16", "bfloat16"))
+            _fail("rope_theta", self.rope_theta, "a positive number")
+        _one_of("kv_layout", self.kv_layout, ("separate", "interleaved"))
+        _one_of("rope_scaling", self.rope_scaling, ("none", "telechat_ntk"))
+        _one_of("param_dtype", self.param_dtype, ("float32", "float16", "bfloat16"))
+        _one_of("compute_dtype", self.compute_dtype, ("float32", "float16", "bfloat16"))
         if self.rope_scaling == "telechat_ntk" or self.use_logn_attn:
             self.training_seqlen = self.training_seqlen or self.max_position_embeddings
             self.base_seqlen = self.base_seqlen or self.training_seqlen
-            _positive(src, self, "training_seqlen", "base_seqlen")
+            _positive(self, "training_seqlen", "base_seqlen")
         if self.num_experts:
-            _positive(src, self, "num_experts", "moe_top_k", "moe_intermediate_size")
+            _positive(self, "num_experts", "moe_top_k", "moe_intermediate_size")
             if self.moe_top_k > self.num_experts:
-                _fail(src, "moe_top_k", self.moe_top_k, f"at most num_experts = {self.num_experts}")
+                _fail("moe_top_k", self.moe_top_k, f"at most num_experts = {self.num_experts}")
             if self.capacity_factor < 0:
-                _fail(src, "capacity_factor", self.capacity_factor, "0 (dropless) or a positive number")
+                _fail("capacity_factor", self.capacity_factor, "0 (dropless) or a positive number")
         elif self.moe_top_k or self.shared_expert_intermediate_size:
-            _fail(src, "num_experts", self.num_experts, "a positive count when MoE keys are set")
+            _fail("num_experts", self.num_experts, "a positive count when MoE keys are set")
 
     @property
     def head_dim(self) -> int:
@@ -206,28 +207,33 @@ class ParallelConfig(_Loadable):
     vocab_emb_dp: bool = False
 
     def __post_init__(self) -> None:
-        src = "parallel_config"
-        _positive(src, self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
+        _positive(self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
                   "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
-        _one_of(src, "context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))
+        _one_of("context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))
         if self.micro_batch_num < self.pipeline_stage and self.pipeline_stage > 1:
-            _fail(src, "micro_batch_num", self.micro_batch_num, f"at least pipeline_stage = {self.pipeline_stage}")
+            _fail("micro_batch_num", self.micro_batch_num, f"at least pipeline_stage = {self.pipeline_stage}")
 
     @property
     def world_size(self) -> int:
         return self.data_parallel * self.pipeline_stage * self.context_parallel * self.model_parallel
 
-    def check_model(self, model: ModelConfig) -> None:
+    def check_model(self, model: ModelConfig, source: str = "parallel_config") -> None:
         """Fail before any work when the model cannot be split this way."""
-        src, tp = "parallel_config", self.model_parallel
+        try:
+            self._check_model(model)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def _check_model(self, model: ModelConfig) -> None:
+        tp = self.model_parallel
         for key in ("num_heads", "num_kv_heads", "vocab_size"):
-            _divides(f"{src} vs model", key, getattr(model, key), "model_parallel", tp)
+            _divides(key, getattr(model, key), "model_parallel", tp)
         width = model.moe_intermediate_size if model.is_moe else model.ffn_hidden_size
-        _divides(f"{src} vs model", "ffn width", width, "model_parallel", tp)
+        _divides("ffn width", width, "model_parallel", tp)
         if model.is_moe:
-            _divides(f"{src} vs model", "num_experts", model.num_experts, "expert_parallel", self.expert_parallel)
+            _divides("num_experts", model.num_experts, "expert_parallel", self.expert_parallel)
         if model.num_layers < self.pipeline_stage:
-            _fail(src, "pipeline_stage", self.pipeline_stage, f"at most num_layers = {model.num_layers}")
+            _fail("pipeline_stage", self.pipeline_stage, f"at most num_layers = {model.num_layers}")
 
 
 @dataclass
@@ -257,15 +263,14 @@ class TrainConfig(_Loadable):
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        src = "training config"
-        _positive(src, self, "batch_size", "seq_length", "train_steps", "grad_accumulation", "keep_checkpoints",
+        _positive(self, "batch_size", "seq_length", "train_steps", "grad_accumulation", "keep_checkpoints",
                   "log_steps")
-        _one_of(src, "amp_level", self.amp_level, ("O0", "O1", "O2"))
+        _one_of("amp_level", self.amp_level, ("O0", "O1", "O2"))
         for key in ("learning_rate", "loss_scale"):
             if not getattr(self, key) > 0:
-                _fail(src, key, getattr(self, key), "a positive number")
+                _fail(key, getattr(self, key), "a positive number")
         if self.warmup_steps < 0 or self.save_steps < 0:
-            _fail(src, "warmup_steps/save_steps", (self.warmup_steps, self.save_steps), "non-negative integers")
+            _fail("warmup_steps/save_steps", (self.warmup_steps, self.save_steps), "non-negative integers")
 
 
 @dataclass
@@ -326,7 +331,7 @@ def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
         else:
             raise ConfigError(f"{source}: unknown top-level key '{key}'")
     train = TrainConfig.from_dict(train_values, f"{source}: training settings")
-    parallel.check_model(model)
+    parallel.check_model(model, f"{source}: parallel_config")
     return RunConfig(model, parallel, train)
 
 

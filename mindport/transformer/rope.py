@@ -40,16 +40,21 @@ def rope_tables(config: ModelConfig, total_len: int, num_positions: int | None =
     if config.rope_scaling == "telechat_ntk":
         alpha, mscale = ntk_scaling(total_len, config.training_seqlen, config.base_seqlen)
         base = base * alpha ** (d / (d - 2))
-    inv_freq = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
-    positions = np.arange(num_positions or total_len, dtype=np.float32)
-    freqs = np.outer(positions, inv_freq.astype(np.float32))
-    angles = np.concatenate([freqs, freqs], axis=-1)  # (S, D): rotate-half layout
-    cos, sin = np.cos(angles), np.sin(angles)
+    # Each fp32 step correctly rounded (float64 math, then one rounding), as torch's CPU
+    # kernels give; numpy's own float32 pow/cos are up to an ulp off.
+    f32, f64 = np.float32, np.float64
+    exponent = (np.arange(0, d, 2, dtype=f64) / d).astype(f32)
+    inv_freq = (1.0 / (f64(f32(base)) ** exponent.astype(f64)).astype(f32).astype(f64)).astype(f32)
+    positions = np.arange(num_positions or total_len, dtype=f64)
+    freqs = (positions[:, None] * inv_freq.astype(f64)[None, :]).astype(f32)
+    angles = np.concatenate([freqs, freqs], axis=-1).astype(f64)  # (S, D): rotate-half layout
+    cos, sin = np.cos(angles).astype(f32), np.sin(angles).astype(f32)
     if config.rope_fp16_tables:
-        cos = (cos.astype(np.float16) * np.float16(mscale)).astype(np.float16)
-        sin = (sin.astype(np.float16) * np.float16(mscale)).astype(np.float16)
-        return cos.astype(np.float32), sin.astype(np.float32)
-    return (cos * mscale).astype(np.float32), (sin * mscale).astype(np.float32)
+        # fp16 table times a Python-float mscale: fp32 arithmetic, rounded to fp16 (torch's rule)
+        cos = (cos.astype(np.float16).astype(f32) * f32(mscale)).astype(np.float16)
+        sin = (sin.astype(np.float16).astype(f32) * f32(mscale)).astype(np.float16)
+        return cos.astype(f32), sin.astype(f32)
+    return (cos * f32(mscale)).astype(f32), (sin * f32(mscale)).astype(f32)
 
 
 def logn_scale(config: ModelConfig, positions: np.ndarray) -> np.ndarray:

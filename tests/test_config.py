@@ -1,0 +1,93 @@
+"""Config loading and the one-line errors bad input must produce."""
+import json
+
+import pytest
+import yaml
+
+from mindport import AutoConfig, ConfigError, ModelConfig, ParallelConfig
+from mindport.config import load_yaml
+
+TINY = dict(family="telechat2", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=96)
+YAML = "configs/telechat2/tiny_train.yaml"
+
+
+def test_mha_when_kv_heads_absent_and_head_dim_derived():
+    cfg = ModelConfig(**TINY)
+    assert cfg.num_kv_heads == 4 and cfg.head_dim == 16
+
+
+@pytest.mark.parametrize("change, key", [
+    (dict(hidden_size=66), "hidden_size"),
+    (dict(num_kv_heads=3), "num_heads"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(vocab_size=-5), "vocab_size"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    (dict(kv_layout="fused"), "kv_layout"),
+    (dict(num_experts=4, moe_top_k=5, moe_intermediate_size=8), "moe_top_k"),
+])
+def test_invalid_model_values_name_the_key(change, key):
+    with pytest.raises(ConfigError, match=f"'{key}' = "):
+        ModelConfig(**{**TINY, **change})
+
+
+def test_yaml_loads_in_mindformers_shape():
+    run = load_yaml(YAML)
+    assert run.model.num_kv_heads == 2 and run.model.rope_scaling == "telechat_ntk"
+    assert run.parallel.world_size == 1
+    assert run.train.learning_rate == 1e-3 and run.train.batch_size == 4 and run.train.train_steps == 50
+
+
+def test_yaml_overrides():
+    run = load_yaml(YAML, ["parallel_config.model_parallel=2", "model.model_config.num_layers=4"])
+    assert run.parallel.model_parallel == 2 and run.model.num_layers == 4
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["model"]["model_config"].update(hiden_size=64), "unknown key 'hiden_size'"),
+    (lambda d: d["parallel_config"].update(model_parallel=3), "'num_heads' = 4: expected a multiple of model_parallel = 3"),
+    (lambda d: d["parallel_config"].update(data_parallel=0), "'data_parallel' = 0"),
+    (lambda d: d["optimizer"].update(momentum=0.9), "unknown key 'optimizer.momentum'"),
+    (lambda d: d.update(epochz=1), "unknown top-level key 'epochz'"),
+    (lambda d: d["model"]["model_config"].update(num_heads=5), "'hidden_size' = 64"),
+])
+def test_bad_yaml_gives_one_clear_error(tmp_path, edit, message):
+    doc = yaml.safe_load(open(YAML))
+    edit(doc)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_yaml(str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_yaml_file():
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_yaml("does/not/exist.yaml")
+
+
+def test_parallel_layout_product():
+    assert ParallelConfig(data_parallel=2, model_parallel=4, pipeline_stage=2, micro_batch_num=2).world_size == 16
+
+
+@pytest.mark.parametrize("hf, message", [
+    ({"model_type": "gpt2"}, "'model_type' = 'gpt2'"),
+    ({"model_type": "telechat", "hidden_size": 64, "n_head": 4, "n_layer": 2, "vocab_size": 8}, "'ffn_hidden_size' missing"),
+    ({"model_type": "telechat", "hidden_size": 64, "n_head": 6, "n_layer": 2, "vocab_size": 8,
+      "ffn_hidden_size": 8}, "'hidden_size' = 64"),
+])
+def test_bad_hf_config_json(tmp_path, hf, message):
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match=message) as err:
+        AutoConfig.from_pretrained(str(tmp_path))
+    assert "config.json" in str(err.value)
+
+
+def test_presets_match_published_shapes():
+    c = AutoConfig.from_preset("telechat2-115b")
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.ffn_hidden_size,
+            c.vocab_size) == (96, 8192, 64, 8, 128, 40960, 131072)
+    assert 112e9 < c.num_parameters() < 116e9  # "115B" (113.3B by these shapes)
+    for name, layers, hidden, heads in [("telechat2-7b", 30, 4096, 32), ("telechat2-3b", 24, 3072, 24),
+                                        ("telechat2-35b", 64, 6144, 48)]:
+        c = AutoConfig.from_preset(name)
+        assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == (layers, hidden, heads, heads)
