@@ -1,24 +1,26 @@
 """The ``mindport`` command: one entry point, one subcommand per job.
 
-Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which
-registers its arguments and sets ``func``. User-facing failures (config, checkpoint and
+Each subcommand is a module in :mod:`mindport.commands` exposing
+``add_parser(subparsers)``, which registers its arguments and sets ``func``; modules are
+discovered, so adding a subcommand touches no shared file. User-facing failures (config, checkpoint and
 input errors) print one line ``mindport: error: ...`` and exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
-
-SUBCOMMANDS = ("demo",)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mindport", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mindport {__import__('mindport').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        importlib.import_module(f"mindport.commands.{name}").add_parser(sub)
+    from mindport import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"mindport.commands.{info.name}").add_parser(sub)
     return parser
 
 
