@@ -1,0 +1,97 @@
+"""The one slicing table: how every mindport parameter splits over TP, EP and PP.
+
+The tensor-parallel layers size their parameters from it and the checkpoint tools slice
+and merge with it, so the two can never disagree. Each parameter name matches exactly
+one rule (a test checks this for every family).
+
+Notation: tp = model_parallel, ep = expert_parallel. Splits are contiguous blocks along
+one axis. Column-parallel weights (out, in) split the output axis 0 (q heads, kv heads,
+ffn width; TeleChat2's interleaved ``key_value`` stays contiguous per kv head), row-parallel
+weights split the input axis 1, vocab-parallel tables split the vocabulary, stacked expert
+weights (E, ...) split experts over ep and their ffn axis over tp. Biases of row-parallel
+layers are replicated (added once, after the reduction).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mindport.parallel.pipeline import stage_of_layer
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    kind: str  # "column" | "row" | "vocab" | "expert" | "replicated"
+    tp_axis: int | None = None
+    ep_axis: int | None = None
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.pattern, name) is not None
+
+
+_LAYER = r"layers\.\d+\."
+RULES = (
+    Rule(r"embed\.weight", "vocab", tp_axis=0),
+    Rule(r"lm_head\.weight", "vocab", tp_axis=0),
+    Rule(r"final_norm\.weight", "replicated"),
+    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated"),
+    Rule(_LAYER + r"attn\.(q_proj|k_proj|v_proj|kv_proj)\.(weight|bias)", "column", tp_axis=0),
+    Rule(_LAYER + r"attn\.o_proj\.weight", "row", tp_axis=1),
+    Rule(_LAYER + r"attn\.o_proj\.bias", "replicated"),
+    Rule(_LAYER + r"mlp\.(shared\.)?(gate_proj|up_proj)\.(weight|bias)", "column", tp_axis=0),
+    Rule(_LAYER + r"mlp\.(shared\.)?down_proj\.weight", "row", tp_axis=1),
+    Rule(_LAYER + r"mlp\.(shared\.)?down_proj\.bias", "replicated"),
+    Rule(_LAYER + r"mlp\.(router|shared_gate)\.weight", "replicated"),
+    Rule(_LAYER + r"mlp\.experts\.(gate_proj|up_proj)", "expert", tp_axis=1, ep_axis=0),
+    Rule(_LAYER + r"mlp\.experts\.down_proj", "expert", tp_axis=2, ep_axis=0),
+)
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def rule_for(name: str) -> Rule:
+    found = [r for r in RULES if r.matches(name)]
+    if len(found) != 1:
+        raise ShardingError(f"parameter '{name}' matches {len(found)} slicing rules (expected exactly 1)")
+    return found[0]
+
+
+def _block(size: int, parts: int, rank: int, name: str, axis: int) -> slice:
+    if size % parts:
+        raise ShardingError(f"parameter '{name}': axis {axis} of size {size} does not split into {parts}")
+    step = size // parts
+    return slice(rank * step, (rank + 1) * step)
+
+
+def shard_slices(name: str, shape: tuple[int, ...], tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0,
+                 ep_size: int = 1) -> tuple[slice, ...]:
+    """The index (one slice per axis) of this rank's piece of parameter ``name``."""
+    rule = rule_for(name)
+    index = [slice(None)] * len(shape)
+    if rule.tp_axis is not None and tp_size > 1:
+        index[rule.tp_axis] = _block(shape[rule.tp_axis], tp_size, tp_rank, name, rule.tp_axis)
+    if rule.ep_axis is not None and ep_size > 1:
+        index[rule.ep_axis] = _block(shape[rule.ep_axis], ep_size, ep_rank, name, rule.ep_axis)
+    return tuple(index)
+
+
+def local_shape(name: str, shape: tuple[int, ...], tp_size: int = 1, ep_size: int = 1) -> tuple[int, ...]:
+    index = shard_slices(name, shape, 0, tp_size, 0, ep_size)
+    return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def stages_of_param(name: str, num_layers: int, pipeline_stage: int, offset=None) -> list[int]:
+    """Pipeline stages holding parameter ``name``: its layer's stage; embedding on the first,
+    final norm and head on the last."""
+    m = _LAYER_INDEX.match(name)
+    if m:
+        return [stage_of_layer(int(m.group(1)), num_layers, pipeline_stage, offset)]
+    if name.startswith("embed."):
+        return [0]
+    return [pipeline_stage - 1]
