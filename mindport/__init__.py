@@ -4,7 +4,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = ["AutoConfig", "AutoModelForCausalLM", "ModelConfig", "ParallelConfig", "TrainConfig", "ConfigError"]
 
-from mindport.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from mindport.config import ConfigError, ModelConfig, ParallelConfig
+from mindport.train.config import TrainConfig
 
 
 def __getattr__(name: str):

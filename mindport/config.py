@@ -82,7 +82,7 @@ class ModelConfig(_Loadable):
     hidden_size: int
     num_layers: int
     num_heads: int
-    ffn_hidden_size: int
+    ffn_hidden_size: int = 0  # dense MLP width (unused by MoE layers)
     num_kv_heads: int | None = None  # None: multi-head attention (n_kv = n)
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
@@ -131,8 +131,7 @@ class ModelConfig(_Loadable):
     }
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
-                  "max_position_embeddings")
+        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         _positive(self, "num_kv_heads")
@@ -160,6 +159,8 @@ class ModelConfig(_Loadable):
                 _fail("capacity_factor", self.capacity_factor, "0 (dropless) or a positive number")
         elif self.moe_top_k or self.shared_expert_intermediate_size:
             _fail("num_experts", self.num_experts, "a positive count when MoE keys are set")
+        else:
+            _positive(self, "ffn_hidden_size")
 
     @property
     def head_dim(self) -> int:
@@ -228,49 +229,15 @@ class ParallelConfig(_Loadable):
         tp = self.model_parallel
         for key in ("num_heads", "num_kv_heads", "vocab_size"):
             _divides(key, getattr(model, key), "model_parallel", tp)
-        width = model.moe_intermediate_size if model.is_moe else model.ffn_hidden_size
-        _divides("ffn width", width, "model_parallel", tp)
+        if model.is_moe:
+            _divides("moe_intermediate_size", model.moe_intermediate_size, "model_parallel", tp)
+            _divides("shared_expert_intermediate_size", model.shared_expert_intermediate_size, "model_parallel", tp)
+        else:
+            _divides("ffn_hidden_size", model.ffn_hidden_size, "model_parallel", tp)
         if model.is_moe:
             _divides("num_experts", model.num_experts, "expert_parallel", self.expert_parallel)
         if model.num_layers < self.pipeline_stage:
             _fail("pipeline_stage", self.pipeline_stage, f"at most num_layers = {model.num_layers}")
-
-
-@dataclass
-class TrainConfig(_Loadable):
-    """Optimiser, schedule and run settings (mindformers' optimizer/lr_schedule/runner_config)."""
-
-    seed: int = 0
-    output_dir: str = "./output"
-    batch_size: int = 1
-    seq_length: int = 256
-    train_steps: int = 100
-    learning_rate: float = 3e-4
-    min_learning_rate: float = 3e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    grad_accumulation: int = 1
-    amp_level: str = "O0"
-    loss_scale: float = 1.0
-    recompute: bool = False
-    save_steps: int = 0
-    keep_checkpoints: int = 2
-    log_steps: int = 1
-    data_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        _positive(self, "batch_size", "seq_length", "train_steps", "grad_accumulation", "keep_checkpoints",
-                  "log_steps")
-        _one_of("amp_level", self.amp_level, ("O0", "O1", "O2"))
-        for key in ("learning_rate", "loss_scale"):
-            if not getattr(self, key) > 0:
-                _fail(key, getattr(self, key), "a positive number")
-        if self.warmup_steps < 0 or self.save_steps < 0:
-            _fail("warmup_steps/save_steps", (self.warmup_steps, self.save_steps), "non-negative integers")
 
 
 @dataclass
@@ -279,25 +246,13 @@ class RunConfig:
 
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: "TrainConfig" = None  # mindport.train.config.TrainConfig
 
+    def __post_init__(self) -> None:
+        if self.train is None:
+            from mindport.train.config import TrainConfig
 
-# YAML sections (mindformers layout) -> TrainConfig keys they may carry.
-_TRAIN_SECTIONS = {
-    "optimizer": {"learning_rate": "learning_rate", "weight_decay": "weight_decay", "eps": "eps",
-                  "beta1": "beta1", "beta2": "beta2", "type": None},
-    "lr_schedule": {"learning_rate": "learning_rate", "lr_end": "min_learning_rate",
-                    "warmup_steps": "warmup_steps", "total_steps": "train_steps", "type": None},
-    "runner_config": {"batch_size": "batch_size", "seq_length": "seq_length", "train_steps": "train_steps",
-                      "gradient_accumulation_steps": "grad_accumulation", "grad_clip": "grad_clip",
-                      "amp_level": "amp_level", "loss_scale": "loss_scale", "recompute": "recompute",
-                      "save_steps": "save_steps", "keep_checkpoints": "keep_checkpoints",
-                      "log_steps": "log_steps", "epochs": None, "sink_mode": None},
-    "train_dataset": {"data_dir": "data_dir"},
-}
-_TOP_LEVEL_TRAIN = {"seed": "seed", "output_dir": "output_dir"}
-_IGNORED_TOP_LEVEL = {"run_mode", "trainer", "context", "use_parallel", "load_checkpoint", "src_strategy_path_or_dir",
-                      "auto_trans_ckpt", "only_save_strategy", "resume_training", "recompute_config"}
+            self.train = TrainConfig()
 
 
 def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
@@ -313,24 +268,10 @@ def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
     model_values = {k: v for k, v in model_section["model_config"].items() if k != "type"}
     model = ModelConfig.from_dict(model_values, f"{source}: model.model_config")
     parallel = ParallelConfig.from_dict(doc.get("parallel_config") or {}, f"{source}: parallel_config")
-    train_values: dict[str, Any] = {}
-    for key, value in doc.items():
-        if key in ("model", "parallel_config") or key in _IGNORED_TOP_LEVEL:
-            continue
-        if key in _TOP_LEVEL_TRAIN:
-            train_values[_TOP_LEVEL_TRAIN[key]] = value
-        elif key in _TRAIN_SECTIONS:
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: key '{key}' = {value!r}: expected a mapping")
-            for sub, sub_value in value.items():
-                if sub not in _TRAIN_SECTIONS[key]:
-                    raise ConfigError(f"{source}: unknown key '{key}.{sub}' (known: "
-                                      f"{', '.join(sorted(_TRAIN_SECTIONS[key]))})")
-                if _TRAIN_SECTIONS[key][sub]:
-                    train_values[_TRAIN_SECTIONS[key][sub]] = sub_value
-        else:
-            raise ConfigError(f"{source}: unknown top-level key '{key}'")
-    train = TrainConfig.from_dict(train_values, f"{source}: training settings")
+    from mindport.train.config import train_config_from_sections
+
+    rest = {k: v for k, v in doc.items() if k not in ("model", "parallel_config")}
+    train = train_config_from_sections(rest, source)
     parallel.check_model(model, f"{source}: parallel_config")
     return RunConfig(model, parallel, train)
 

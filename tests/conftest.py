@@ -95,6 +95,29 @@ def telechat_from_llama(llama, training_seqlen: int) -> tuple[dict, dict[str, np
     return hf_config, out
 
 
+def hf_moe(kind: str, tmp_path, **overrides):
+    """A tiny random transformers MoE model saved as an HF directory (4.x tensor names)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, rms_norm_eps=1e-6,
+                  max_position_embeddings=64, tie_word_embeddings=False, attn_implementation="eager")
+    if kind == "mixtral":
+        cfg = MixtralConfig(**common, num_key_value_heads=2, intermediate_size=48, num_local_experts=4,
+                            num_experts_per_tok=2, router_aux_loss_coef=0.02, **overrides)
+        model = MixtralForCausalLM(cfg)
+    else:
+        cfg = Qwen2MoeConfig(**common, num_key_value_heads=4, moe_intermediate_size=24, intermediate_size=96,
+                             shared_expert_intermediate_size=48, num_experts=6, num_experts_per_tok=2,
+                             decoder_sparse_step=1, **overrides)
+        model = Qwen2MoeForCausalLM(cfg)
+    model.eval()
+    randomize(model, seed=2, scale=0.15)
+    model.save_pretrained(str(tmp_path))
+    return model, str(tmp_path)
+
+
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
     import torch
 

@@ -71,7 +71,7 @@ def test_parallel_layout_product():
 
 @pytest.mark.parametrize("hf, message", [
     ({"model_type": "gpt2"}, "'model_type' = 'gpt2'"),
-    ({"model_type": "telechat", "hidden_size": 64, "n_head": 4, "n_layer": 2, "vocab_size": 8}, "'ffn_hidden_size' missing"),
+    ({"model_type": "telechat", "hidden_size": 64, "n_head": 4, "n_layer": 2, "vocab_size": 8}, "'ffn_hidden_size' = 0: expected a positive integer"),
     ({"model_type": "telechat", "hidden_size": 64, "n_head": 6, "n_layer": 2, "vocab_size": 8,
       "ffn_hidden_size": 8}, "'hidden_size' = 64"),
 ])

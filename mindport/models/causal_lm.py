@@ -6,9 +6,12 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from mindport.config import ModelConfig
+from mindport.parallel import state
+from mindport.parallel.layers import VocabParallelEmbedding, VocabParallelHead
+from mindport.parallel.state import ParallelGroups
 from mindport.transformer.block import DecoderLayer
-from mindport.transformer.layers import Embedding, RMSNorm, as_tensor, linear
-from mindport.transformer.loss import causal_lm_loss
+from mindport.transformer.layers import RMSNorm, as_tensor
+from mindport.transformer.loss import CausalLMLoss
 from mindport.transformer.rope import logn_scale, rope_tables
 
 MASK_VALUE = float(np.finfo(np.float32).min)
@@ -19,15 +22,19 @@ class CausalLM(nn.Cell):
 
     Host-side inputs (RoPE tables for the true positions, the causal/padding mask) are built
     by :meth:`prepare`; :meth:`forward` is pure tensor work and can be compiled with ``ms.jit``.
+    ``groups`` (default: the registered process groups) sets the tensor-parallel split.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, groups: ParallelGroups | None = None):
         super().__init__()
         self.config = config
-        self.embed = Embedding(config.vocab_size, config.hidden_size, config)
-        self.layers = nn.CellList([DecoderLayer(config) for _ in range(config.num_layers)])
+        self.groups = groups = groups or state.current()
+        groups.config.check_model(config)
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config, groups)
+        self.layers = nn.CellList([DecoderLayer(config, groups) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
-        self.lm_head = linear(config, config.hidden_size, config.vocab_size, False, role="vocab")
+        self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, config, groups)
+        self.loss_fn = CausalLMLoss(groups, config.vocab_size // groups.tp.size)
 
     # ------------------------------------------------------------------ host side
     def prepare(self, input_ids, attention_mask=None, past_len: int = 0):
@@ -62,24 +69,44 @@ class CausalLM(nn.Cell):
 
     # ------------------------------------------------------------------ tensor side
     def forward(self, input_ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale=None,
-                caches=None) -> tuple[Tensor, Tensor]:
-        """Logits (B, S, V) and the summed auxiliary router loss (0 for dense models)."""
+                caches=None) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits (B, S, V/tp: this rank's vocabulary shard), the weighted router loss and the
+        count of dropped routing slots (both 0 for dense models)."""
         x = self.embed(input_ids)
-        aux = ops.zeros((), ms.float32)
+        stats = []
         for i, layer in enumerate(self.layers):
-            x, layer_aux = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[i])
-            aux = aux + layer_aux
-        return self.lm_head(self.final_norm(x)), aux
+            x, layer_stats = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[i])
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        router_loss, dropped = self.router_loss(stats)
+        return self.lm_head(self.final_norm(x)), router_loss, dropped
 
-    def loss(self, logits: Tensor, aux: Tensor, labels: Tensor) -> Tensor:
-        return causal_lm_loss(logits, labels) + self.config.router_aux_loss_coef * aux
+    def router_loss(self, stats: list) -> tuple[Tensor, Tensor]:
+        """Switch/Mixtral load balancing over all MoE layers' routing slots pooled
+        (E * sum(mean f * mean P)), plus the router z-loss, weighted by their coefficients."""
+        zero = ops.zeros((), ms.float32)
+        if not stats:
+            return zero, zero
+        f = ops.stack([s[0] for s in stats]).mean(0)
+        p = ops.stack([s[1] for s in stats]).mean(0)
+        z = ops.stack([s[2] for s in stats]).mean()
+        balance = self.config.num_experts * (f * p).sum()
+        dropped = ops.stack([s[3] for s in stats]).sum().astype(ms.float32)
+        return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z, dropped
+
+    def loss(self, logits: Tensor, router_loss: Tensor, labels: Tensor) -> Tensor:
+        return self.loss_fn(logits, labels) + router_loss
+
+    def full_logits(self, local_logits: Tensor) -> Tensor:
+        """All V logits from this rank's vocabulary shard (identity without tensor parallelism)."""
+        return self.lm_head.full_logits(local_logits)
 
     def construct(self, input_ids, labels=None, attention_mask=None):
         ids, cos, sin, mask, q_scale = self.prepare(input_ids, attention_mask)
-        logits, aux = self.forward(ids, cos, sin, mask, q_scale)
+        logits, router_loss, _ = self.forward(ids, cos, sin, mask, q_scale)
         if labels is None:
-            return logits
-        return self.loss(logits, aux, as_tensor(labels))
+            return self.full_logits(logits)
+        return self.loss(logits, router_loss, as_tensor(labels))
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, out_dir: str, overwrite: bool = False, dtype: str | None = None,
@@ -89,3 +116,9 @@ class CausalLM(nn.Cell):
         from mindport.models.registry import family
 
         export_hf(self, family(self.config.family), out_dir, overwrite, dtype, max_shard_bytes or DEFAULT_SHARD_BYTES)
+
+    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):
+        """Token ids (B, S + new); see :func:`mindport.infer.generate.generate` for the options."""
+        from mindport.infer.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)

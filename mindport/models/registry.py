@@ -47,6 +47,7 @@ class Family:
         for hf_key, ours in self.hf_fields.items():
             if hf.get(hf_key) is not None:
                 values[ours] = hf[hf_key]
+        _read_rope_parameters(hf, values, source)
         if self.from_hf_hook:
             self.from_hf_hook(hf, values)
         for ours in _REQUIRED:
@@ -65,6 +66,18 @@ class Family:
             self.to_hf_hook(config, hf)
         hf["torch_dtype"] = config.param_dtype
         return hf
+
+
+def _read_rope_parameters(hf: dict, values: dict, source: str) -> None:
+    """transformers 5 writes ``rope_parameters: {rope_type, rope_theta}``; 4.x ``rope_theta`` and
+    ``rope_scaling``. Only plain RoPE is supported for HF-style families."""
+    params = hf.get("rope_parameters") or {}
+    if params.get("rope_theta") is not None and hf.get("rope_theta") is None:
+        values["rope_theta"] = params["rope_theta"]
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise ConfigError(f"{source}: key 'rope_type' = {rope_type!r}: expected 'default' (plain RoPE)")
 
 
 def families() -> dict[str, Family]:

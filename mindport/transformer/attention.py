@@ -7,7 +7,8 @@ from mindspore import Tensor, nn
 
 from mindport import dispatch
 from mindport.config import ModelConfig
-from mindport.transformer.layers import linear
+from mindport.parallel.layers import Linear, RowParallelLinear, region_entry
+from mindport.parallel.state import ParallelGroups
 
 
 class Attention(nn.Cell):
@@ -15,21 +16,23 @@ class Attention(nn.Cell):
 
     ``kv_layout="interleaved"`` keeps TeleChat2's fused ``key_value`` weight as published:
     rows grouped per kv head as (Nkv, 2, D, H), so a split by kv head stays contiguous.
+    Under tensor parallelism each rank holds N/tp query heads and Nkv/tp kv heads.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, groups: ParallelGroups):
         super().__init__()
-        h, d = config.hidden_size, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        h, d, tp = config.hidden_size, config.head_dim, groups.tp.size
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads // tp, config.num_kv_heads // tp, d
         self.scale = 1.0 / math.sqrt(d)
         self.interleaved_kv = config.kv_layout == "interleaved"
-        self.q_proj = linear(config, h, self.num_heads * d, config.qkv_bias, role="column")
+        self.entry = region_entry(groups)
+        self.q_proj = Linear(h, self.num_heads * d, config.qkv_bias, config)
         if self.interleaved_kv:
-            self.kv_proj = linear(config, h, 2 * self.num_kv_heads * d, config.qkv_bias, role="column")
+            self.kv_proj = Linear(h, 2 * self.num_kv_heads * d, config.qkv_bias, config)
         else:
-            self.k_proj = linear(config, h, self.num_kv_heads * d, config.qkv_bias, role="column")
-            self.v_proj = linear(config, h, self.num_kv_heads * d, config.qkv_bias, role="column")
-        self.o_proj = linear(config, self.num_heads * d, h, config.o_bias, role="row")
+            self.k_proj = Linear(h, self.num_kv_heads * d, config.qkv_bias, config)
+            self.v_proj = Linear(h, self.num_kv_heads * d, config.qkv_bias, config)
+        self.o_proj = RowParallelLinear(config.num_heads * d, h, config.o_bias, config, groups)
         self.rotary = dispatch.get("rotary")
         self.attend = dispatch.get("attention")
 
@@ -46,11 +49,12 @@ class Attention(nn.Cell):
 
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale: Tensor | None = None,
                   cache=None) -> Tensor:
-        """x (B, S, H); cos/sin (B, 1, S, D); mask additive, (B|1, 1, S, Sk); q_scale (B, 1, S, 1) or None.
+        """x (B, S, H) or its sequence shard; cos/sin (B, 1, S, D); mask additive, (B|1, 1, S, Sk); q_scale (B, 1, S, 1) or None.
 
         ``cache`` (a :class:`mindport.transformer.kv_cache.LayerCache`) appends this step's keys
         and values and returns the full K/V to attend over.
         """
+        x = self.entry(x)  # sequence parallel: (B, S/tp, H) -> (B, S, H)
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).swapaxes(1, 2)  # (B, N, S, D)
         k, v = self.project_kv(x)

@@ -82,7 +82,3 @@ def attention_ascend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
     n = q.shape[1]
     keep = (mask < -1.0).astype(ms.uint8)  # FlashAttentionScore masks where the mask is 1
     return ops.flash_attention_score(q, k, v, n, attn_mask=keep, scalar_value=scale, input_layout="BNSD")
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return dispatch.get("rms_norm")(x, weight, eps)

@@ -1,0 +1,153 @@
+"""Tensor-parallel layers (Megatron-style), sized by the slicing table.
+
+Notation: B batch, S sequence, S/tp a sequence shard (sequence parallel), H hidden,
+V vocab, tp = model_parallel.
+
+A transformer block enters its tensor-parallel region once (:func:`region_entry`: identity
+forward / all-reduce backward, or with sequence parallelism an all-gather of the sequence
+shards), runs column-parallel projections on local heads or ffn columns, and leaves it in
+its row-parallel output projection (all-reduce, or reduce-scatter back to sequence shards),
+adding the replicated bias after the reduction.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, Zero, initializer
+
+from mindport.config import ModelConfig
+from mindport.parallel.comm import (CopyToGroup, GatherFromGroup, GatherToAll, ReduceFromGroup,
+                                    ReduceScatterToGroup, collectives)
+from mindport.parallel.state import ParallelGroups
+
+SEQ_AXIS = 1  # hidden states are (B, S, H)
+
+
+def region_entry(groups: ParallelGroups) -> nn.Cell:
+    if groups.sequence_parallel:
+        return GatherFromGroup(groups.tp, SEQ_AXIS)
+    return CopyToGroup(groups.tp)
+
+
+def region_exit(groups: ParallelGroups) -> nn.Cell:
+    if groups.sequence_parallel:
+        return ReduceScatterToGroup(groups.tp, SEQ_AXIS)
+    return ReduceFromGroup(groups.tp)
+
+
+def _dtypes(config: ModelConfig):
+    from mindport.transformer.layers import dtype_of
+
+    return dtype_of(config.param_dtype), dtype_of(config.compute_dtype)
+
+
+class Linear(nn.Cell):
+    """y = x W^T (+ b) with W stored (out, in) as in HF checkpoints; local shard sizes given."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: ModelConfig):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        param_dtype, self.compute_dtype = _dtypes(config)
+        self.weight = Parameter(initializer(Normal(config.initializer_range), (out_features, in_features), param_dtype))
+        self.bias = Parameter(initializer(Zero(), (out_features,), param_dtype)) if bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def project(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.in_features).astype(self.compute_dtype),
+                        self.weight.astype(self.compute_dtype))
+        return y.reshape(*lead, self.out_features)
+
+    def add_bias(self, y: Tensor) -> Tensor:
+        return y if self.bias is None else y + self.bias.astype(self.compute_dtype)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.add_bias(self.project(x))
+
+
+class RowParallelLinear(Linear):
+    """Input split over tp (in/tp columns of W); output reduced over tp, then the bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: ModelConfig,
+                 groups: ParallelGroups):
+        super().__init__(in_features // groups.tp.size, out_features, bias, config)
+        self.exit = region_exit(groups)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.add_bias(self.exit(self.project(x)))
+
+
+class VocabParallelEmbedding(nn.Cell):
+    """Rows [r*V/tp, (r+1)*V/tp) of the table on rank r; other ids look up zeros, then reduce."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, config: ModelConfig, groups: ParallelGroups):
+        super().__init__()
+        tp = groups.tp
+        self.local_vocab = vocab_size // tp.size
+        self.start = tp.rank * self.local_vocab
+        param_dtype, self.compute_dtype = _dtypes(config)
+        self.weight = Parameter(initializer(Normal(config.initializer_range), (self.local_vocab, hidden_size),
+                                            param_dtype))
+        self.split = tp.size > 1
+        self.exit = region_exit(groups)
+
+    def construct(self, input_ids: Tensor) -> Tensor:
+        if not self.split:
+            return ops.gather(self.weight, input_ids, 0).astype(self.compute_dtype)
+        local = input_ids - self.start
+        inside = (local >= 0) & (local < self.local_vocab)
+        rows = ops.gather(self.weight, ops.where(inside, local, ops.zeros_like(local)), 0)
+        rows = rows * ops.expand_dims(inside, -1).astype(rows.dtype)
+        return self.exit(rows.astype(self.compute_dtype))
+
+
+class VocabParallelHead(Linear):
+    """LM head (V/tp rows per rank): enters the region, returns vocab-local logits (B, S, V/tp)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, config: ModelConfig, groups: ParallelGroups):
+        super().__init__(hidden_size, vocab_size // groups.tp.size, False, config)
+        self.entry = region_entry(groups)
+        self.gather_vocab = GatherToAll(groups.tp, -1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.project(self.entry(x))
+
+    def full_logits(self, local_logits: Tensor) -> Tensor:
+        """All V logits on every rank (inference)."""
+        return self.gather_vocab(local_logits)
+
+
+class VocabParallelCrossEntropy(nn.Cell):
+    """Per-token -log softmax(logits)[target] from vocab-sharded logits; never gathers V.
+
+    logits (N, V/tp) fp32, target (N,) int32 (any id; out-of-shard ids contribute on their
+    owner rank). Backward: (softmax - one_hot) restricted to this shard, times dout.
+    """
+
+    def __init__(self, groups: ParallelGroups, local_vocab: int):
+        super().__init__()
+        self.comm = collectives(groups.tp)
+        self.size, self.rank = groups.tp.size, groups.tp.rank
+        self.start, self.local_vocab = groups.tp.rank * local_vocab, local_vocab
+
+    def _stats(self, logits: Tensor, target: Tensor):
+        local_max = logits.max(-1, keepdims=True)  # (N, 1)
+        global_max = self.comm.all_gather(local_max, 1).max(-1, keepdims=True)  # MAX from gather (CPU: SUM only)
+        shifted = logits - global_max
+        sum_exp = self.comm.all_reduce(ops.exp(shifted).sum(-1, keepdims=True))
+        local_t = target - self.start
+        inside = (local_t >= 0) & (local_t < self.local_vocab)
+        safe_t = ops.where(inside, local_t, ops.zeros_like(local_t))
+        return shifted, sum_exp, inside, safe_t
+
+    def construct(self, logits: Tensor, target: Tensor) -> Tensor:
+        shifted, sum_exp, inside, safe_t = self._stats(logits, target)
+        picked = ops.gather_elements(shifted, 1, safe_t.reshape(-1, 1)).reshape(-1) * inside.astype(shifted.dtype)
+        return ops.log(sum_exp.reshape(-1)) - self.comm.all_reduce(picked)
+
+    def bprop(self, logits, target, out, dout):
+        shifted, sum_exp, inside, safe_t = self._stats(logits, target)
+        softmax = ops.exp(shifted) / sum_exp
+        one_hot = ops.one_hot(safe_t, self.local_vocab, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        one_hot = one_hot * ops.expand_dims(inside, -1).astype(ms.float32)
+        return (softmax - one_hot) * ops.expand_dims(dout, -1), ops.zeros_like(target)

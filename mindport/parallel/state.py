@@ -1,0 +1,140 @@
+"""Process groups, built once from ``parallel_config``: the only global in mindport.
+
+World order (outermost first): dp x pp x cp x tp, tp fastest, so a tensor-parallel group
+(model_parallel <= 8) sits inside one 8-NPU node:
+
+    rank = ((dp_i * pp + pp_i) * cp + cp_i) * tp + tp_i
+
+Expert parallelism splits the data-parallel dimension: ep consecutive dp indices (same
+pp, cp, tp coordinates) form an expert-parallel group; the ranks holding the same expert
+shard (dp_i mod ep equal) form the expert-data-parallel group that averages expert grads.
+
+Layers receive a :class:`ParallelGroups` handle; :func:`current` returns the registered
+one (single-process groups until :func:`init_parallel` runs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mindport.config import ConfigError, ModelConfig, ParallelConfig
+
+DIMS = ("dp", "pp", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One process group as seen from this rank."""
+
+    name: str  # communication group name ("" when size 1)
+    ranks: tuple[int, ...]  # global ranks, in group order
+    rank: int  # this process's index within ``ranks``
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    config: ParallelConfig
+    global_rank: int
+    tp: Group
+    dp: Group
+    pp: Group
+    cp: Group
+    ep: Group
+    ep_dp: Group  # ranks holding the same expert shard
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.config.use_seq_parallel and self.tp.size > 1
+
+    @property
+    def coords(self) -> dict[str, int]:
+        return coordinates(self.config, self.global_rank)
+
+
+def coordinates(config: ParallelConfig, rank: int) -> dict[str, int]:
+    sizes = dict(dp=config.data_parallel, pp=config.pipeline_stage, cp=config.context_parallel,
+                 tp=config.model_parallel)
+    coords = {}
+    for dim in reversed(DIMS):
+        coords[dim] = rank % sizes[dim]
+        rank //= sizes[dim]
+    return coords
+
+
+def rank_of(config: ParallelConfig, dp: int = 0, pp: int = 0, cp: int = 0, tp: int = 0) -> int:
+    return ((dp * config.pipeline_stage + pp) * config.context_parallel + cp) * config.model_parallel + tp
+
+
+def group_ranks(config: ParallelConfig, rank: int) -> dict[str, tuple[int, ...]]:
+    """Global ranks of every group ``rank`` belongs to (pure: no communication)."""
+    c = coordinates(config, rank)
+    sizes = dict(dp=config.data_parallel, pp=config.pipeline_stage, cp=config.context_parallel,
+                 tp=config.model_parallel)
+    out = {dim: tuple(rank_of(config, **{**c, dim: i}) for i in range(sizes[dim])) for dim in DIMS}
+    ep = config.expert_parallel
+    block = c["dp"] // ep * ep
+    out["ep"] = tuple(rank_of(config, **{**c, "dp": block + i}) for i in range(ep))
+    out["ep_dp"] = tuple(rank_of(config, **{**c, "dp": i}) for i in range(c["dp"] % ep, config.data_parallel, ep))
+    return out
+
+
+def check_layout(config: ParallelConfig, world_size: int, model: ModelConfig | None = None) -> None:
+    """Fail before any work when the layout cannot run on ``world_size`` processes."""
+    if config.world_size != world_size:
+        raise ConfigError(
+            f"parallel_config: data_parallel x pipeline_stage x context_parallel x model_parallel = "
+            f"{config.data_parallel} x {config.pipeline_stage} x {config.context_parallel} x {config.model_parallel}"
+            f" = {config.world_size}, but {world_size} processes were launched")
+    if config.data_parallel % config.expert_parallel:
+        raise ConfigError(f"parallel_config: key 'expert_parallel' = {config.expert_parallel}: expected a divisor "
+                          f"of data_parallel = {config.data_parallel}")
+    if model is not None:
+        config.check_model(model)
+
+
+def _make_groups(config: ParallelConfig, rank: int, create) -> ParallelGroups:
+    groups = {}
+    for key, ranks in group_ranks(config, rank).items():
+        name = ""
+        if len(ranks) > 1:
+            name = f"{key}-" + "-".join(map(str, ranks))
+            create(name, list(ranks))
+        groups[key] = Group(name, ranks, ranks.index(rank))
+    return ParallelGroups(config, rank, **groups)
+
+
+_CURRENT: ParallelGroups | None = None
+_CREATED: set[str] = set()
+
+
+def single_process() -> ParallelGroups:
+    return _make_groups(ParallelConfig(), 0, lambda name, ranks: None)
+
+
+def init_parallel(config: ParallelConfig, model: ModelConfig | None = None) -> ParallelGroups:
+    """Initialise communication (when the world has more than one process) and every group."""
+    global _CURRENT
+    world, rank = 1, 0
+    if config.world_size > 1:
+        from mindspore.communication import create_group, get_group_size, get_rank, init
+
+        init()
+        world, rank = get_group_size(), get_rank()
+
+        def create(name, ranks):
+            if name not in _CREATED:  # MindSpore refuses to create a group twice
+                create_group(name, ranks)
+                _CREATED.add(name)
+    else:
+        def create(name, ranks):
+            raise AssertionError("single-process layout has no groups")
+    check_layout(config, world, model)
+    _CURRENT = _make_groups(config, rank, create)
+    return _CURRENT
+
+
+def current() -> ParallelGroups:
+    return _CURRENT or single_process()

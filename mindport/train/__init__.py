@@ -1,0 +1,1 @@
+"""Training: configuration, optimiser, mixed precision, data, checkpoints and the loop."""

@@ -1,0 +1,144 @@
+"""Training settings: optimiser, schedule, precision and run options, read from the
+mindformers YAML sections ``optimizer``, ``lr_schedule``, ``runner_config``,
+``runner_wrapper``, ``recompute_config``, ``train_dataset`` and top-level keys."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from mindport.config import ConfigError, _Loadable, _fail, _one_of, _positive
+
+
+@dataclass
+class TrainConfig(_Loadable):
+    """Optimiser, schedule and run settings (mindformers' optimizer/lr_schedule/runner_config).
+
+    One optimiser step consumes ``batch_size * grad_accumulation`` samples of ``seq_length`` tokens.
+    """
+
+    seed: int = 0
+    output_dir: str = "./output"
+    batch_size: int = 1  # samples per micro-batch
+    seq_length: int = 256
+    train_steps: int = 100  # optimiser steps
+    learning_rate: float = 3e-4
+    min_learning_rate: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1  # AdamW, decoupled; never applied to norms or biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accumulation: int = 1
+    amp_level: str = "O0"  # O0 fp32 | O1 fp16 matmuls | O2 fp16 weights + fp32 master copy + loss scale
+    amp_dtype: str = "float16"  # the low precision of O1/O2; bfloat16 matmul needs Ascend
+    loss_scale: float = 1.0  # static scale, or the initial one of a dynamic scaler
+    loss_scale_type: str = "static"  # static | dynamic (dynamic: overflow skips the step; Ascend/GPU)
+    loss_scale_factor: float = 2.0
+    loss_scale_window: int = 1000
+    recompute: bool | int = False  # True: every layer; N: the first N layers; False: none
+    jit: bool = True  # compile the train step (MoE models always run eagerly)
+    save_steps: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_steps: int = 1
+    data_dir: str | None = None  # a `mindport data prepare` directory
+    load_checkpoint: str | None = None  # initial weights (HF or mindport model directory); None: random init
+    peak_tflops: float = 0.0  # MFU denominator; 0: measure MindSpore's fp32 matmul rate at start
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "seq_length", "train_steps", "grad_accumulation", "keep_checkpoints",
+                  "log_steps", "loss_scale_window")
+        _one_of("amp_level", self.amp_level, ("O0", "O1", "O2"))
+        _one_of("amp_dtype", self.amp_dtype, ("float16", "bfloat16"))
+        _one_of("loss_scale_type", self.loss_scale_type, ("static", "dynamic"))
+        for key in ("learning_rate", "loss_scale", "eps"):
+            if not isinstance(getattr(self, key), (int, float)) or not getattr(self, key) > 0:
+                _fail(key, getattr(self, key), "a positive number")
+        for key in ("min_learning_rate", "weight_decay", "grad_clip"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
+                _fail(key, getattr(self, key), "a non-negative number")
+        if self.min_learning_rate > self.learning_rate:
+            _fail("min_learning_rate", self.min_learning_rate, f"at most learning_rate = {self.learning_rate}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                _fail(key, getattr(self, key), "a number in [0, 1)")
+        if not self.loss_scale_factor > 1:
+            _fail("loss_scale_factor", self.loss_scale_factor, "a number > 1")
+        for key in ("warmup_steps", "save_steps"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(key, value, "a non-negative integer")
+        if not isinstance(self.recompute, (bool, int)) or self.recompute < 0:
+            _fail("recompute", self.recompute, "true, false or a number of layers")
+        if not isinstance(self.peak_tflops, (int, float)) or self.peak_tflops < 0:
+            _fail("peak_tflops", self.peak_tflops, "a non-negative number (0: measure)")
+        if not isinstance(self.jit, bool):
+            _fail("jit", self.jit, "true or false")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accumulation * self.seq_length
+
+
+# YAML sections (mindformers layout) -> TrainConfig keys they may carry (None: accepted, unused).
+_TRAIN_SECTIONS = {
+    "optimizer": {"learning_rate": "learning_rate", "weight_decay": "weight_decay", "eps": "eps",
+                  "beta1": "beta1", "beta2": "beta2", "type": None},
+    "lr_schedule": {"learning_rate": "learning_rate", "lr_end": "min_learning_rate",
+                    "warmup_steps": "warmup_steps", "total_steps": "train_steps", "type": None},
+    "runner_config": {"batch_size": "batch_size", "seq_length": "seq_length", "train_steps": "train_steps",
+                      "gradient_accumulation_steps": "grad_accumulation", "grad_clip": "grad_clip",
+                      "amp_level": "amp_level", "amp_dtype": "amp_dtype", "loss_scale": "loss_scale",
+                      "loss_scale_type": "loss_scale_type", "recompute": "recompute", "jit": "jit",
+                      "save_steps": "save_steps", "keep_checkpoints": "keep_checkpoints",
+                      "log_steps": "log_steps", "peak_tflops": "peak_tflops", "epochs": None, "sink_mode": None},
+    # mindformers' wrapper cell: clipping and the loss-scale update cell
+    "runner_wrapper": {"type": None, "max_grad_norm": "grad_clip", "use_clip_grad": None, "scale_sense": None},
+    "recompute_config": {"recompute": "recompute", "select_recompute": None, "parallel_optimizer_comm_recompute": None,
+                         "mp_comm_recompute": None, "recompute_slice_activation": None},
+    "train_dataset": {"data_dir": "data_dir", "type": None},
+}
+# runner_wrapper.scale_sense (DynamicLossScaleUpdateCell / FixedLossScaleUpdateCell) -> TrainConfig keys
+_SCALE_SENSE = {"loss_scale_value": "loss_scale", "scale_factor": "loss_scale_factor",
+                "scale_window": "loss_scale_window", "type": None}
+_TOP_LEVEL_TRAIN = {"seed": "seed", "output_dir": "output_dir", "load_checkpoint": "load_checkpoint"}
+_IGNORED_TOP_LEVEL = {"run_mode", "trainer", "context", "use_parallel", "src_strategy_path_or_dir",
+                      "auto_trans_ckpt", "only_save_strategy", "resume_training"}
+
+
+def _scale_sense(value: Any, source: str, values: dict[str, Any]) -> None:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: key 'runner_wrapper.scale_sense' = {value!r}: expected a mapping")
+    for key, sub_value in value.items():
+        if key not in _SCALE_SENSE:
+            raise ConfigError(f"{source}: unknown key 'runner_wrapper.scale_sense.{key}' (known: "
+                              f"{', '.join(sorted(_SCALE_SENSE))})")
+        if _SCALE_SENSE[key]:
+            values[_SCALE_SENSE[key]] = sub_value
+    kind = str(value.get("type", ""))
+    if kind:
+        values["loss_scale_type"] = "dynamic" if "Dynamic" in kind else "static"
+
+
+def train_config_from_sections(doc: Mapping[str, Any], source: str) -> TrainConfig:
+    """A :class:`TrainConfig` from a run YAML's non-model, non-parallel top-level keys."""
+    values: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in _IGNORED_TOP_LEVEL:
+            continue
+        if key in _TOP_LEVEL_TRAIN:
+            values[_TOP_LEVEL_TRAIN[key]] = value
+        elif key in _TRAIN_SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: key '{key}' = {value!r}: expected a mapping")
+            for sub, sub_value in value.items():
+                if sub not in _TRAIN_SECTIONS[key]:
+                    raise ConfigError(f"{source}: unknown key '{key}.{sub}' (known: "
+                                      f"{', '.join(sorted(_TRAIN_SECTIONS[key]))})")
+                if key == "runner_wrapper" and sub == "scale_sense":
+                    _scale_sense(sub_value, source, values)
+                elif _TRAIN_SECTIONS[key][sub]:
+                    values[_TRAIN_SECTIONS[key][sub]] = sub_value
+        else:
+            raise ConfigError(f"{source}: unknown top-level key '{key}'")
+    return TrainConfig.from_dict(values, f"{source}: training settings")
