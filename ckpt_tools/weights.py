@@ -19,13 +19,18 @@ from mindspore import Tensor
 from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint
 from mindport.ckpt_tools.name_map import NameMap, Target
 from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsWriter, f32_to_bf16_bits
+from mindport.parallel.sharding import global_shape, shard_slices
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 MS_DTYPE_CODE = {ms.float32: "F32", ms.float16: "F16", ms.bfloat16: "BF16"}
 
 
 def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None) -> None:
-    """Fill ``model``'s parameters from ``ckpt`` (HF names via ``name_map``; None = mindport names)."""
+    """Fill ``model``'s parameters from an unsplit checkpoint (HF names via ``name_map``; None
+    = mindport names). Under tensor/expert parallelism each rank reads only its own slice of
+    each tensor, cut by the slicing table (:mod:`mindport.parallel.sharding`)."""
+    groups = model.groups
+    tp, ep = groups.tp, groups.ep
     params = dict(model.parameters_and_names())
     stacks: dict[str, np.ndarray] = {}
     filled: dict[str, set] = {name: set() for name in params}
@@ -38,27 +43,31 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None) -> None
                 raise CheckpointError(f"{path}: unexpected tensor '{hf_name}' (model has no parameter "
                                       f"'{target.name}')")
             param = params[target.name]
-            full_shape = tuple(param.shape)
-            shape = full_shape if target.expert is None else full_shape[1:]
+            full = global_shape(target.name, tuple(param.shape), tp.size, ep.size)
+            expected = full if target.expert is None else full[1:]
             info = ckpt.info(hf_name)
-            if tuple(info.shape) != shape or (target.expert is not None and target.expert >= full_shape[0]):
-                where = "" if target.expert is None else f" (expert {target.expert} of {full_shape[0]})"
+            if tuple(info.shape) != expected or (target.expert is not None and target.expert >= full[0]):
+                where = "" if target.expert is None else f" (expert {target.expert} of {full[0]})"
                 raise CheckpointError(f"{path}: tensor '{hf_name}' has shape {list(info.shape)}, the config "
-                                      f"implies {list(shape)}{where}")
-            array = ckpt.get(hf_name)
+                                      f"implies {list(expected)}{where}")
+            index = shard_slices(target.name, full, tp.rank, tp.size, ep.rank, ep.size)
             if target.expert is None:
-                _assign(param, array)
+                _assign(param, ckpt.get(hf_name)[index])
                 filled[target.name].add(None)
-            else:
-                stack = stacks.setdefault(target.name, np.empty(full_shape, np.float32))
-                stack[target.expert] = array
-                filled[target.name].add(target.expert)
-                if len(filled[target.name]) == full_shape[0]:
-                    _assign(param, stacks.pop(target.name))
+                continue
+            local_experts = range(*index[0].indices(full[0]))
+            if target.expert not in local_experts:
+                continue  # another expert-parallel rank holds this expert
+            slot = target.expert - local_experts.start
+            stack = stacks.setdefault(target.name, np.empty(tuple(param.shape), np.float32))
+            stack[slot] = ckpt.get(hf_name)[index[1:]]
+            filled[target.name].add(slot)
+            if len(filled[target.name]) == param.shape[0]:
+                _assign(param, stacks.pop(target.name))
     for name, param in params.items():
         got = filled[name]
         if None in got or (got and len(got) == param.shape[0]):
-            continue  # filled directly, or every expert slot of a stack filled (and assigned)
+            continue  # filled directly, or every local expert slot of a stack filled (and assigned)
         missing = _hf_names(name_map, name, param.shape[0], got)
         raise CheckpointError(f"{ckpt.directory}: missing tensor '{missing}' (needed for parameter '{name}')")
 

@@ -132,3 +132,4 @@ def telechat_pair(request, tmp_path_factory):
     hf_config, tensors = telechat_from_llama(llama, training_seqlen=32)
     directory = save_hf_dir(str(tmp_path_factory.mktemp(f"telechat_{request.param}")), hf_config, tensors)
     return llama, directory
+

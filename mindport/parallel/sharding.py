@@ -10,6 +10,10 @@ ffn width; TeleChat2's interleaved ``key_value`` stays contiguous per kv head), 
 weights split the input axis 1, vocab-parallel tables split the vocabulary, stacked expert
 weights (E, ...) split experts over ep and their ffn axis over tp. Biases of row-parallel
 layers are replicated (added once, after the reduction).
+
+``sp_partial`` marks replicated parameters applied to sequence shards under sequence
+parallelism (norms, row-parallel biases): each tp rank then holds a partial gradient that
+must be summed over the tp group.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class Rule:
     kind: str  # "column" | "row" | "vocab" | "expert" | "replicated"
     tp_axis: int | None = None
     ep_axis: int | None = None
+    sp_partial: bool = False
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None
@@ -34,14 +39,14 @@ _LAYER = r"layers\.\d+\."
 RULES = (
     Rule(r"embed\.weight", "vocab", tp_axis=0),
     Rule(r"lm_head\.weight", "vocab", tp_axis=0),
-    Rule(r"final_norm\.weight", "replicated"),
-    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated"),
+    Rule(r"final_norm\.weight", "replicated", sp_partial=True),
+    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated", sp_partial=True),
     Rule(_LAYER + r"attn\.(q_proj|k_proj|v_proj|kv_proj)\.(weight|bias)", "column", tp_axis=0),
     Rule(_LAYER + r"attn\.o_proj\.weight", "row", tp_axis=1),
-    Rule(_LAYER + r"attn\.o_proj\.bias", "replicated"),
+    Rule(_LAYER + r"attn\.o_proj\.bias", "replicated", sp_partial=True),
     Rule(_LAYER + r"mlp\.(shared\.)?(gate_proj|up_proj)\.(weight|bias)", "column", tp_axis=0),
     Rule(_LAYER + r"mlp\.(shared\.)?down_proj\.weight", "row", tp_axis=1),
-    Rule(_LAYER + r"mlp\.(shared\.)?down_proj\.bias", "replicated"),
+    Rule(_LAYER + r"mlp\.down_proj\.bias", "replicated", sp_partial=True),
     Rule(_LAYER + r"mlp\.(router|shared_gate)\.weight", "replicated"),
     Rule(_LAYER + r"mlp\.experts\.(gate_proj|up_proj)", "expert", tp_axis=1, ep_axis=0),
     Rule(_LAYER + r"mlp\.experts\.down_proj", "expert", tp_axis=2, ep_axis=0),
@@ -81,6 +86,17 @@ def shard_slices(name: str, shape: tuple[int, ...], tp_rank: int = 0, tp_size: i
 def local_shape(name: str, shape: tuple[int, ...], tp_size: int = 1, ep_size: int = 1) -> tuple[int, ...]:
     index = shard_slices(name, shape, 0, tp_size, 0, ep_size)
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+
+
+def global_shape(name: str, local: tuple[int, ...], tp_size: int = 1, ep_size: int = 1) -> tuple[int, ...]:
+    """The unsplit shape of a parameter whose local shard is ``local``."""
+    rule = rule_for(name)
+    shape = list(local)
+    if rule.tp_axis is not None:
+        shape[rule.tp_axis] *= tp_size
+    if rule.ep_axis is not None:
+        shape[rule.ep_axis] *= ep_size
+    return tuple(shape)
 
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")

@@ -1,0 +1,60 @@
+"""Gradient synchronisation after the backward pass.
+
+- Data parallel: gradients are SUMMED over the dp group in flat buckets (one all-reduce
+  per bucket). The loss each rank differentiates is already divided by the global count
+  of counted tokens (:class:`mindport.transformer.loss.CausalLMLoss`), so the sum is the
+  single-process gradient, whatever labels are ignored on which rank.
+- Sequence parallel: replicated parameters applied to sequence shards (``sp_partial`` in
+  the slicing table) are summed over the tp group.
+"""
+from __future__ import annotations
+
+from mindspore import Tensor, nn, ops
+
+from mindport.parallel.comm import collectives
+from mindport.parallel.sharding import rule_for
+from mindport.parallel.state import ParallelGroups
+
+DEFAULT_BUCKET_BYTES = 32 * 1024 * 1024
+
+
+def buckets_by_size(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive index groups whose byte sizes add up to at most ``limit`` (one item may exceed it)."""
+    out: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(sizes):
+        if out[-1] and total + size > limit:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += size
+    return [b for b in out if b]
+
+
+class GradientSync(nn.Cell):
+    """``grads -> grads`` summed over data-parallel ranks (and tp for sequence-parallel partials)."""
+
+    def __init__(self, params, groups: ParallelGroups, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        super().__init__()
+        self.dp = collectives(groups.dp)
+        self.tp = collectives(groups.tp)
+        self.sync_dp = groups.dp.size > 1
+        names = [p.name for p in params]
+        self.tp_partial = [i for i, n in enumerate(names) if groups.sequence_parallel and rule_for(n).sp_partial]
+        self.shapes = [tuple(p.shape) for p in params]
+        sizes = [int(p.size) * 4 for p in params]
+        self.buckets = buckets_by_size(sizes, bucket_bytes)
+
+    def construct(self, grads: tuple) -> tuple:
+        grads = list(grads)
+        for i in self.tp_partial:
+            grads[i] = self.tp.all_reduce(grads[i])
+        if self.sync_dp:
+            for bucket in self.buckets:
+                flat = self.dp.all_reduce(ops.cat([grads[i].reshape(-1) for i in bucket]))
+                start = 0
+                for i in bucket:
+                    size = grads[i].size
+                    grads[i] = flat[start:start + size].reshape(self.shapes[i])
+                    start += size
+        return tuple(grads)

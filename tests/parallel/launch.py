@@ -1,0 +1,27 @@
+"""Launch a script on N CPU processes with msrun, as tests do."""
+import os
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def msrun(script: str, args: list[str], workers: int, log_dir: str, timeout: int = 600) -> None:
+    """Run ``script`` on ``workers`` local processes; raise with the workers' last log lines on failure."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3")
+    cmd = [os.path.join(bin_dir, "msrun"), f"--worker_num={workers}", f"--local_worker_num={workers}",
+           f"--master_port={free_port()}", f"--log_dir={log_dir}", "--join=True", script, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tails = []
+        for name in sorted(os.listdir(log_dir)):
+            with open(os.path.join(log_dir, name), errors="replace") as f:
+                lines = [l for l in f.read().splitlines() if "WARNING" not in l]
+            tails.append(f"--- {name}\n" + "\n".join(lines[-15:]))
+        raise AssertionError(f"msrun failed ({proc.returncode}):\n" + "\n".join(tails))
