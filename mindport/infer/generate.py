@@ -105,7 +105,10 @@ def generate(model, input_ids, max_new_tokens: int = 32, do_sample: bool = False
     b = ids.shape[0]
     done = np.zeros(b, dtype=bool)
     out, full_mask = ids, mask
-    cache = KVCache(config, b, ids.shape[1] + max_new_tokens) if use_cache else None
+    if model.groups.sequence_parallel:
+        raise ValueError("use_seq_parallel: generation decodes one token per step; run it with "
+                         "use_seq_parallel: False (tensor parallelism alone)")
+    cache = KVCache(config, b, ids.shape[1] + max_new_tokens, model.groups.tp.size) if use_cache else None
     step_ids = ids
     for _ in range(max_new_tokens):
         if cache is not None:

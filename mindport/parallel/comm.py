@@ -42,6 +42,7 @@ class EmulatedCollectives:
         n, r = self.group.size, self.group.rank
         if n == 1:
             return x
+        axis = axis % x.ndim
         parts = []
         if r > 0:
             parts.append(ops.zeros(x.shape[:axis] + (r * x.shape[axis],) + x.shape[axis + 1:], x.dtype))

@@ -35,11 +35,12 @@ class LayerCache:
 
 
 class KVCache:
-    """One :class:`LayerCache` per layer; ``length`` is the number of positions already cached."""
+    """One :class:`LayerCache` per layer; ``length`` is the number of positions already cached.
+    Under tensor parallelism (``tp_size``) each rank caches its Nkv/tp heads."""
 
-    def __init__(self, config: ModelConfig, batch: int, max_len: int):
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, tp_size: int = 1):
         dtype = dtype_of(config.compute_dtype) if config.compute_dtype != "bfloat16" else ms.float32
-        self.layers = [LayerCache(batch, config.num_kv_heads, max_len, config.head_dim, dtype)
+        self.layers = [LayerCache(batch, config.num_kv_heads // tp_size, max_len, config.head_dim, dtype)
                        for _ in range(config.num_layers)]
 
     @property

@@ -20,6 +20,7 @@
 // Row tensors may be float32, float16 or bfloat16; sums are accumulated in float32.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -259,6 +260,8 @@ int NumThreads(double bytes) {
   return configured;
 }
 
+// Workers take chunks of [0, n) from a shared counter, so a thread that the OS deschedules (the
+// machine may be shared) delays only its current chunk, not a fixed half of the work.
 template <typename F>
 void ParallelFor(int64_t n, int nthreads, F fn) {
   if (nthreads <= 1 || n < 2) {
@@ -266,15 +269,19 @@ void ParallelFor(int64_t n, int nthreads, F fn) {
     return;
   }
   nthreads = (int)std::min<int64_t>(nthreads, n);
+  const int64_t chunk = std::max<int64_t>(1, n / ((int64_t)nthreads * 16));
+  std::atomic<int64_t> next(0);
+  auto worker = [&] {
+    for (;;) {
+      int64_t b = next.fetch_add(chunk);
+      if (b >= n) break;
+      fn(b, std::min(n, b + chunk));
+    }
+  };
   std::vector<std::thread> pool;
   pool.reserve(nthreads - 1);
-  int64_t chunk = (n + nthreads - 1) / nthreads;
-  for (int i = 1; i < nthreads; ++i) {
-    int64_t b = i * chunk, e = std::min(n, b + chunk);
-    if (b >= e) break;
-    pool.emplace_back([=] { fn(b, e); });
-  }
-  fn(0, std::min(n, chunk));
+  for (int i = 1; i < nthreads; ++i) pool.emplace_back(worker);
+  worker();
   for (auto &t : pool) t.join();
 }
 

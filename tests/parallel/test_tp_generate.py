@@ -1,0 +1,23 @@
+"""Tensor-parallel (TP2) greedy generation under msrun equals the single-process tokens."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import llama_tiny, save_hf_dir, telechat_from_llama
+from launch import msrun
+
+WORKER = os.path.join(os.path.dirname(__file__), "generate_worker.py")
+
+
+@pytest.mark.slow
+def test_tp2_generation_equals_single_process(tmp_path):
+    hf_config, tensors = telechat_from_llama(llama_tiny(num_kv_heads=2, seed=9), training_seqlen=32)
+    hf_dir = save_hf_dir(str(tmp_path / "hf"), hf_config, tensors)
+    single, parallel = str(tmp_path / "single.npy"), str(tmp_path / "tp2.npy")
+    subprocess.run([sys.executable, WORKER, hf_dir, single], check=True, capture_output=True)
+    msrun(WORKER, [hf_dir, parallel, json.dumps({"model_parallel": 2})], 2, str(tmp_path / "log"))
+    assert np.array_equal(np.load(parallel), np.load(single))
