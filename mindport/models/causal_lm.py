@@ -37,30 +37,40 @@ class CausalLM(nn.Cell):
         self.loss_fn = CausalLMLoss(groups, config.vocab_size // groups.tp.size)
 
     # ------------------------------------------------------------------ host side
-    def prepare(self, input_ids, attention_mask=None, past_len: int = 0):
+    def prepare(self, input_ids, attention_mask=None, past_len: int = 0, position_ids=None,
+                total_len: int | None = None):
         """Token ids plus RoPE tables, additive mask and logN scale for this call.
 
         attention_mask (B, past_len + S), 1 for real tokens and 0 for (left) padding.
         Positions count real tokens only, so left-padded rows get the positions they would
-        have unpadded.
+        have unpadded. ``position_ids`` (B, S) gives the true global positions of the tokens
+        instead (context parallelism: a rank holds non-contiguous chunks of a sequence of
+        ``total_len`` tokens); the attention core then derives causality from the positions
+        and the mask is not used.
         """
         ids = np.asarray(input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids: shape {ids.shape}: expected (batch, seq_len) with seq_len >= 1")
         b, s = ids.shape
-        total = past_len + s
-        if attention_mask is None:
-            keep = np.ones((b, total), dtype=bool)
+        if position_ids is not None:
+            positions = np.asarray(position_ids)
+            total = total_len or int(positions.max()) + 1
+            mask = np.zeros((1, 1, 1, 1), np.float32)
         else:
-            keep = np.asarray(attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else attention_mask) != 0
-            if keep.shape != (b, total):
-                raise ValueError(f"attention_mask: shape {keep.shape}: expected {(b, total)}")
-        positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)[:, past_len:]  # (B, S)
+            total = past_len + s
+            if attention_mask is None:
+                keep = np.ones((b, total), dtype=bool)
+            else:
+                keep = np.asarray(attention_mask.asnumpy() if isinstance(attention_mask, Tensor)
+                                  else attention_mask) != 0
+                if keep.shape != (b, total):
+                    raise ValueError(f"attention_mask: shape {keep.shape}: expected {(b, total)}")
+            positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)[:, past_len:]  # (B, S)
+            causal = np.tril(np.ones((s, total), dtype=bool), k=past_len)  # query i sees keys <= past_len + i
+            allowed = causal[None] & keep[:, None, :]
+            allowed |= ~allowed.any(-1, keepdims=True)  # an all-padding row attends to itself harmlessly
+            mask = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]  # (B, 1, S, total)
         cos, sin = rope_tables(self.config, total, int(positions.max()) + 1)
-        causal = np.tril(np.ones((s, total), dtype=bool), k=past_len)  # query i sees keys <= past_len + i
-        allowed = causal[None] & keep[:, None, :]
-        allowed |= ~allowed.any(-1, keepdims=True)  # an all-padding row attends to itself harmlessly
-        mask = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]  # (B, 1, S, total)
         q_scale = None
         if self.config.use_logn_attn:
             q_scale = Tensor(logn_scale(self.config, positions)[:, None, :, None])
@@ -96,6 +106,10 @@ class CausalLM(nn.Cell):
 
     def loss(self, logits: Tensor, router_loss: Tensor, labels: Tensor) -> Tensor:
         return self.loss_fn(logits, labels) + router_loss
+
+    def loss_from_targets(self, logits: Tensor, router_loss: Tensor, targets: Tensor) -> Tensor:
+        """Loss with targets aligned to the logits (target[t] follows position t)."""
+        return self.loss_fn.from_targets(logits, targets) + router_loss
 
     def full_logits(self, local_logits: Tensor) -> Tensor:
         """All V logits from this rank's vocabulary shard (identity without tensor parallelism)."""

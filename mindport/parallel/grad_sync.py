@@ -4,6 +4,8 @@
   per bucket). The loss each rank differentiates is already divided by the global count
   of counted tokens (:class:`mindport.transformer.loss.CausalLMLoss`), so the sum is the
   single-process gradient, whatever labels are ignored on which rank.
+- Context parallel: every cp rank holds all parameters and a share of the tokens; its
+  gradients are summed over the cp group the same way.
 - Sequence parallel: replicated parameters applied to sequence shards (``sp_partial`` in
   the slicing table) are summed over the tp group.
 """
@@ -32,13 +34,13 @@ def buckets_by_size(sizes: list[int], limit: int) -> list[list[int]]:
 
 
 class GradientSync(nn.Cell):
-    """``grads -> grads`` summed over data-parallel ranks (and tp for sequence-parallel partials)."""
+    """``grads -> grads`` summed over data- and context-parallel ranks (and over tp for
+    sequence-parallel partial gradients)."""
 
     def __init__(self, params, groups: ParallelGroups, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         super().__init__()
-        self.dp = collectives(groups.dp)
+        self.replicas = [collectives(g) for g in (groups.dp, groups.cp) if g.size > 1]
         self.tp = collectives(groups.tp)
-        self.sync_dp = groups.dp.size > 1
         names = [p.name for p in params]
         self.tp_partial = [i for i, n in enumerate(names) if groups.sequence_parallel and rule_for(n).sp_partial]
         self.shapes = [tuple(p.shape) for p in params]
@@ -49,9 +51,9 @@ class GradientSync(nn.Cell):
         grads = list(grads)
         for i in self.tp_partial:
             grads[i] = self.tp.all_reduce(grads[i])
-        if self.sync_dp:
+        for replicas in self.replicas:
             for bucket in self.buckets:
-                flat = self.dp.all_reduce(ops.cat([grads[i].reshape(-1) for i in bucket]))
+                flat = replicas.all_reduce(ops.cat([grads[i].reshape(-1) for i in bucket]))
                 start = 0
                 for i in bucket:
                     size = grads[i].size

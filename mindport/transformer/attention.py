@@ -34,7 +34,12 @@ class Attention(nn.Cell):
             self.v_proj = Linear(h, self.num_kv_heads * d, config.qkv_bias, config)
         self.o_proj = RowParallelLinear(config.num_heads * d, h, config.o_bias, config, groups)
         self.rotary = dispatch.get("rotary")
-        self.attend = dispatch.get("attention")
+        if groups.cp.size > 1:  # K/V of the whole sequence come from the other context-parallel ranks
+            from mindport.parallel.context import ContextParallelAttention
+
+            self.attend = ContextParallelAttention(config, groups)
+        else:
+            self.attend = dispatch.get("attention")
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """k, v of shape (B, Nkv, S, D) before RoPE."""

@@ -13,24 +13,31 @@ IGNORE_INDEX = -100
 
 
 class CausalLMLoss(nn.Cell):
-    """Mean next-token loss over non-ignored positions of all data-parallel ranks.
+    """Mean next-token loss over the counted positions of all data- and context-parallel ranks.
 
-    logits (B, S, V/tp); labels (B, S), position t predicts labels[t + 1]. Each rank
-    divides its summed loss by the global count of counted tokens, so gradients summed
-    over data-parallel ranks equal the single-process gradient whatever is ignored where.
+    ``construct(logits, labels)``: logits (B, S, V/tp); labels (B, S), position t predicts
+    labels[t + 1]. ``from_targets(logits, targets)``: targets already aligned with the
+    logits (target[t] is the token after position t), as context parallelism needs, since
+    the next token of a sequence chunk may live on another rank. Each rank divides its summed
+    loss by the global count of counted tokens, so gradients summed over the data- and
+    context-parallel ranks equal the single-process gradient whatever is ignored where.
     """
 
     def __init__(self, groups: ParallelGroups, local_vocab: int, ignore_index: int = IGNORE_INDEX):
         super().__init__()
         self.token_nll = VocabParallelCrossEntropy(groups, local_vocab)
         self.count_over_dp = ReduceFromGroup(groups.dp)
+        self.count_over_cp = ReduceFromGroup(groups.cp)
         self.ignore_index = ignore_index
 
-    def construct(self, logits: Tensor, labels: Tensor) -> Tensor:
-        v = logits.shape[-1]
-        flat = logits[:, :-1].reshape(-1, v).astype(ms.float32)  # (B*(S-1), V/tp)
-        target = labels[:, 1:].reshape(-1).astype(ms.int32)
-        valid = (target != self.ignore_index).astype(ms.float32)
-        nll = self.token_nll(flat, ops.where(target != self.ignore_index, target, ops.zeros_like(target)))
-        count = self.count_over_dp(ops.stop_gradient(valid.sum()))
+    def from_targets(self, logits: Tensor, targets: Tensor) -> Tensor:
+        flat = logits.reshape(-1, logits.shape[-1]).astype(ms.float32)  # (N, V/tp)
+        target = targets.reshape(-1).astype(ms.int32)
+        counted = target != self.ignore_index
+        valid = counted.astype(ms.float32)
+        nll = self.token_nll(flat, ops.where(counted, target, ops.zeros_like(target)))
+        count = self.count_over_cp(self.count_over_dp(ops.stop_gradient(valid.sum())))
         return (nll * valid).sum() / ops.maximum(count, ops.ones((), ms.float32))
+
+    def construct(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.from_targets(logits[:, :-1], labels[:, 1:])
