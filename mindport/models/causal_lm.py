@@ -8,6 +8,7 @@ from mindspore import Tensor, nn, ops
 from mindport.config import ModelConfig
 from mindport.parallel import state
 from mindport.parallel.layers import VocabParallelEmbedding, VocabParallelHead
+from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.state import ParallelGroups
 from mindport.transformer.block import DecoderLayer
 from mindport.transformer.layers import RMSNorm, as_tensor
@@ -22,19 +23,25 @@ class CausalLM(nn.Cell):
 
     Host-side inputs (RoPE tables for the true positions, the causal/padding mask) are built
     by :meth:`prepare`; :meth:`forward` is pure tensor work and can be compiled with ``ms.jit``.
-    ``groups`` (default: the registered process groups) sets the tensor-parallel split.
+    ``groups`` (default: the registered process groups) sets the tensor-parallel split and
+    the pipeline stage: a stage builds only its layers (named by their global index), the
+    first stage the embedding, the last the final norm, the head and the loss.
     """
 
-    def __init__(self, config: ModelConfig, groups: ParallelGroups | None = None):
+    def __init__(self, config: ModelConfig, groups: ParallelGroups | None = None, pipeline_offset=None):
         super().__init__()
         self.config = config
         self.groups = groups = groups or state.current()
         groups.config.check_model(config)
-        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config, groups)
-        self.layers = nn.CellList([DecoderLayer(config, groups) for _ in range(config.num_layers)])
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
-        self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, config, groups)
-        self.loss_fn = CausalLMLoss(groups, config.vocab_size // groups.tp.size)
+        stage, stages = groups.pp.rank, groups.pp.size
+        self.is_first, self.is_last = stage == 0, stage == stages - 1
+        self.layer_ids = list(stage_layers(config.num_layers, stages, pipeline_offset)[stage])
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config, groups) if self.is_first else None
+        self.layers = nn.CellDict({str(i): DecoderLayer(config, groups) for i in self.layer_ids})
+        if self.is_last:
+            self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+            self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, config, groups)
+            self.loss_fn = CausalLMLoss(groups, config.vocab_size // groups.tp.size)
 
     # ------------------------------------------------------------------ host side
     def prepare(self, input_ids, attention_mask=None, past_len: int = 0, position_ids=None,
@@ -81,14 +88,20 @@ class CausalLM(nn.Cell):
     def forward(self, input_ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale=None,
                 caches=None) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (B, S, V/tp: this rank's vocabulary shard), the weighted router loss and the
-        count of dropped routing slots (both 0 for dense models)."""
-        x = self.embed(input_ids)
+        count of dropped routing slots (both 0 for dense models).
+
+        On a pipeline stage other than the last, returns this stage's hidden states instead of
+        logits; on a stage other than the first, ``input_ids`` is the previous stage's output.
+        """
+        x = self.embed(input_ids) if self.is_first else input_ids
         stats = []
-        for i, layer in enumerate(self.layers):
-            x, layer_stats = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[i])
+        for k, layer in enumerate(self.layers.values()):
+            x, layer_stats = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[k])
             if layer_stats is not None:
                 stats.append(layer_stats)
         router_loss, dropped = self.router_loss(stats)
+        if not self.is_last:
+            return x, router_loss, dropped
         return self.lm_head(self.final_norm(x)), router_loss, dropped
 
     def router_loss(self, stats: list) -> tuple[Tensor, Tensor]:

@@ -96,7 +96,7 @@ class VocabParallelEmbedding(nn.Cell):
             return ops.gather(self.weight, input_ids, 0).astype(self.compute_dtype)
         local = input_ids - self.start
         inside = (local >= 0) & (local < self.local_vocab)
-        rows = ops.gather(self.weight, ops.where(inside, local, ops.zeros_like(local)), 0)
+        rows = ops.gather(self.weight, local * inside.astype(local.dtype), 0)
         rows = rows * ops.expand_dims(inside, -1).astype(rows.dtype)
         return self.exit(rows.astype(self.compute_dtype))
 
@@ -137,7 +137,7 @@ class VocabParallelCrossEntropy(nn.Cell):
         sum_exp = self.comm.all_reduce(ops.exp(shifted).sum(-1, keepdims=True))
         local_t = target - self.start
         inside = (local_t >= 0) & (local_t < self.local_vocab)
-        safe_t = ops.where(inside, local_t, ops.zeros_like(local_t))
+        safe_t = local_t * inside.astype(local_t.dtype)  # out-of-shard ids -> row 0, masked below
         return shifted, sum_exp, inside, safe_t
 
     def construct(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -150,4 +150,4 @@ class VocabParallelCrossEntropy(nn.Cell):
         softmax = ops.exp(shifted) / sum_exp
         one_hot = ops.one_hot(safe_t, self.local_vocab, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
         one_hot = one_hot * ops.expand_dims(inside, -1).astype(ms.float32)
-        return (softmax - one_hot) * ops.expand_dims(dout, -1), ops.zeros_like(target)
+        return (softmax - one_hot) * ops.expand_dims(dout, -1), ops.fill(target.dtype, target.shape, 0)

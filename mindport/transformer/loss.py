@@ -35,7 +35,7 @@ class CausalLMLoss(nn.Cell):
         target = targets.reshape(-1).astype(ms.int32)
         counted = target != self.ignore_index
         valid = counted.astype(ms.float32)
-        nll = self.token_nll(flat, ops.where(counted, target, ops.zeros_like(target)))
+        nll = self.token_nll(flat, target * counted.astype(target.dtype))  # ignored -> id 0, masked below
         count = self.count_over_cp(self.count_over_dp(ops.stop_gradient(valid.sum())))
         return (nll * valid).sum() / ops.maximum(count, ops.ones((), ms.float32))
 
