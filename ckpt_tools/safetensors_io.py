@@ -6,9 +6,16 @@ then the raw data. The reader memory-maps the file and validates the header agai
 the file size before anything is read, so a truncated or corrupt file fails with its
 name. numpy has no bfloat16: bf16 tensors are returned as float32 (exact widening) or
 as raw uint16 bits (``raw=True``).
+
+For streaming without mapping whole tensors into memory, :meth:`SafetensorsReader.file_range`
+names a tensor's bytes as a :class:`FileRange` (file descriptor, absolute offset, size), and
+:meth:`SafetensorsWriter.write_chunks` writes one tensor from a sequence of chunks: buffers,
+or ``FileRange`` pieces that the kernel copies file to file (``copy_file_range``) without the
+bytes passing through this process's memory.
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -40,6 +47,38 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+
+_COPY_STEP = 1 << 30  # bytes per copy_file_range call
+_READ_STEP = 16 << 20  # bytes per pread when the kernel copy is unavailable
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """``nbytes`` bytes at absolute ``offset`` of the open file ``fd`` (``path`` for messages)."""
+
+    path: str
+    fd: int
+    offset: int
+    nbytes: int
+
+    def sub(self, start: int, nbytes: int) -> "FileRange":
+        """The ``nbytes`` bytes from ``start`` (relative to this range)."""
+        if start < 0 or start + nbytes > self.nbytes:
+            raise ValueError(f"{self.path}: sub-range {start}+{nbytes} outside a range of {self.nbytes} bytes")
+        return FileRange(self.path, self.fd, self.offset + start, nbytes)
+
+    def read(self) -> bytearray:
+        """The bytes, read with ``pread`` (no memory map, so nothing stays resident afterwards)."""
+        out = bytearray(self.nbytes)
+        view, done = memoryview(out), 0
+        while done < self.nbytes:
+            got = os.preadv(self.fd, [view[done:done + _READ_STEP]], self.offset + done)
+            if got == 0:
+                raise CheckpointError(f"{self.path}: truncated file: expected {self.nbytes} bytes at offset "
+                                      f"{self.offset}, file ends after {done}")
+            done += got
+        return out
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -107,6 +146,13 @@ class SafetensorsReader:
             return memoryview(b"")
         return memoryview(self._map)[self.data_start + info.begin:self.data_start + info.end]
 
+    def file_range(self, name: str) -> FileRange:
+        """Where tensor ``name``'s bytes are in the file (for chunked, unmapped reads and copies)."""
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: no tensor '{name}'")
+        info = self.tensors[name]
+        return FileRange(self.path, self._file.fileno(), self.data_start + info.begin, info.nbytes)
+
     def get(self, name: str, raw: bool = False) -> np.ndarray:
         """The tensor as a numpy array (a read-only view of the file; bf16 -> fp32 unless ``raw``)."""
         if name not in self.tensors:
@@ -161,14 +207,67 @@ class SafetensorsWriter:
 
     def write(self, name: str, data) -> None:
         """Append tensor ``name``: a numpy array or a bytes-like object of the declared size."""
+        self.write_chunks(name, [data])
+
+    def write_chunks(self, name: str, chunks: Iterable) -> None:
+        """Append tensor ``name`` as consecutive chunks whose sizes add up to the declared size.
+
+        A chunk is a numpy array, a bytes-like object or a :class:`FileRange` (copied file to
+        file by the kernel; falls back to ``pread`` + ``write`` where ``copy_file_range`` is
+        unavailable). Chunks are consumed one at a time, so a generator keeps at most one in
+        memory.
+        """
+        if self._next >= len(self.order):
+            raise CheckpointError(f"{self.path}: wrote '{name}' after all {len(self.order)} declared tensors")
         expected_name, nbytes = self.order[self._next]
         if name != expected_name:
             raise CheckpointError(f"{self.path}: wrote '{name}' where '{expected_name}' was declared next")
-        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
-        if buf.nbytes != nbytes:
-            raise CheckpointError(f"{self.path}: tensor '{name}' has {buf.nbytes} bytes, declared {nbytes}")
-        self._f.write(buf)
+        written = 0
+        for chunk in chunks:
+            if isinstance(chunk, FileRange):
+                size = chunk.nbytes
+                if written + size <= nbytes:
+                    self._copy_range(chunk)
+            else:
+                buf = memoryview(np.ascontiguousarray(chunk) if isinstance(chunk, np.ndarray) else chunk).cast("B")
+                size = buf.nbytes
+                if written + size <= nbytes:
+                    self._f.write(buf)
+            written += size
+            if written > nbytes:
+                break
+        if written != nbytes:
+            raise CheckpointError(f"{self.path}: tensor '{name}' has {written}{'+' if written > nbytes else ''} "
+                                  f"bytes, declared {nbytes}")
         self._next += 1
+
+    def _copy_range(self, src: FileRange) -> None:
+        self._f.flush()
+        out = self._f.fileno()
+        pos = self._f.tell()
+        done = 0
+        while done < src.nbytes:
+            try:
+                got = os.copy_file_range(src.fd, out, min(src.nbytes - done, _COPY_STEP), src.offset + done,
+                                         pos + done)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                got = -1
+            if got < 0:  # no kernel copy between these files: bounded reads and writes
+                for start in range(done, src.nbytes, _READ_STEP):
+                    piece = memoryview(src.sub(start, min(_READ_STEP, src.nbytes - start)).read())
+                    at = pos + start
+                    while piece.nbytes:
+                        put = os.pwrite(out, piece, at)
+                        piece, at = piece[put:], at + put
+                done = src.nbytes
+            elif got == 0:
+                raise CheckpointError(f"{src.path}: truncated file: expected {src.nbytes} bytes at offset "
+                                      f"{src.offset}, file ends after {done}")
+            else:
+                done += got
+        self._f.seek(pos + src.nbytes)
 
     def close(self) -> None:
         if self._next != len(self.order) and not self._f.closed:

@@ -40,6 +40,8 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None) -> None
             if target.name is None:
                 continue
             if target.name not in params:
+                if model.on_other_stage(target.name):
+                    continue  # held by another pipeline stage
                 raise CheckpointError(f"{path}: unexpected tensor '{hf_name}' (model has no parameter "
                                       f"'{target.name}')")
             param = params[target.name]
