@@ -43,6 +43,17 @@ class CausalLM(nn.Cell):
             self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, config, groups)
             self.loss_fn = CausalLMLoss(groups, config.vocab_size // groups.tp.size)
 
+    def on_other_stage(self, name: str) -> bool:
+        """True if parameter ``name`` of the full model lives on another pipeline stage."""
+        if self.groups.pp.size == 1:
+            return False
+        layer = name.split(".")[1] if name.startswith("layers.") else None
+        if layer is not None:
+            return layer.isdigit() and int(layer) < self.config.num_layers and int(layer) not in self.layer_ids
+        if name.startswith("embed."):
+            return not self.is_first
+        return name.split(".")[0] in ("final_norm", "lm_head") and not self.is_last
+
     # ------------------------------------------------------------------ host side
     def prepare(self, input_ids, attention_mask=None, past_len: int = 0, position_ids=None,
                 total_len: int | None = None):

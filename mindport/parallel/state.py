@@ -44,6 +44,8 @@ class ParallelGroups:
     cp: Group
     ep: Group
     ep_dp: Group  # ranks holding the same expert shard
+    pp_prev: Group  # (previous stage, this stage): point-to-point pair; size 1 on the first stage
+    pp_next: Group  # (this stage, next stage); size 1 on the last stage
 
     @property
     def sequence_parallel(self) -> bool:
@@ -78,6 +80,9 @@ def group_ranks(config: ParallelConfig, rank: int) -> dict[str, tuple[int, ...]]
     block = c["dp"] // ep * ep
     out["ep"] = tuple(rank_of(config, **{**c, "dp": block + i}) for i in range(ep))
     out["ep_dp"] = tuple(rank_of(config, **{**c, "dp": i}) for i in range(c["dp"] % ep, config.data_parallel, ep))
+    stage, pp = c["pp"], out["pp"]
+    out["pp_prev"] = pp[stage - 1:stage + 1] if stage > 0 else (rank,)
+    out["pp_next"] = pp[stage:stage + 2]
     return out
 
 
@@ -100,7 +105,8 @@ def _make_groups(config: ParallelConfig, rank: int, create) -> ParallelGroups:
     for key, ranks in group_ranks(config, rank).items():
         name = ""
         if len(ranks) > 1:
-            name = f"{key}-" + "-".join(map(str, ranks))
+            kind = "pp_pair" if key in ("pp_prev", "pp_next") else key  # both neighbours name it alike
+            name = f"{kind}-" + "-".join(map(str, ranks))
             create(name, list(ranks))
         groups[key] = Group(name, ranks, ranks.index(rank))
     return ParallelGroups(config, rank, **groups)

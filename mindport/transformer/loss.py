@@ -30,13 +30,15 @@ class CausalLMLoss(nn.Cell):
         self.count_over_cp = ReduceFromGroup(groups.cp)
         self.ignore_index = ignore_index
 
-    def from_targets(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def from_targets(self, logits: Tensor, targets: Tensor, count: Tensor | None = None) -> Tensor:
+        """``count``: the global number of counted tokens when the batch is split into micro-batches."""
         flat = logits.reshape(-1, logits.shape[-1]).astype(ms.float32)  # (N, V/tp)
         target = targets.reshape(-1).astype(ms.int32)
         counted = target != self.ignore_index
         valid = counted.astype(ms.float32)
         nll = self.token_nll(flat, target * counted.astype(target.dtype))  # ignored -> id 0, masked below
-        count = self.count_over_cp(self.count_over_dp(ops.stop_gradient(valid.sum())))
+        if count is None:
+            count = self.count_over_cp(self.count_over_dp(ops.stop_gradient(valid.sum())))
         return (nll * valid).sum() / ops.maximum(count, ops.ones((), ms.float32))
 
     def construct(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from mindspore import Tensor, nn
 from mindport import AutoModelForCausalLM, ParallelConfig
 from mindport.parallel.comm import ReduceFromGroup
 from mindport.parallel.grad_sync import GradientSync
+from mindport.parallel.schedules import PipelineSchedule
 from mindport.parallel.state import init_parallel
 
 BATCH, SEQ = 4, 16
@@ -49,11 +50,15 @@ def main(hf_dir: str, out_dir: str, layout: dict) -> None:
         logits, router_loss, _ = model.forward(*inputs)
         return model.loss(logits, router_loss, label_t)
 
-    loss, grads = ms.value_and_grad(loss_fn, None, optimizer.parameters)(*inputs[:4])
+    if groups.pp.size > 1:
+        loss, grads = PipelineSchedule(model, groups, parallel.micro_batch_num).run(ids, labels[rows])
+    else:
+        loss, grads = ms.value_and_grad(loss_fn, None, optimizer.parameters)(*inputs[:4])
     grads = GradientSync(params, groups)(grads)
-    global_loss = ReduceFromGroup(groups.dp)(loss)
     optimizer(grads)
-    dump = {"loss": global_loss.asnumpy(), **{f"coord:{k}": np.array(v) for k, v in groups.coords.items()}}
+    dump = {f"coord:{k}": np.array(v) for k, v in groups.coords.items()}
+    if loss is not None:
+        dump["loss"] = ReduceFromGroup(groups.dp)(loss).asnumpy()
     for p, g in zip(params, grads):
         dump[f"grad:{p.name}"] = g.asnumpy()
         dump[f"param:{p.name}"] = p.asnumpy()
