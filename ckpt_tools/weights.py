@@ -25,11 +25,15 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 MS_DTYPE_CODE = {ms.float32: "F32", ms.float16: "F16", ms.bfloat16: "BF16"}
 
 
-def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None) -> None:
-    """Fill ``model``'s parameters from an unsplit checkpoint (HF names via ``name_map``; None
-    = mindport names). Under tensor/expert parallelism each rank reads only its own slice of
-    each tensor, cut by the slicing table (:mod:`mindport.parallel.sharding`)."""
-    groups = model.groups
+def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, presliced: bool = False) -> None:
+    """Fill ``model``'s parameters from a checkpoint (HF names via ``name_map``; None = mindport
+    names). From an unsplit checkpoint, each tensor/expert-parallel rank reads only its own
+    slice of each tensor, cut by the slicing table (:mod:`mindport.parallel.sharding`);
+    ``presliced`` checkpoints (one rank's ``rank_XXXX/`` from ``mindport convert --tp/--pp/--ep``)
+    already hold exactly this rank's slices."""
+    from mindport.parallel.state import single_process
+
+    groups = single_process() if presliced else model.groups
     tp, ep = groups.tp, groups.ep
     params = dict(model.parameters_and_names())
     stacks: dict[str, np.ndarray] = {}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint, read_json
+
+LAYOUT_FILE = "layout.json"
 from mindport.config import ConfigError, ModelConfig
 from mindport.models import registry
 
@@ -71,9 +73,31 @@ class AutoModelForCausalLM:
             overrides.update(param_dtype=dtype, compute_dtype=dtype)
         config, is_hf = read_config(path, **overrides)
         model = AutoModelForCausalLM.from_config(config)
-        ckpt = HFCheckpoint(path)
+        weights_dir, presliced = path, False
+        if os.path.isfile(os.path.join(path, LAYOUT_FILE)):  # per-rank shards from `mindport convert`
+            weights_dir, presliced = rank_directory(path, model.groups), True
+        ckpt = HFCheckpoint(weights_dir)
         try:
-            load_into_model(model, ckpt, registry.family(config.family).name_map if is_hf else None)
+            load_into_model(model, ckpt, registry.family(config.family).name_map if is_hf else None, presliced)
         finally:
             ckpt.close()
         return model
+
+
+def rank_directory(path: str, groups) -> str:
+    """This rank's ``rank_XXXX/`` in a per-rank export, after checking the layout matches."""
+    from mindport.config import ParallelConfig
+    from mindport.parallel.state import rank_of
+
+    layout_path = os.path.join(path, LAYOUT_FILE)
+    layout = read_json(layout_path)
+    run = groups.config
+    for key, ours in (("tp", run.model_parallel), ("pp", run.pipeline_stage), ("ep", run.expert_parallel)):
+        if layout.get(key) != ours:
+            raise ConfigError(f"{layout_path}: key '{key}' = {layout.get(key)!r}: expected {ours} to match this "
+                              f"run's parallel_config (reshard with `mindport convert merge` + `split`)")
+    c = groups.coords
+    export = ParallelConfig(data_parallel=layout["ep"], pipeline_stage=layout["pp"], model_parallel=layout["tp"],
+                            micro_batch_num=max(layout["pp"], 1))
+    rank = rank_of(export, dp=c["dp"] % layout["ep"], pp=c["pp"], tp=c["tp"])
+    return os.path.join(path, f"rank_{rank:04d}")

@@ -43,14 +43,10 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5
     assert err <= rel * scale, f"{what}: max abs diff {err:.3e} vs scale {scale:.3e}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_equals_single_process(reference, tmp_path, name):
-    hf_dir, ref = reference
-    layout = LAYOUTS[name]
+def run_and_compare(model_dir: str, ref: dict, layout: dict, tmp_path) -> None:
     world = ParallelConfig.from_dict(layout).world_size
     out = str(tmp_path / "out")
-    msrun(WORKER, [hf_dir, out, json.dumps(layout)], world, str(tmp_path / "log"))
+    msrun(WORKER, [model_dir, out, json.dumps(layout)], world, str(tmp_path / "log"))
     tp = layout.get("model_parallel", 1)
     seen = set()
     for rank in range(world):
@@ -67,6 +63,24 @@ def test_layout_equals_single_process(reference, tmp_path, name):
             assert_close(dump["grad:" + pname], ref["grad:" + pname][index], f"rank {rank} grad {pname}")
             assert_close(dump["param:" + pname], ref["param:" + pname][index], f"rank {rank} param {pname}")
     assert seen == {k[5:] for k in ref if k.startswith("grad:")}  # every parameter lives on some rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_equals_single_process(reference, tmp_path, name):
+    hf_dir, ref = reference
+    run_and_compare(hf_dir, ref, LAYOUTS[name], tmp_path)
+
+
+@pytest.mark.slow
+def test_ranks_load_their_shards_from_a_per_rank_export(reference, tmp_path):
+    from mindport.ckpt_tools.convert import hf_to_mindport
+
+    hf_dir, ref = reference
+    shards = str(tmp_path / "tp2_pp2")
+    hf_to_mindport(hf_dir, shards, tp=2, pp=2)
+    assert os.path.isdir(os.path.join(shards, "rank_0003")) and not os.path.exists(os.path.join(shards, "model.safetensors"))
+    run_and_compare(shards, ref, dict(model_parallel=2, pipeline_stage=2, micro_batch_num=2), tmp_path)
 
 
 def test_group_layout_puts_tp_innermost():
