@@ -204,6 +204,7 @@ class ParallelConfig(_Loadable):
     use_seq_parallel: bool = False
     optimizer_shard: bool = False
     context_parallel_algo: str = "ring"
+    moe_token_dispatcher: str = "alltoall"  # expert parallelism: "alltoall" | "allgather"
     gradient_aggregation_group: int = 4
     vocab_emb_dp: bool = False
 
@@ -211,6 +212,7 @@ class ParallelConfig(_Loadable):
         _positive(self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
                   "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
         _one_of("context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))
+        _one_of("moe_token_dispatcher", self.moe_token_dispatcher, ("alltoall", "allgather"))
         if self.micro_batch_num < self.pipeline_stage and self.pipeline_stage > 1:
             _fail("micro_batch_num", self.micro_batch_num, f"at least pipeline_stage = {self.pipeline_stage}")
 

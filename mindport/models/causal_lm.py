@@ -7,6 +7,7 @@ from mindspore import Tensor, nn, ops
 
 from mindport.config import ModelConfig
 from mindport.parallel import state
+from mindport.parallel.comm import collectives
 from mindport.parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.state import ParallelGroups
@@ -38,6 +39,7 @@ class CausalLM(nn.Cell):
         self.layer_ids = list(stage_layers(config.num_layers, stages, pipeline_offset)[stage])
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config, groups) if self.is_first else None
         self.layers = nn.CellDict({str(i): DecoderLayer(config, groups) for i in self.layer_ids})
+        self.data_comms = [collectives(g) for g in (groups.dp, groups.cp) if g.size > 1]
         if self.is_last:
             self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
             self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, config, groups)
@@ -117,13 +119,24 @@ class CausalLM(nn.Cell):
 
     def router_loss(self, stats: list) -> tuple[Tensor, Tensor]:
         """Switch/Mixtral load balancing over all MoE layers' routing slots pooled
-        (E * sum(mean f * mean P)), plus the router z-loss, weighted by their coefficients."""
+        (E * sum(mean f * mean P)), plus the router z-loss, weighted by their coefficients.
+
+        With R data/context-parallel ranks, each holding an equal share of the tokens, rank r
+        differentiates E * sum(f_global * P_r) / R, where f_global (the routed fractions, not
+        differentiable) is averaged over the ranks: summed over ranks this is the loss of the
+        whole batch, and so are the summed gradients.
+        """
         zero = ops.zeros((), ms.float32)
         if not stats:
             return zero, zero
         f = ops.stack([s[0] for s in stats]).mean(0)
         p = ops.stack([s[1] for s in stats]).mean(0)
         z = ops.stack([s[2] for s in stats]).mean()
+        ranks = 1
+        for comm in self.data_comms:
+            f = comm.all_reduce(ops.stop_gradient(f))
+            ranks *= comm.group.size
+        f, p, z = f / ranks, p / ranks, z / ranks
         balance = self.config.num_experts * (f * p).sum()
         dropped = ops.stack([s[3] for s in stats]).sum().astype(ms.float32)
         return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z, dropped

@@ -36,7 +36,11 @@ class EmulatedCollectives:
         self.reduce = ops.AllReduce(group=group.name) if group.size > 1 else None
 
     def all_reduce(self, x: Tensor) -> Tensor:
-        return x if self.reduce is None else self.reduce(x)
+        if self.reduce is None:
+            return x
+        if x.dtype in (ms.int32, ms.int64):  # CPU AllReduce takes floats: counts are exact below 2**24
+            return self.reduce(x.astype(ms.float32)).astype(x.dtype)
+        return self.reduce(x)
 
     def all_gather(self, x: Tensor, axis: int) -> Tensor:
         n, r = self.group.size, self.group.rank
@@ -49,12 +53,12 @@ class EmulatedCollectives:
         parts.append(x)
         if r < n - 1:
             parts.append(ops.zeros(x.shape[:axis] + ((n - 1 - r) * x.shape[axis],) + x.shape[axis + 1:], x.dtype))
-        return self.reduce(ops.cat(parts, axis))
+        return self.all_reduce(ops.cat(parts, axis))
 
     def reduce_scatter(self, x: Tensor, axis: int) -> Tensor:
         if self.group.size == 1:
             return x
-        return _chunk(self.reduce(x), axis, self.group.size, self.group.rank)
+        return _chunk(self.all_reduce(x), axis, self.group.size, self.group.rank)
 
     def all_to_all(self, x: Tensor, split_axis: int, concat_axis: int) -> Tensor:
         """Rank j receives chunk j (along split_axis) of every rank, concatenated in rank order."""
@@ -76,7 +80,7 @@ class EmulatedCollectives:
     def broadcast(self, x: Tensor, root: int) -> Tensor:
         if self.group.size == 1:
             return x
-        return self.reduce(x if self.group.rank == root else ops.zeros_like(x))
+        return self.all_reduce(x if self.group.rank == root else ops.zeros_like(x))
 
 
 class NativeCollectives(EmulatedCollectives):

@@ -6,6 +6,8 @@
   single-process gradient, whatever labels are ignored on which rank.
 - Context parallel: every cp rank holds all parameters and a share of the tokens; its
   gradients are summed over the cp group the same way.
+- Expert parallel: an expert's weights live on the ranks of one expert-data-parallel group
+  (``ep_dp``: same expert shard), so stacked expert weights are summed over ep_dp instead of dp.
 - Sequence parallel: replicated parameters applied to sequence shards (``sp_partial`` in
   the slicing table) are summed over the tp group.
 """
@@ -39,20 +41,27 @@ class GradientSync(nn.Cell):
 
     def __init__(self, params, groups: ParallelGroups, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         super().__init__()
-        self.replicas = [collectives(g) for g in (groups.dp, groups.cp) if g.size > 1]
         self.tp = collectives(groups.tp)
         names = [p.name for p in params]
         self.tp_partial = [i for i, n in enumerate(names) if groups.sequence_parallel and rule_for(n).sp_partial]
         self.shapes = [tuple(p.shape) for p in params]
-        sizes = [int(p.size) * 4 for p in params]
-        self.buckets = buckets_by_size(sizes, bucket_bytes)
+        expert = [groups.ep.size > 1 and rule_for(n).kind == "expert" for n in names]
+        # (collectives, buckets of parameter indices) per replica group
+        self.plan = []
+        for is_expert, data_group in ((False, groups.dp), (True, groups.ep_dp)):
+            members = [i for i in range(len(names)) if expert[i] == is_expert]
+            sizes = [int(params[i].size) * 4 for i in members]
+            buckets = [[members[j] for j in b] for b in buckets_by_size(sizes, bucket_bytes)] if members else []
+            for group in (data_group, groups.cp):
+                if group.size > 1 and buckets:
+                    self.plan.append((collectives(group), buckets))
 
     def construct(self, grads: tuple) -> tuple:
         grads = list(grads)
         for i in self.tp_partial:
             grads[i] = self.tp.all_reduce(grads[i])
-        for replicas in self.replicas:
-            for bucket in self.buckets:
+        for replicas, buckets in self.plan:
+            for bucket in buckets:
                 flat = replicas.all_reduce(ops.cat([grads[i].reshape(-1) for i in bucket]))
                 start = 0
                 for i in bucket:
