@@ -12,17 +12,14 @@ import os
 import shutil
 import tempfile
 
-import mindspore as ms
 import numpy as np
-from mindspore import Tensor
 
 from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint
 from mindport.ckpt_tools.name_map import NameMap, Target
 from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsWriter, f32_to_bf16_bits
 from mindport.parallel.sharding import global_shape, shard_slices
 
-DEFAULT_SHARD_BYTES = 5 * 1024**3
-MS_DTYPE_CODE = {ms.float32: "F32", ms.float16: "F16", ms.bfloat16: "BF16"}
+DEFAULT_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers reads it
 
 
 def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, presliced: bool = False) -> None:
@@ -88,11 +85,15 @@ def _hf_names(name_map: NameMap | None, our_name: str, num_experts: int, got: se
 
 
 def _assign(param, array: np.ndarray) -> None:
+    from mindspore import Tensor
+
     param.set_data(Tensor(np.asarray(array, dtype=np.float32)).astype(param.dtype))
 
 
 def tensor_bytes(param, dtype_code: str) -> np.ndarray:
     """A parameter's data in the given safetensors dtype (bf16 as raw bits)."""
+    import mindspore as ms
+
     data = param.astype(ms.float32).asnumpy() if param.dtype == ms.bfloat16 else param.asnumpy()
     if dtype_code == "BF16":
         return f32_to_bf16_bits(data.astype(np.float32))
@@ -177,7 +178,7 @@ def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str |
     params = dict(model.parameters_and_names())
     entries, source = [], {}
     for our_name, param in params.items():
-        code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype] if dtype else MS_DTYPE_CODE[param.dtype]
+        code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype or str(param.dtype).lower()]
         for hf_name, expert in name_map.to_hf(our_name, config.num_experts):
             shape = tuple(param.shape if expert is None else param.shape[1:])
             entries.append((hf_name, code, shape, int(np.prod(shape)) * (2 if code != "F32" else 4)))
