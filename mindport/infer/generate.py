@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 import numpy as np
 from mindspore import Tensor
 
-from mindport.transformer.kv_cache import KVCache
+from mindport.models.causal_lm import MASK_VALUE
+from mindport.transformer.kv_cache import CompiledDecoder, KVCache
 
 
 def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +73,36 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, do_sample: bool, t
     return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
 
 
+def _stepper(model, batch: int, total: int, use_cache: bool):
+    """``(ids, mask, past) -> last-position logits (B, V)`` as numpy: a compiled static-cache step
+    for dense models, a PYNATIVE growing cache for MoE models (their expert blocks are sized on
+    the host), or a full forward without cache."""
+    if not use_cache:
+        return lambda ids, mask, past: _last(model, model.forward(*model.prepare(ids, mask))[0])
+    if model.config.is_moe:
+        cache = KVCache(model.config, batch, total, model.groups.tp.size)
+        return lambda ids, mask, past: _last(model, model.forward(*model.prepare(ids, mask, past_len=past),
+                                                                    caches=cache.layers)[0])
+    decoders = model.__dict__.setdefault("_compiled_decoders", {})
+    decoder = decoders.get((batch, total)) or decoders.setdefault((batch, total), CompiledDecoder(model, batch, total))
+
+    def step(ids, mask, past):
+        ids_t, cos, sin, step_mask, q_scale = model.prepare(ids, mask, past_len=past)
+        s = ids.shape[1]
+        padded = np.full(step_mask.shape[:3] + (total,), MASK_VALUE, np.float32)
+        padded[..., :past + s] = step_mask.asnumpy()
+        write = np.zeros((1, 1, total, 1), np.float32)
+        write[0, 0, past:past + s, 0] = 1.0
+        logits = decoder.step(ids_t, cos, sin, Tensor(padded), Tensor(write), q_scale)
+        return logits[:, -1].astype("float32").asnumpy()
+
+    return step
+
+
+def _last(model, local_logits) -> np.ndarray:
+    return model.full_logits(local_logits[:, -1:])[:, 0].astype("float32").asnumpy()
+
+
 def generate(model, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
@@ -108,15 +139,15 @@ def generate(model, input_ids, max_new_tokens: int = 32, do_sample: bool = False
     if model.groups.sequence_parallel:
         raise ValueError("use_seq_parallel: generation decodes one token per step; run it with "
                          "use_seq_parallel: False (tensor parallelism alone)")
-    cache = KVCache(config, b, ids.shape[1] + max_new_tokens, model.groups.tp.size) if use_cache else None
-    step_ids = ids
+    total = ids.shape[1] + max_new_tokens
+    step_logits = _stepper(model, b, total, use_cache)
+    step_ids, past = ids, 0
     for _ in range(max_new_tokens):
-        if cache is not None:
-            inputs = model.prepare(step_ids, full_mask, past_len=cache.length)
-            logits = model.forward(*inputs, caches=cache.layers)[0]
+        if use_cache:
+            last = step_logits(step_ids, full_mask, past)
+            past += step_ids.shape[1]
         else:
-            logits = model.forward(*model.prepare(out, full_mask))[0]
-        last = model.full_logits(logits[:, -1:])[:, 0].astype("float32").asnumpy()
+            last = step_logits(out, full_mask, 0)
         last = apply_repetition_penalty(last, out, full_mask, repetition_penalty)
         token = np.where(done, pad, sample_next(last, rng, do_sample, temperature, top_k, top_p))
         done |= np.isin(token, list(eos))

@@ -7,7 +7,7 @@ behaviour past base_seqlen, and plain RoPE below it).
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from mindport.config import ModelConfig
 from mindport.transformer.layers import dtype_of
@@ -46,3 +46,59 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+
+class CompiledDecoder(nn.Cell):
+    """A model plus static caches; ``step`` is one compiled forward (prefill or one token).
+
+    The cache is written at the positions where ``write`` (1, 1, L, 1) is 1; ``mask``
+    (B, 1, S, L) hides positions not written yet, so stale values from an earlier
+    generation are never read.
+    """
+
+    def __init__(self, model, batch: int, max_len: int):
+        super().__init__()
+        config = model.config
+        dtype = dtype_of(config.compute_dtype) if config.compute_dtype != "bfloat16" else ms.float32
+        self.model = model
+        self.max_len = max_len
+        self.caches = nn.CellList([StaticLayerCache(batch, config.num_kv_heads // model.groups.tp.size, max_len,
+                                                    config.head_dim, dtype) for _ in range(config.num_layers)])
+        self.step = ms.jit(self.construct)
+
+    def construct(self, ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, write: Tensor, q_scale=None) -> Tensor:
+        """Full-vocabulary logits (B, S, V) of this step."""
+        for cache in self.caches:
+            ops.assign(cache.write, write)
+        local = self.model.forward(ids, cos, sin, mask, q_scale, self.caches)[0]
+        return self.model.full_logits(local)
+
+
+class StaticLayerCache(nn.Cell):
+    """K and V of one layer for compiled decoding: fixed shape (B, Nkv, max_len, D).
+
+    ``update`` writes this step's single position selected by a one-hot ``write`` (1, 1, L, 1)
+    and returns the whole cache; the caller masks positions not yet written. Every step has
+    the same shapes, so a ``ms.jit`` decode step compiles once.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype):
+        super().__init__()
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = Parameter(ops.zeros(shape, dtype), requires_grad=False)
+        self.v = Parameter(ops.zeros(shape, dtype), requires_grad=False)
+        self.write = Parameter(ops.zeros((1, 1, max_len, 1), dtype), requires_grad=False)
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v (B, Nkv, S, D): one decode position (S = 1, broadcast to the one-hot ``write``)
+        or the prompt at positions [0, S) (prefill)."""
+        length = self.k.shape[2]
+        if k.shape[2] > 1:  # prefill at position 0: pad to the cache length
+            pad = ops.zeros(k.shape[:2] + (length - k.shape[2],) + k.shape[3:], self.k.dtype)
+            k, v = ops.cat((k.astype(self.k.dtype), pad), 2), ops.cat((v.astype(self.v.dtype), pad), 2)
+        keep = 1 - self.write
+        k_all = self.k * keep + k.astype(self.k.dtype) * self.write
+        v_all = self.v * keep + v.astype(self.v.dtype) * self.write
+        ops.assign(self.k, k_all)
+        ops.assign(self.v, v_all)
+        return k_all, v_all
