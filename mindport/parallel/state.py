@@ -100,6 +100,11 @@ def check_layout(config: ParallelConfig, world_size: int, model: ModelConfig | N
         config.check_model(model)
 
 
+def groups_for(config: ParallelConfig, rank: int) -> ParallelGroups:
+    """The groups ``rank`` would hold under ``config``, without any communication (planning, tests)."""
+    return _make_groups(config, rank, lambda name, ranks: None)
+
+
 def _make_groups(config: ParallelConfig, rank: int, create) -> ParallelGroups:
     groups = {}
     for key, ranks in group_ranks(config, rank).items():
@@ -117,7 +122,7 @@ _CREATED: set[str] = set()
 
 
 def single_process() -> ParallelGroups:
-    return _make_groups(ParallelConfig(), 0, lambda name, ranks: None)
+    return groups_for(ParallelConfig(), 0)
 
 
 def init_parallel(config: ParallelConfig, model: ModelConfig | None = None) -> ParallelGroups:

@@ -1,0 +1,243 @@
+"""Per-rank training memory: parameters, gradients, optimizer states and peak activations.
+
+Computed from the configs alone (nothing is built), for the rank ``rank`` of the layout.
+
+Parameters, gradients, optimizer states (exact, from the same tables the model uses)
+    The rank's parameters are those of its pipeline stage (``stages_of_param``: the embedding on
+    the first stage, final norm and head on the last), each of its tensor/expert-parallel local
+    shape (``local_shape``); ``parameter_shapes`` lists the model's parameters without building it.
+
+    - parameters: ``param_dtype`` bytes; under O2 the compute dtype (2 bytes) except the RMSNorm
+      weights, which stay fp32 (``mindport.train.amp``).
+    - gradients: 4 bytes per local element (the trainer accumulates fp32 gradients).
+    - optimizer, replicated AdamW: m and v, 4 bytes per element each, and a 4-byte fp32 master
+      copy of every parameter that is not fp32 (O2).
+    - optimizer, ``optimizer_shard`` (ZeRO-1, :mod:`mindport.parallel.zero`): m, v and the fp32
+      master, each 4 bytes x ceil(n / parts) per parameter, parts = data_parallel (expert
+      weights under expert parallelism: data_parallel / expert_parallel).
+
+Peak activations (an estimate, per micro-batch of b sequences)
+    Notation: s = seq_len / cp tokens a rank holds per sequence, h hidden, n and n_kv heads,
+    d head dim, F ffn width, V vocabulary, t = model_parallel, p = t under sequence parallelism
+    (else 1), a = bytes of an activation (2 under O2 or a 16-bit compute dtype, else 4: O1 keeps
+    the residual stream, norms and softmax in fp32). What each layer keeps for its backward pass:
+
+        norm inputs (residual stream)  2 b s h a / p
+        projection inputs              2 b s h a        (normed x entering q/k/v and gate/up; full
+                                                         sequence, gathered under sequence parallel)
+        q, k, v after RoPE             b s (n + 2 n_kv) d a / t
+        attention probabilities        b (n/t) s s_k (4 + a [a != 4])   fp32 softmax output, plus
+                                                         its copy in the compute dtype
+        attention output               b s n d a / t    (o_proj input)
+        dense MLP                      3 b s F a / t    (gate, up, silu(gate) * up)
+        MoE MLP                        4 b s E + b s k c (h + 3 I / t) a + 3 b s I_sh a / t
+                                       (fp32 router logits; routed slots, c = capacity_factor or 1,
+                                       their inputs and expert gate/up/product; the shared expert)
+
+    s_k = s, except context parallelism: ``all_gather`` attends over the whole sequence
+    (s_k = cp s) and ``ring`` keeps no probabilities, only a 4-byte log-sum-exp per query and head.
+    The last stage adds the final norm and head inputs (b s h a / p + b s h a) and the logits:
+    b s (V/t) (12 + a [a != 4]) (fp32 logits, and the softmax and one-hot the vocab-parallel
+    cross-entropy builds in its backward).
+
+    A recomputed layer keeps only its input (b s h a / p) and rebuilds the rest in its backward,
+    so with any recomputed layer one full layer is added once. Micro-batches in flight: without
+    pipeline parallelism one at a time (gradient accumulation is sequential). With it, stage k of P
+    holds min(P - k, micro_batch_num) micro-batches, and mindport's 1F1B schedule keeps only their
+    stage inputs (b s h a / p each), recomputing each micro-batch's forward inside its backward
+    (:mod:`mindport.parallel.schedules`): peak = in-flight inputs + one micro-batch's activations.
+
+    Not counted: temporaries of single kernels, the allocator's fragmentation and workspace,
+    communication buffers (the emulated collectives on CPU allocate full-size zeros), RoPE tables
+    and the mask.
+"""
+from __future__ import annotations
+
+from mindport.ckpt_tools.shapes import parameter_shapes
+from mindport.config import ConfigError, ModelConfig, ParallelConfig
+from mindport.parallel.pipeline import stage_layers
+from mindport.parallel.sharding import local_shape, rule_for, stages_of_param
+from mindport.parallel.state import coordinates
+from mindport.parallel.zero import shard_length
+
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
+def is_norm_weight(name: str) -> bool:
+    return name.endswith("norm.weight")
+
+
+def local_parameters(config: ModelConfig, parallel: ParallelConfig, rank: int = 0,
+                     pipeline_offset=None) -> dict[str, tuple[int, ...]]:
+    """name -> local shape of every parameter rank ``rank`` holds (its stage, its tp/ep shard)."""
+    stage = coordinates(parallel, rank)["pp"]
+    out = {}
+    for name, shape in parameter_shapes(config).items():
+        if stage in stages_of_param(name, config.num_layers, parallel.pipeline_stage, pipeline_offset):
+            out[name] = local_shape(name, shape, parallel.model_parallel, parallel.expert_parallel)
+    return out
+
+
+def _activation_bytes(config: ModelConfig, amp_level: str) -> int:
+    if amp_level == "O2" or config.compute_dtype != "float32":
+        return 2
+    return 4
+
+
+def layer_activation_terms(config: ModelConfig, parallel: ParallelConfig, micro_batch: int, seq_len: int,
+                           amp_level: str = "O0") -> dict[str, int]:
+    """Bytes one decoder layer keeps for its backward pass, per term (see the module docstring)."""
+    a = _activation_bytes(config, amp_level)
+    t, cp = parallel.model_parallel, parallel.context_parallel
+    p = t if parallel.use_seq_parallel and t > 1 else 1
+    b, s, h, d = micro_batch, seq_len // cp, config.hidden_size, config.head_dim
+    n, n_kv = config.num_heads // t, config.num_kv_heads // t
+    extra_copy = a if a != 4 else 0
+    if cp == 1:
+        probs = b * n * s * s * (4 + extra_copy)
+    elif parallel.context_parallel_algo == "all_gather":
+        probs = b * n * s * (cp * s) * (4 + extra_copy)
+    else:  # ring: no probabilities kept, one log-sum-exp per query and head
+        probs = b * n * s * 4
+    terms = {
+        "norm_inputs": 2 * b * s * h * a // p,
+        "projection_inputs": 2 * b * s * h * a,
+        "qkv": b * s * (n + 2 * n_kv) * d * a,
+        "attention_probs": probs,
+        "attention_out": b * s * n * d * a,
+    }
+    if config.is_moe:
+        slots = b * s * config.moe_top_k * (config.capacity_factor or 1.0)
+        terms["mlp"] = int(4 * b * s * config.num_experts
+                           + slots * (h + 3 * config.moe_intermediate_size // t) * a
+                           + 3 * b * s * config.shared_expert_intermediate_size // t * a)
+    else:
+        terms["mlp"] = 3 * b * s * (config.ffn_hidden_size // t) * a
+    return terms
+
+
+def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: int, seq_len: int,
+                  amp_level: str = "O0", recompute: bool | int = False, rank: int = 0,
+                  pipeline_offset=None) -> dict:
+    """Memory of rank ``rank`` when training ``config`` under ``parallel``.
+
+    micro_batch: sequences per micro-batch on one data-parallel rank (``TrainConfig.batch_size``);
+    seq_len: tokens per sequence before context-parallel splitting; amp_level: O0 | O1 | O2;
+    recompute: True (every layer), N (the first N layers of the stage) or False.
+
+    Returns ``{"rank", "coords", "stage", "stages", "layers", "parameter_count", "optimizer_shard",
+    "shard_parts", "expert_shard_parts", ..., "bytes": {name: bytes}}``; ``bytes`` holds parameters, gradients,
+    optimizer.adam_m / adam_v / master, optimizer, activations.<term> (one layer),
+    activations.layer, activations.head, activations (peak) and total.
+    """
+    if amp_level not in ("O0", "O1", "O2"):
+        raise ConfigError(f"key 'amp_level' = {amp_level!r}: expected one of 'O0', 'O1', 'O2'")
+    if seq_len % parallel.context_parallel:
+        raise ConfigError(f"seq_len = {seq_len}: expected a multiple of context_parallel = "
+                          f"{parallel.context_parallel}")
+    parallel.check_model(config)
+    coords = coordinates(parallel, rank)
+    stage, stages = coords["pp"], parallel.pipeline_stage
+    layers = list(stage_layers(config.num_layers, stages, pipeline_offset)[stage])
+    local = local_parameters(config, parallel, rank, pipeline_offset)
+
+    param_bytes = grad_bytes = master_bytes = moment_elems = 0
+    count = 0
+    dp, ep = parallel.data_parallel, parallel.expert_parallel
+    for name, shape in local.items():
+        n = _numel(shape)
+        count += n
+        if amp_level == "O2" and not is_norm_weight(name):
+            dtype_bytes = 2
+        else:
+            dtype_bytes = BYTES[config.param_dtype]
+        param_bytes += n * dtype_bytes
+        grad_bytes += 4 * n
+        if parallel.optimizer_shard:
+            parts = dp // ep if ep > 1 and rule_for(name).kind == "expert" else dp
+            slice_elems = shard_length(n, parts)
+            moment_elems += slice_elems
+            master_bytes += 4 * slice_elems
+        else:
+            moment_elems += n
+            master_bytes += 4 * n if dtype_bytes != 4 else 0
+
+    terms = layer_activation_terms(config, parallel, micro_batch, seq_len, amp_level)
+    layer = sum(terms.values())
+    a = _activation_bytes(config, amp_level)
+    t = parallel.model_parallel
+    p = t if parallel.use_seq_parallel and t > 1 else 1
+    b, s, h = micro_batch, seq_len // parallel.context_parallel, config.hidden_size
+    layer_input = b * s * h * a // p
+    head = 0
+    if stage == stages - 1:
+        head = layer_input + b * s * h * a + b * s * (config.vocab_size // t) * (12 + (a if a != 4 else 0))
+    recomputed = len(layers) if recompute is True else min(int(recompute or 0), len(layers))
+    one_micro_batch = (len(layers) - recomputed) * layer + recomputed * layer_input + head
+    if recomputed:
+        one_micro_batch += layer  # the layer being rebuilt during its backward
+    if stages > 1:
+        in_flight = min(stages - stage, parallel.micro_batch_num)
+        peak = in_flight * layer_input + one_micro_batch
+    else:
+        in_flight = 1
+        peak = one_micro_batch
+
+    out = {
+        "parameters": param_bytes,
+        "gradients": grad_bytes,
+        "optimizer.adam_m": 4 * moment_elems,
+        "optimizer.adam_v": 4 * moment_elems,
+        "optimizer.master": master_bytes,
+    }
+    out["optimizer"] = out["optimizer.adam_m"] + out["optimizer.adam_v"] + master_bytes
+    out.update({f"activations.{k}": v for k, v in terms.items()})
+    out["activations.layer"] = layer
+    out["activations.head"] = head
+    out["activations"] = peak
+    out["total"] = param_bytes + grad_bytes + out["optimizer"] + peak
+    return {"rank": rank, "coords": coords, "stage": stage, "stages": stages, "layers": layers,
+            "parameter_count": count, "optimizer_shard": parallel.optimizer_shard,
+            "shard_parts": dp if parallel.optimizer_shard else 1,
+            "expert_shard_parts": dp // ep if parallel.optimizer_shard else 1, "micro_batch": micro_batch, "seq_len": seq_len,
+            "amp_level": amp_level, "recomputed_layers": recomputed, "micro_batches_in_flight": in_flight,
+            "bytes": out}
+
+
+def human_bytes(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_memory_report(report: dict) -> str:
+    """``name: value`` lines in bytes and human units (the parts of a sum indented above it)."""
+    c = report["coords"]
+    layers = report["layers"]
+    span = f"{layers[0]}-{layers[-1]}" if layers else "none"
+    lines = [
+        f"memory rank {report['rank']} (dp {c['dp']}, pp {c['pp']}, cp {c['cp']}, tp {c['tp']}): "
+        f"stage {report['stage'] + 1}/{report['stages']}, layers {span}, micro-batch {report['micro_batch']} x "
+        f"{report['seq_len']} tokens, amp {report['amp_level']}, recomputed layers {report['recomputed_layers']}, "
+        f"micro-batches in flight {report['micro_batches_in_flight']}, optimizer "
+        + (f"sharded over {report['shard_parts']} ranks" if report["optimizer_shard"] else "replicated")
+        + (f" (experts over {report['expert_shard_parts']})"
+           if report["optimizer_shard"] and report["expert_shard_parts"] != report["shard_parts"] else ""),
+        f"parameter elements: {report['parameter_count']:,}",
+    ]
+    width = max(len(k) for k in report["bytes"]) + 4
+    for name, value in report["bytes"].items():
+        label = ("  " if "." in name else "") + name + ":"  # dotted names are parts of the line below them
+        note = {"activations": " peak (estimate)", "activations.layer": " one layer",
+                "activations.head": " final norm, head, loss"}.get(name, "")
+        lines.append(f"{label:<{width}} {value:>16,} B {human_bytes(value):>12}{note}")
+    return "\n".join(lines)
