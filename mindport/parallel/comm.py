@@ -80,7 +80,8 @@ class EmulatedCollectives:
     def broadcast(self, x: Tensor, root: int) -> Tensor:
         if self.group.size == 1:
             return x
-        return self.all_reduce(x if self.group.rank == root else ops.zeros_like(x))
+        # x * 0, not zeros_like: the graph compiler may merge constant-zero collectives on some ranks only
+        return self.all_reduce(x if self.group.rank == root else x * 0)
 
 
 class NativeCollectives(EmulatedCollectives):

@@ -80,7 +80,8 @@ def zigzag_positions(seq_len: int, cp: int, rank: int) -> np.ndarray:
     c = check_sequence_length(seq_len, cp)
     if cp == 1:
         return np.arange(seq_len)
-    return np.concatenate([np.arange(rank * c, (rank + 1) * c), np.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)])
+    mirror = 2 * cp - 1 - rank
+    return np.concatenate([np.arange(rank * c, (rank + 1) * c), np.arange(mirror * c, (mirror + 1) * c)])
 
 
 def zigzag_split(x: np.ndarray, cp: int, rank: int, axis: int = 1) -> np.ndarray:
@@ -143,15 +144,6 @@ def context_parallel_batch(input_ids, cp: int, rank: int, labels=None,
 
 
 # ------------------------------------------------------------------------------ ring transport
-def _ensure_group(name: str, ranks: list[int]) -> None:
-    # the registry of created group names lives in state (MindSpore refuses a second creation)
-    if name not in state._CREATED:  # noqa: SLF001
-        from mindspore.communication import create_group
-
-        create_group(name, sorted(ranks))
-        state._CREATED.add(name)  # noqa: SLF001
-
-
 class PairRing:
     """Ring hop from 2-rank AllReduce(SUM) (receiver adds zeros). Executed on CPU under msrun.
 
@@ -170,13 +162,14 @@ class PairRing:
             # creation may synchronise the two members: same even/odd order as the hops
             pairs = [(send_name, [me, nxt]), (recv_name, [prv, me])]
             for name, ranks in (pairs if self.even else pairs[::-1]):
-                _ensure_group(name, ranks)
+                state.ensure_group(name, ranks)
         self.send = ops.AllReduce(group=send_name)
         self.recv = ops.AllReduce(group=recv_name)
 
     def start(self, x: Tensor) -> Tensor:
-        # zeros tied to x: otherwise a graph compiler merges two receives of equal shape (CSE)
-        zeros = ops.depend(ops.zeros_like(x), x)
+        # zeros computed from x: constant zeros would let a graph compiler fold two receives of equal
+        # shape into one (common-subexpression elimination); K/V are finite, so x * 0 is exactly 0
+        zeros = x * 0
         if self.even:
             sent = self.send(x)
             got = self.recv(ops.depend(zeros, sent))

@@ -121,6 +121,16 @@ _CURRENT: ParallelGroups | None = None
 _CREATED: set[str] = set()
 
 
+def ensure_group(name: str, ranks: list[int]) -> None:
+    """Create communication group ``name`` once (MindSpore refuses a second creation); only
+    member ranks may call it."""
+    if name not in _CREATED:
+        from mindspore.communication import create_group
+
+        create_group(name, sorted(ranks))
+        _CREATED.add(name)
+
+
 def single_process() -> ParallelGroups:
     return groups_for(ParallelConfig(), 0)
 
@@ -130,15 +140,11 @@ def init_parallel(config: ParallelConfig, model: ModelConfig | None = None) -> P
     global _CURRENT
     world, rank = 1, 0
     if config.world_size > 1:
-        from mindspore.communication import create_group, get_group_size, get_rank, init
+        from mindspore.communication import get_group_size, get_rank, init
 
         init()
         world, rank = get_group_size(), get_rank()
-
-        def create(name, ranks):
-            if name not in _CREATED:  # MindSpore refuses to create a group twice
-                create_group(name, ranks)
-                _CREATED.add(name)
+        create = ensure_group
     else:
         def create(name, ranks):
             raise AssertionError("single-process layout has no groups")

@@ -8,7 +8,8 @@ context_parallel_algo ("ring", "all_gather") every rank takes its zigzag share o
 sums gradients over cp (GradientSync) and writes OUT_DIR/rank{r}.npz with, per "{seq}:{algo}:":
 loss (global), grad:{name}, attn{i} (each layer's attention core output), and direct:{backend}:
 out/dq/dk/dv of ContextParallelAttention called on fixed random q/k/v with each block-operator
-backend. Without a layout it runs single-process (the reference) with the full sequences.
+backend ("cpu", "reference") and compiled with ms.jit ("jit", cpu backend). Without a layout it
+runs single-process (the reference) with the full sequences.
 """
 import json
 import os
@@ -62,11 +63,13 @@ class Recorder(nn.Cell):
 def main(hf_dir: str, out_dir: str, seqs: list[int], layout: dict) -> None:
     ms.set_seed(0)
     parallel = ParallelConfig.from_dict(layout)
+    from mindport.parallel.context import (ContextParallelAttention, check_sequence_length, context_parallel_batch,
+                                           zigzag_split)
+
+    for seq in seqs:  # a bad sequence length fails here, before any communication or model work
+        check_sequence_length(seq, parallel.context_parallel)
     groups = init_parallel(parallel)
     cp, cp_rank = groups.cp.size, groups.cp.rank
-    # Context-parallel data path first: a bad sequence length fails here, before any model work.
-    from mindport.parallel.context import ContextParallelAttention, context_parallel_batch, zigzag_split
-
     batches = {}
     for seq in seqs:
         ids, labels = fixed_batch(256, seq)
@@ -117,8 +120,8 @@ def main(hf_dir: str, out_dir: str, seqs: list[int], layout: dict) -> None:
             if cp > 1:
                 q, k, v, cot = (zigzag_split(x, cp, cp_rank, axis=2) for x in (q, k, v, cot))
             scale = 1.0 / np.sqrt(config.head_dim)
-            for backend in BACKENDS if cp > 1 else ("reference",):
-                os.environ["MINDPORT_BACKEND"] = backend
+            for backend in BACKENDS + ("jit",) if cp > 1 else ("reference",):
+                os.environ["MINDPORT_BACKEND"] = "cpu" if backend == "jit" else backend
                 if cp > 1:
                     core = ContextParallelAttention(config, replace(groups, config=replace(
                         groups.config, context_parallel_algo=algo)))
@@ -133,8 +136,17 @@ def main(hf_dir: str, out_dir: str, seqs: list[int], layout: dict) -> None:
                 def attn_loss(q_, k_, v_):
                     return (core(q_, k_, v_, mask, scale) * cot_t).sum()
 
-                out = core(Tensor(q), Tensor(k), Tensor(v), mask, scale)
-                dq, dk, dv = ms.grad(attn_loss, (0, 1, 2))(Tensor(q), Tensor(k), Tensor(v))
+                def attn(q_, k_, v_):
+                    return core(q_, k_, v_, mask, scale)
+
+                grad_fn = ms.grad(attn_loss, (0, 1, 2))
+
+                def out_and_grads(q_, k_, v_):
+                    return attn(q_, k_, v_), grad_fn(q_, k_, v_)
+
+                if backend == "jit":  # the same core compiled (GRAPH mode), one graph
+                    out_and_grads = ms.jit(out_and_grads)
+                out, (dq, dk, dv) = out_and_grads(Tensor(q), Tensor(k), Tensor(v))
                 for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
                     dump[key + f"direct:{backend}:{name}"] = x.asnumpy()
             os.environ.pop("MINDPORT_BACKEND", None)

@@ -1,0 +1,209 @@
+"""CPU backend of the ring-attention operators: C++ kernels run through ``ops.Custom(func_type="aot")``.
+
+The kernels live in ``csrc/ring_attention.cc`` (shipped as package data): the block forward streams
+key tiles with an online softmax (running max and sum, so the score matrix is never held), the
+block backward recomputes each tile's probabilities from the given ``lse``, and the LSE merge and
+its backward are one pass over the rows. float32 inside; other dtypes are cast by the wrappers.
+
+The library is built on first use, like ``mindport.ops.moe_routing.cpu``: ``g++ -O3 -shared -fPIC``
+into ``$MINDPORT_CACHE`` (default ``~/.cache/mindport/ops``), named by a hash of the source and
+flags, written to a temporary file and renamed (so concurrent processes never load a half-written
+file). Without a compiler, one warning is issued and :func:`available` is False, so
+:mod:`mindport.dispatch` falls back to the reference backend.
+
+The Custom primitives are created at import time (MindSpore cannot create them inside a jit graph)
+and shared by all shapes; ``scale`` and ``causal`` travel in a float64 [2] tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+
+import numpy as np
+import mindspore as ms
+from mindspore import ops
+from mindspore.ops import constexpr
+
+from mindport import dispatch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "ring_attention.cc")
+CXX = os.environ.get("MINDPORT_CXX", "g++")
+CXXFLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+
+
+class AotLibrary:
+    """A C++ source built on first use into a cached shared library (generic over name/source/flags).
+
+    ``path()`` is where the library for the current source and flags lives; ``available()`` builds
+    it once (thread-safe), warns once on failure and tells whether it exists.
+    """
+
+    def __init__(self, name: str, source: str, flags: list[str], compiler: str):
+        self.name, self.source, self.flags, self.compiler = name, source, flags, compiler
+        self.lock = threading.Lock()
+        self.tried, self.lib, self.error = False, None, None
+
+    @staticmethod
+    def cache_dir() -> str:
+        return os.environ.get("MINDPORT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mindport", "ops")
+
+    def path(self) -> str:
+        with open(self.source, "rb") as f:
+            digest = hashlib.sha256(f.read() + " ".join(self.flags).encode()).hexdigest()[:16]
+        return os.path.join(self.cache_dir(), f"{self.name}-{digest}.so")
+
+    def build(self) -> str:
+        target = self.path()
+        if os.path.exists(target):
+            return target
+        compiler = shutil.which(self.compiler)
+        if compiler is None:
+            raise RuntimeError(f"C++ compiler {self.compiler!r} not found on PATH")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.name}-", suffix=".so.tmp", dir=os.path.dirname(target))
+        os.close(fd)
+        try:
+            proc = subprocess.run([compiler, *self.flags, "-o", tmp, self.source], capture_output=True, text=True,
+                                  timeout=300)
+            if proc.returncode != 0:
+                lines = (proc.stderr or proc.stdout).strip().splitlines()
+                raise RuntimeError(f"{self.compiler} failed: {lines[0] if lines else 'exit code %d' % proc.returncode}")
+            os.replace(tmp, target)  # atomic: a concurrent build of the same source just replaces it
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return target
+
+    def available(self) -> bool:
+        if not self.tried:
+            with self.lock:
+                if not self.tried:
+                    try:
+                        self.lib = self.build()
+                    except Exception as exc:  # noqa: BLE001 - any build problem means "use the reference"
+                        self.lib, self.error = None, exc
+                        warnings.warn(f"mindport.ops.{self.name}: C++ CPU kernels unavailable ({exc}); "
+                                      "falling back to the reference backend", RuntimeWarning, stacklevel=3)
+                    self.tried = True
+        return self.lib is not None
+
+
+LIBRARY = AotLibrary("ring_attention", SOURCE, CXXFLAGS, CXX)
+_PRIMS: dict = {}
+
+
+def _make_prims(lib: str) -> dict:
+    f32 = ms.float32
+
+    def custom(fn, out_shape, out_dtype, bprop=None):
+        return ops.Custom(f"{lib}:{fn}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
+
+    grad = custom("RingBlockBackward",
+                  lambda q, k, v, o, l, do, dl, cfg: (q, k, v),
+                  lambda q, k, v, o, l, do, dl, cfg: (f32, f32, f32))
+
+    def block_bprop(q, k, v, cfg, out, dout):
+        dq, dk, dv = grad(q, k, v, out[0], out[1], dout[0], dout[1], cfg)
+        return dq, dk, dv, ops.zeros_like(cfg)
+
+    block = custom("RingBlockForward", lambda q, k, v, cfg: (q, q[:3]), lambda q, k, v, cfg: (f32, f32), block_bprop)
+
+    merge_grad = custom("LseMergeBackward",
+                        lambda o1, l1, o2, l2, g, gl: (o1, l1, o2, l2),
+                        lambda o1, l1, o2, l2, g, gl: (f32, f32, f32, f32))
+
+    def merge_bprop(o1, l1, o2, l2, out, dout):
+        return merge_grad(o1, l1, o2, l2, dout[0], dout[1])
+
+    merge = custom("LseMerge", lambda o1, l1, o2, l2: (o1, l1), lambda o1, l1, o2, l2: (f32, f32), merge_bprop)
+    return {"block": block, "grad": grad, "merge": merge, "merge_grad": merge_grad}
+
+
+_PRIM_ERRORS: list = []  # why the Custom primitives could not be created at import, if they could not
+
+
+def available() -> bool:
+    """True when the C++ library is built (building it on first call) and the primitives exist."""
+    if not LIBRARY.available():
+        return False
+    if not _PRIMS:
+        if not LIBRARY.error:
+            LIBRARY.error = _PRIM_ERRORS[0] if _PRIM_ERRORS else RuntimeError("no Custom primitives")
+            warnings.warn(f"mindport.ops.ring_attention: C++ CPU kernels unavailable ({LIBRARY.error}); "
+                          "falling back to the reference backend", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+try:
+    _PRIMS.update(_make_prims(LIBRARY.path()))
+except Exception as _exc:  # noqa: BLE001 - e.g. MS_CUSTOM_AOT_WHITE_LIST refuses the cache dir
+    _PRIM_ERRORS.append(_exc)
+
+
+@constexpr(reuse_result=False)
+def _require_library(op_name):
+    """Build the library if needed (runs in Python, also while a jit graph is compiled)."""
+    if not available():
+        raise RuntimeError(f"{op_name}: the ring_attention C++ kernels are not available: {LIBRARY.error}")
+    return True
+
+
+@constexpr(reuse_result=False)
+def _cfg(scale, causal):
+    return ms.Tensor(np.array([float(scale), 1.0 if causal else 0.0], dtype=np.float64))
+
+
+@constexpr
+def _check_causal(sq, sk, causal):
+    if causal and sq > sk:
+        raise ValueError(f"ring_block_attention: a causal block needs Sq <= Sk, got Sq={sq}, Sk={sk}")
+    return True
+
+
+def _f32(x):
+    return x if x.dtype == ms.float32 else x.astype(ms.float32)
+
+
+@dispatch.register("ring_block_attention", "cpu", available=available)
+def block_attention(q, k, v, scale: float, causal: bool):
+    """C++ block attention (online softmax over key tiles). Same contract as the reference."""
+    _require_library("ring_block_attention")
+    _check_causal(q.shape[2], k.shape[2], causal)
+    out, lse = _PRIMS["block"](_f32(q), _f32(k), _f32(v), _cfg(scale, causal))
+    return (out if q.dtype == ms.float32 else out.astype(q.dtype)), lse
+
+
+@dispatch.register("ring_block_attention_grad", "cpu", available=available)
+def block_attention_grad(q, k, v, out, lse, dout, dlse, scale: float, causal: bool):
+    """C++ block backward given (possibly merged) out/lse. Same contract as the reference."""
+    _require_library("ring_block_attention_grad")
+    _check_causal(q.shape[2], k.shape[2], causal)
+    dq, dk, dv = _PRIMS["grad"](_f32(q), _f32(k), _f32(v), _f32(out), _f32(lse), _f32(dout), _f32(dlse),
+                                _cfg(scale, causal))
+    if q.dtype != ms.float32:
+        dq, dk, dv = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq, dk, dv
+
+
+@dispatch.register("lse_merge", "cpu", available=available)
+def lse_merge(out1, lse1, out2, lse2):
+    """C++ LSE merge. Same contract as the reference."""
+    _require_library("lse_merge")
+    out, lse = _PRIMS["merge"](_f32(out1), _f32(lse1), _f32(out2), _f32(lse2))
+    return (out if out1.dtype == ms.float32 else out.astype(out1.dtype)), lse
+
+
+@dispatch.register("lse_merge_grad", "cpu", available=available)
+def lse_merge_grad(out1, lse1, out2, lse2, dout, dlse):
+    """C++ LSE merge backward. Same contract as the reference."""
+    _require_library("lse_merge_grad")
+    d1, l1, d2, l2 = _PRIMS["merge_grad"](_f32(out1), _f32(lse1), _f32(out2), _f32(lse2), _f32(dout), _f32(dlse))
+    if out1.dtype != ms.float32:
+        d1, d2 = d1.astype(out1.dtype), d2.astype(out2.dtype)
+    return d1, l1, d2, l2
