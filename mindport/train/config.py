@@ -34,7 +34,7 @@ class TrainConfig(_Loadable):
     amp_dtype: str = "float16"  # the low precision of O1/O2; bfloat16 matmul needs Ascend
     loss_scale: float = 1.0  # static scale, or the initial one of a dynamic scaler
     loss_scale_type: str = "static"  # static | dynamic (dynamic: overflow skips the step; Ascend/GPU)
-    loss_scale_factor: float = 2.0
+    loss_scale_factor: int = 2
     loss_scale_window: int = 1000
     recompute: bool | int = False  # True: every layer; N: the first N layers; False: none
     jit: bool = True  # compile the train step (MoE models always run eagerly)
@@ -62,8 +62,9 @@ class TrainConfig(_Loadable):
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 _fail(key, getattr(self, key), "a number in [0, 1)")
-        if not self.loss_scale_factor > 1:
-            _fail("loss_scale_factor", self.loss_scale_factor, "a number > 1")
+        if not isinstance(self.loss_scale_factor, int) or isinstance(self.loss_scale_factor, bool) \
+                or self.loss_scale_factor < 2:
+            _fail("loss_scale_factor", self.loss_scale_factor, "an integer >= 2")
         for key in ("warmup_steps", "save_steps"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -106,7 +107,15 @@ _IGNORED_TOP_LEVEL = {"run_mode", "trainer", "context", "use_parallel", "src_str
                       "auto_trans_ckpt", "only_save_strategy", "resume_training"}
 
 
-def _scale_sense(value: Any, source: str, values: dict[str, Any]) -> None:
+def _put(values: dict[str, Any], origin: dict[str, str], field: str, value: Any, key: str, source: str) -> None:
+    """Set a TrainConfig field, refusing two YAML keys that give it different values."""
+    if field in values and values[field] != value:
+        raise ConfigError(f"{source}: keys '{origin[field]}' = {values[field]!r} and '{key}' = {value!r} both set "
+                          f"'{field}': keep one")
+    values[field], origin[field] = value, key
+
+
+def _scale_sense(value: Any, source: str, values: dict[str, Any], origin: dict[str, str]) -> None:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{source}: key 'runner_wrapper.scale_sense' = {value!r}: expected a mapping")
     for key, sub_value in value.items():
@@ -114,20 +123,22 @@ def _scale_sense(value: Any, source: str, values: dict[str, Any]) -> None:
             raise ConfigError(f"{source}: unknown key 'runner_wrapper.scale_sense.{key}' (known: "
                               f"{', '.join(sorted(_SCALE_SENSE))})")
         if _SCALE_SENSE[key]:
-            values[_SCALE_SENSE[key]] = sub_value
+            _put(values, origin, _SCALE_SENSE[key], sub_value, f"runner_wrapper.scale_sense.{key}", source)
     kind = str(value.get("type", ""))
     if kind:
-        values["loss_scale_type"] = "dynamic" if "Dynamic" in kind else "static"
+        _put(values, origin, "loss_scale_type", "dynamic" if "Dynamic" in kind else "static",
+             "runner_wrapper.scale_sense.type", source)
 
 
 def train_config_from_sections(doc: Mapping[str, Any], source: str) -> TrainConfig:
     """A :class:`TrainConfig` from a run YAML's non-model, non-parallel top-level keys."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     for key, value in doc.items():
-        if key in _IGNORED_TOP_LEVEL:
+        if key in _IGNORED_TOP_LEVEL or (key == "load_checkpoint" and not value):  # mindformers: "" = none
             continue
         if key in _TOP_LEVEL_TRAIN:
-            values[_TOP_LEVEL_TRAIN[key]] = value
+            _put(values, origin, _TOP_LEVEL_TRAIN[key], value, key, source)
         elif key in _TRAIN_SECTIONS:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: key '{key}' = {value!r}: expected a mapping")
@@ -136,9 +147,9 @@ def train_config_from_sections(doc: Mapping[str, Any], source: str) -> TrainConf
                     raise ConfigError(f"{source}: unknown key '{key}.{sub}' (known: "
                                       f"{', '.join(sorted(_TRAIN_SECTIONS[key]))})")
                 if key == "runner_wrapper" and sub == "scale_sense":
-                    _scale_sense(sub_value, source, values)
+                    _scale_sense(sub_value, source, values, origin)
                 elif _TRAIN_SECTIONS[key][sub]:
-                    values[_TRAIN_SECTIONS[key][sub]] = sub_value
+                    _put(values, origin, _TRAIN_SECTIONS[key][sub], sub_value, f"{key}.{sub}", source)
         else:
             raise ConfigError(f"{source}: unknown top-level key '{key}'")
     return TrainConfig.from_dict(values, f"{source}: training settings")

@@ -1,0 +1,150 @@
+"""Training-step efficiency on CPU: mindport (MindSpore) vs transformers' Llama (torch), same shape.
+
+Each side's achieved FLOP/s is (6 N + attention FLOPs) per token x tokens per second over the
+timed steps (forward, backward, AdamW update; fp32), and is divided by that framework's own
+fp32 matmul rate measured in the same run (1024^3 products, best of several). The headline is
+our fraction over theirs: >= 1 means mindport keeps MindSpore's matmul units as busy as
+transformers keeps torch's.
+
+    python bench/bench_train.py [--steps 5] [--warmup 2] [--batch 4] [--seq 256]
+
+Lines are ``name: value``; the last one is the headline. The machine may be shared: run it
+twice and keep the quieter result.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+os.environ.setdefault("GLOG_v", "3")
+
+SHAPE = dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, ffn_hidden_size=1408)
+
+
+def flops_per_token(config, seq: int) -> float:
+    from mindport.train.flops import train_flops_per_token
+
+    return train_flops_per_token(config, seq)
+
+
+def ms_matmul_rate() -> float:
+    from mindport.train.flops import measure_matmul_flops
+
+    return measure_matmul_flops(1024, seconds=2.0)
+
+
+def torch_matmul_rate(seconds: float = 2.0) -> float:
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * 1024**3 / best
+
+
+def bench_ours(config, batch: int, seq: int, warmup: int, steps: int, level: str) -> tuple[float, float]:
+    """(seconds per step, compile + warm-up seconds)."""
+    import mindspore as ms
+
+    from mindport import AutoModelForCausalLM
+    from mindport.train.config import TrainConfig
+    from mindport.train.trainer import Trainer
+
+    ms.set_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    trainer = Trainer(model, TrainConfig(batch_size=batch, seq_length=seq, train_steps=warmup + steps,
+                                         amp_level=level, warmup_steps=1, learning_rate=1e-4))
+    data = np.random.default_rng(0).integers(0, config.vocab_size, (warmup + steps, batch, seq))
+    start = time.perf_counter()
+    for k in range(warmup):
+        trainer.train_step([data[k]])
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for k in range(warmup, warmup + steps):
+        trainer.train_step([data[k]])
+    return (time.perf_counter() - start) / steps, warm
+
+
+def bench_theirs(config, batch: int, seq: int, warmup: int, steps: int) -> float:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                      intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
+                      num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+                      max_position_embeddings=seq, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    data = torch.from_numpy(np.random.default_rng(0).integers(0, config.vocab_size, (warmup + steps, batch, seq)))
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for k in range(warmup):
+        step(data[k])
+    start = time.perf_counter()
+    for k in range(warmup, warmup + steps):
+        step(data[k])
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--amp", default="O0", choices=("O0", "O1"), help="our precision level (theirs: fp32)")
+    args = p.parse_args()
+
+    from mindport import AutoConfig
+
+    config = AutoConfig.from_preset("telechat2-demo").replace(
+        **SHAPE, training_seqlen=args.seq, base_seqlen=args.seq, max_position_embeddings=args.seq)
+    tokens = args.batch * args.seq
+    fpt = flops_per_token(config, args.seq)
+    print(f"model: TeleChat2 architecture, {config.num_parameters() / 1e6:.1f}M parameters "
+          f"({config.num_layers} layers, H {config.hidden_size}, {config.num_heads} heads, FFN "
+          f"{config.ffn_hidden_size}, vocab {config.vocab_size}); Llama of the same shape on the torch side")
+    print(f"tokens_per_step: {tokens}")
+    print(f"flops_per_token: {fpt:.4g}")
+    import torch
+
+    print(f"torch_threads: {torch.get_num_threads()}")
+
+    ms_peak = ms_matmul_rate()
+    print(f"mindspore_fp32_matmul_gflops: {ms_peak / 1e9:.1f}")
+    ours, warm = bench_ours(config, args.batch, args.seq, args.warmup, args.steps, args.amp)
+    ours_rate = fpt * tokens / ours
+    print(f"ours_compile_and_warmup_s: {warm:.1f}")
+    print(f"ours_step_s: {ours:.3f}")
+    print(f"ours_tokens_per_s: {tokens / ours:.0f}")
+    print(f"ours_gflops: {ours_rate / 1e9:.1f}")
+    print(f"ours_fraction_of_mindspore_matmul: {ours_rate / ms_peak:.3f}")
+
+    torch_peak = torch_matmul_rate()
+    print(f"torch_fp32_matmul_gflops: {torch_peak / 1e9:.1f}")
+    theirs = bench_theirs(config, args.batch, args.seq, args.warmup, args.steps)
+    theirs_rate = fpt * tokens / theirs
+    print(f"theirs_step_s: {theirs:.3f}")
+    print(f"theirs_tokens_per_s: {tokens / theirs:.0f}")
+    print(f"theirs_gflops: {theirs_rate / 1e9:.1f}")
+    print(f"theirs_fraction_of_torch_matmul: {theirs_rate / torch_peak:.3f}")
+    print(f"ours_over_theirs_fraction: {(ours_rate / ms_peak) / (theirs_rate / torch_peak):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``mindport generate``: text in, text out, streamed to stdout as tokens are produced."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a saved model (streams to stdout)")
+    p.add_argument("--load", required=True, help="model directory (checkpoint, mindport or HF format)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model directory)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+class TextStreamer:
+    """Turns the per-step token ids from ``model.generate`` into text deltas.
+
+    The whole reply is decoded each time and only the new suffix is written, so multi-token
+    characters (byte fallback) and sentencepiece's leading-space rule come out right; a
+    suffix ending in an incomplete character is held back until it completes.
+    """
+
+    def __init__(self, tokenizer, stop_ids, write=None):
+        self.tok, self.stop = tokenizer, set(stop_ids)
+        self.write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        self.ids: list[int] = []
+        self.printed = ""
+        self.finished = False
+
+    def __call__(self, tokens) -> None:
+        token = int(tokens[0])
+        if self.finished or token in self.stop:
+            self.finished = True
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        if text.startswith(self.printed):
+            self.write(text[len(self.printed):])
+            self.printed = text
+
+    def text(self) -> str:
+        return self.tok.decode(self.ids)
+
+
+def _check(args) -> None:
+    if not args.prompt.strip():
+        raise ValueError("--prompt: empty (give some text to continue)")
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature {args.temperature}: expected a positive number (use --greedy for argmax)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: expected a number in (0, 1]")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k {args.top_k}: expected 0 (off) or a positive integer")
+    if not os.path.isdir(args.load):
+        raise FileNotFoundError(f"{args.load}: no such model directory")
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from mindport.models.auto import AutoModelForCausalLM
+    from mindport.tokenizer import Tokenizer
+
+    _check(args)
+    tok = Tokenizer.load(args.tokenizer or args.load)
+    prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("--prompt: encodes to no tokens")
+    model = AutoModelForCausalLM.from_pretrained(args.load)
+    if max(ids) >= model.config.vocab_size:
+        raise ValueError(f"{args.load}: the tokenizer produced id {max(ids)}, outside the model's vocabulary "
+                         f"({model.config.vocab_size}); pass the model's own tokenizer with --tokenizer")
+    stop = tok.stop_ids()
+    streamer = TextStreamer(tok, stop, None if args.stream else (lambda s: None))
+    if args.stream and not args.chat:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    model.generate(np.asarray([ids]), args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   eos_token_id=stop or None, seed=args.seed, streamer=streamer)
+    if args.stream:
+        sys.stdout.write("\n")
+    else:
+        print(("" if args.chat else args.prompt) + streamer.text())
+    return 0

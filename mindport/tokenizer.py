@@ -1,0 +1,271 @@
+"""One tokenizer interface over a sentencepiece ``tokenizer.model`` and an HF ``tokenizer.json``.
+
+A tokenizer directory holds either file, plus an optional ``tokenizer_config.json`` (special
+tokens and ``chat_template``). HF ``tokenizer.json`` files are read with the ``tokenizers``
+package when it is installed (it comes with transformers); sentencepiece is a core dependency.
+
+Chat templates are recognised, not executed: TeleChat2's (``<_user>``/``<_bot>``/``<_end>``)
+and ChatML (``<|im_start|>role ... <|im_end|>``, Qwen). Any other template is refused with
+one line rather than rendered wrongly.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Iterable, Sequence
+
+SPM_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+
+# TeleChat2's special tokens, reserved right after unk/bos/eos/pad in the tokenizers we train.
+TELECHAT_SPECIALS = ("<_user>", "<_bot>", "<_end>", "<_system>")
+TELECHAT_TEMPLATE = (  # TeleChat2's published template, abridged to the roles it uses
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{ '<_system>' + message['content'] }}"
+    "{%- elif message['role'] == 'user' %}{{ '<_user>' + message['content'] }}"
+    "{%- else %}{{ '<_bot>' + message['content'] + '<_end>' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<_bot>' }}{%- endif %}")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file, template or input mindport cannot use."""
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise TokenizerError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # HF AddedToken serialisation
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """``encode(text) -> list[int]``, ``decode(ids) -> str``, special ids and chat formatting."""
+
+    def __init__(self, backend, kind: str, config: dict | None = None, source: str = ""):
+        self._b = backend
+        self.kind = kind  # "sentencepiece" | "hf"
+        self.config = config or {}
+        self.source = source
+        self.bos_id = self._special("bos_token", 1)
+        self.eos_id = self._special("eos_token", 2)
+        self.pad_id = self._special("pad_token", None)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str) -> "Tokenizer":
+        """From a directory (tokenizer.model or tokenizer.json inside) or one of those files."""
+        directory, file = (path, None) if os.path.isdir(path) else (os.path.dirname(path) or ".", path)
+        if file is None:
+            for name in (SPM_FILE, HF_FILE):
+                if os.path.isfile(os.path.join(directory, name)):
+                    file = os.path.join(directory, name)
+                    break
+            else:
+                raise FileNotFoundError(f"{path}: no {SPM_FILE} or {HF_FILE} in this directory")
+        elif not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}: no such tokenizer file")
+        config_path = os.path.join(directory, CONFIG_FILE)
+        config = _read_json(config_path) if os.path.isfile(config_path) else {}
+        if file.endswith(".json"):
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except ImportError:
+                raise TokenizerError(f"{file}: reading tokenizer.json needs the 'tokenizers' package "
+                                     "(pip install tokenizers, or mindport[test])") from None
+            try:
+                backend = HFTokenizer.from_file(file)
+            except Exception as err:  # the Rust side raises its own exception type
+                raise TokenizerError(f"{file}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
+            return cls(backend, "hf", config, file)
+        import sentencepiece as spm
+
+        backend = spm.SentencePieceProcessor()
+        try:
+            backend.Load(file)
+        except (OSError, RuntimeError) as err:
+            raise TokenizerError(f"{file}: not a valid sentencepiece model ({str(err).splitlines()[0]})") from None
+        return cls(backend, "sentencepiece", config, file)
+
+    def _special(self, key: str, default: int | None) -> int | None:
+        text = _token_text(self.config.get(key))
+        if text is not None:
+            found = self.token_to_id(text)
+            if found is not None:
+                return found
+        if self.kind == "sentencepiece":
+            getter = {"bos_token": self._b.bos_id, "eos_token": self._b.eos_id, "pad_token": self._b.pad_id}[key]
+            value = getter()
+            return value if value >= 0 else default
+        return default
+
+    # ------------------------------------------------------------------ core
+    @property
+    def vocab_size(self) -> int:
+        return self._b.get_piece_size() if self.kind == "sentencepiece" else self._b.get_vocab_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        if self.kind == "sentencepiece":
+            i = self._b.piece_to_id(token)
+            return None if i == self._b.unk_id() and token != self._b.id_to_piece(i) else i
+        return self._b.token_to_id(token)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        if self.kind == "sentencepiece":
+            ids = list(self._b.encode(text))
+        else:
+            ids = list(self._b.encode(text, add_special_tokens=False).ids)
+        if add_bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.kind == "sentencepiece":
+            return [list(x) for x in self._b.encode(list(texts))]
+        return [list(e.ids) for e in self._b.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "sentencepiece":
+            if skip_special:
+                ids = [i for i in ids if not (self._b.is_control(i) or self._b.is_unknown(i))]
+            return self._b.decode(ids)
+        return self._b.decode(ids, skip_special_tokens=skip_special)
+
+    # ------------------------------------------------------------------ chat
+    def chat_format(self) -> str:
+        """"telechat2" or "chatml", from tokenizer_config.json's chat_template or the vocabulary."""
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # HF allows named templates; use the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template:
+            if "<|im_start|>" in template:
+                return "chatml"
+            if "<_user>" in template and "<_bot>" in template:
+                return "telechat2"
+            first = " ".join(str(template).split())[:60]
+            raise TokenizerError(f"{self.source}: unknown chat template '{first}...' (mindport knows TeleChat2's "
+                                 "<_user>/<_bot> and ChatML's <|im_start|>)")
+        if self.token_to_id("<_user>") is not None and self.token_to_id("<_bot>") is not None:
+            return "telechat2"
+        if self.token_to_id("<|im_start|>") is not None:
+            return "chatml"
+        raise TokenizerError(f"{self.source}: no chat template (tokenizer_config.json has no chat_template and the "
+                             "vocabulary has neither <_user>/<_bot> nor <|im_start|>)")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` ([{"role": "user", "content": "..."}, ...])."""
+        kind = self.chat_format()
+        parts = []
+        for m in messages:
+            role, content = m.get("role"), m.get("content", "")
+            if role not in ("system", "user", "assistant", "bot"):
+                raise TokenizerError(f"chat message role {role!r}: expected system, user or assistant")
+            if kind == "telechat2":
+                parts.append({"system": "<_system>", "user": "<_user>"}.get(role, "<_bot>") + content
+                             + ("<_end>" if role in ("assistant", "bot") else ""))
+            else:
+                role = "assistant" if role == "bot" else role
+                parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+        if add_generation_prompt:
+            parts.append("<_bot>" if kind == "telechat2" else "<|im_start|>assistant\n")
+        return "".join(parts)
+
+    def stop_ids(self) -> list[int]:
+        """Ids that end a reply: eos, plus <_end> / <|im_end|> when the vocabulary has them."""
+        ids = [self.eos_id] if self.eos_id is not None else []
+        for token in ("<_end>", "<|im_end|>"):
+            i = self.token_to_id(token)
+            if i is not None and i not in ids:
+                ids.append(i)
+        return ids
+
+    # ------------------------------------------------------------------ saving
+    def save(self, directory: str) -> None:
+        """Copy the tokenizer file and its tokenizer_config.json into ``directory``."""
+        import shutil
+
+        os.makedirs(directory, exist_ok=True)
+        name = SPM_FILE if self.kind == "sentencepiece" else HF_FILE
+        if os.path.abspath(self.source) != os.path.abspath(os.path.join(directory, name)):
+            shutil.copyfile(self.source, os.path.join(directory, name))
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.config, f, indent=2, ensure_ascii=False)
+
+
+def paragraphs(texts: Iterable[str]) -> Iterable[str]:
+    """Split documents at blank lines: sentencepiece learns from sentence-sized pieces."""
+    for text in texts:
+        for para in text.split("\n\n"):
+            if para.strip():
+                yield para
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, seed: int = 0) -> Tokenizer:
+    """Train a byte-fallback BPE sentencepiece model; writes tokenizer.model + tokenizer_config.json.
+
+    Ids 0-3 are unk, bos ``<s>``, eos ``</s>``, pad ``<pad>`` (TeleChat2's bos 1 / eos 2 / pad 3),
+    then TeleChat2's chat tokens. Text round-trips exactly (no normalisation, whitespace kept).
+    """
+    import sentencepiece as spm
+
+    minimum = 4 + len(TELECHAT_SPECIALS) + 256 + 1  # specials + byte fallback + one merge
+    if vocab_size < minimum:
+        raise TokenizerError(f"vocab_size = {vocab_size}: expected at least {minimum} (special tokens + 256 bytes)")
+    corpus = list(paragraphs(texts))
+    if not corpus:
+        raise TokenizerError("tokenizer training input is empty")
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(TELECHAT_SPECIALS),
+            byte_fallback=True, character_coverage=0.9995, split_digits=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False, max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
+            hard_vocab_limit=True)
+    except RuntimeError as err:
+        raise TokenizerError(f"sentencepiece training failed: {str(err).splitlines()[-1]}") from None
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, SPM_FILE)
+    with open(path, "wb") as f:
+        f.write(proto.getvalue())
+    config = {"tokenizer_class": "SentencePiece", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+              "unk_token": "<unk>", "chat_template": TELECHAT_TEMPLATE}
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return Tokenizer.load(out_dir)
+
+
+def read_texts(paths: Sequence[str], field: str = "text") -> Iterable[str]:
+    """Documents from .txt files (one document per file) and .jsonl files (one per line, ``field``)."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such input file")
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise TokenizerError(f"{path}:{n}: not a JSON object") from None
+                    if not isinstance(doc, dict) or not isinstance(doc.get(field), str):
+                        raise TokenizerError(f"{path}:{n}: expected a JSON object with a string '{field}' field")
+                    yield doc[field]
+        elif path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
+        else:
+            raise TokenizerError(f"{path}: unsupported input (expected .txt or .jsonl)")

@@ -1,0 +1,159 @@
+"""Packed token data: ``prepare`` writes it, :class:`PackedDataset` maps it, :class:`Loader` walks it.
+
+On disk (one directory): ``tokens.bin``, a flat array of token ids (uint16 when the vocabulary
+fits, else uint32) holding ``num_samples`` samples of ``seq_length`` tokens back to back, and
+``index.json`` describing it. Documents are tokenized, each followed by EOS, concatenated and
+cut into samples; the tail that does not fill a sample is dropped.
+
+The loader visits samples in a seeded random order, one permutation per epoch; its whole state
+is the number of samples consumed, so a resumed run continues with the next unseen sample.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+
+TOKENS_FILE = "tokens.bin"
+INDEX_FILE = "index.json"
+FORMAT = "mindport-packed-v1"
+
+
+class DataError(ValueError):
+    """A data directory or its use does not fit."""
+
+
+def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, overwrite: bool = True) -> dict:
+    """Tokenize ``texts``, append EOS to each, pack into ``seq_length`` samples; returns the index."""
+    from mindport.ckpt_tools.weights import StagingDir
+
+    if seq_length < 2:
+        raise DataError(f"seq_length = {seq_length}: expected at least 2")
+    if tokenizer.eos_id is None:
+        raise DataError(f"{tokenizer.source}: tokenizer has no EOS token")
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    with StagingDir(out_dir, overwrite) as tmp:
+        total, docs = 0, 0
+        with open(os.path.join(tmp, TOKENS_FILE), "wb") as f:
+            batch: list[str] = []
+
+            def flush() -> int:
+                written = 0
+                for ids in tokenizer.encode_batch(batch):
+                    arr = np.asarray(ids + [tokenizer.eos_id], dtype=dtype)
+                    f.write(arr.tobytes())
+                    written += arr.size
+                batch.clear()
+                return written
+
+            for text in texts:
+                batch.append(text)
+                docs += 1
+                if len(batch) >= 256:
+                    total += flush()
+            total += flush()
+            samples = total // seq_length
+            f.truncate(samples * seq_length * np.dtype(dtype).itemsize)
+            f.flush()
+            os.fsync(f.fileno())
+        if samples == 0:
+            raise DataError(f"input has {total} tokens, fewer than one sample of seq_length = {seq_length}")
+        index = {"format": FORMAT, "seq_length": seq_length, "num_samples": samples, "dtype": np.dtype(dtype).name,
+                 "num_documents": docs, "num_tokens": total, "dropped_tail_tokens": total - samples * seq_length,
+                 "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id,
+                 "tokenizer": os.path.abspath(tokenizer.source)}
+        with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+        tokenizer.save(os.path.join(tmp, "tokenizer"))
+    return index
+
+
+class PackedDataset:
+    """Read-only memory map of a prepared directory; ``ds[i]`` is sample i, (seq_length,) int32."""
+
+    def __init__(self, directory: str):
+        index_path = os.path.join(directory, INDEX_FILE)
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(f"{directory}: not a prepared data directory (no {INDEX_FILE}; "
+                                    "run `mindport data prepare`)")
+        with open(index_path, encoding="utf-8") as f:
+            self.index = json.load(f)
+        if self.index.get("format") != FORMAT:
+            raise DataError(f"{index_path}: format {self.index.get('format')!r}, expected {FORMAT!r}")
+        self.directory = directory
+        self.seq_length = int(self.index["seq_length"])
+        self.num_samples = int(self.index["num_samples"])
+        path = os.path.join(directory, TOKENS_FILE)
+        expected = self.num_samples * self.seq_length * np.dtype(self.index["dtype"]).itemsize
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        if size != expected:
+            raise DataError(f"{path}: {size} bytes, index.json implies {expected}")
+        self.tokens = np.memmap(path, dtype=self.index["dtype"], mode="r",
+                                shape=(self.num_samples, self.seq_length))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self.tokens[i], dtype=np.int32)
+
+    def check(self, seq_length: int, vocab_size: int) -> None:
+        if self.seq_length != seq_length:
+            raise DataError(f"{self.directory}: samples of {self.seq_length} tokens, the run wants seq_length = "
+                            f"{seq_length} (prepare the data again with --seq-length {seq_length})")
+        if int(self.index["vocab_size"]) > vocab_size:
+            raise DataError(f"{self.directory}: tokenizer vocabulary {self.index['vocab_size']} exceeds the model's "
+                            f"vocab_size = {vocab_size}")
+
+    @property
+    def tokenizer_dir(self) -> str | None:
+        path = os.path.join(self.directory, "tokenizer")
+        return path if os.path.isdir(path) else None
+
+
+class Loader:
+    """Seeded shuffled batches; state = samples consumed (epoch = consumed // len)."""
+
+    def __init__(self, dataset: PackedDataset, batch_size: int, seed: int, consumed: int = 0):
+        if batch_size <= 0:
+            raise DataError(f"batch_size = {batch_size}: expected a positive integer")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.consumed = consumed
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def sample_ids(self, count: int) -> np.ndarray:
+        """The dataset indices of the next ``count`` samples (advances the position)."""
+        n = len(self.dataset)
+        out = np.empty(count, dtype=np.int64)
+        for k in range(count):
+            epoch, i = divmod(self.consumed + k, n)
+            out[k] = self._order(epoch)[i]
+        self.consumed += count
+        return out
+
+    def next_batch(self) -> np.ndarray:
+        """(batch_size, seq_length) int32."""
+        return np.stack([self.dataset[int(i)] for i in self.sample_ids(self.batch_size)])
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / len(self.dataset)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.seed, "batch_size": self.batch_size,
+                "num_samples": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_samples") != len(self.dataset) or state.get("seed") != self.seed:
+            raise DataError(f"{self.dataset.directory}: the checkpoint's data position was recorded for "
+                            f"{state.get('num_samples')} samples with seed {state.get('seed')}, this run has "
+                            f"{len(self.dataset)} samples with seed {self.seed}")
+        self.consumed = int(state["consumed"])

@@ -1,0 +1,161 @@
+"""The training job: a :class:`~mindport.config.RunConfig` in, checkpoints and metrics out.
+
+    data (prepared dir) -> Loader -> Trainer.train_step -> RunLogger
+                                           '-> CheckpointManager every save_steps and at the end
+
+``resume=True`` continues from the newest complete checkpoint in ``OUTPUT_DIR/checkpoints``:
+weights, AdamW moments and step, loss scale, LR step and data position are restored, so the
+steps that follow are the ones an uninterrupted run would have taken.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from mindport.config import ConfigError, RunConfig
+from mindport.train.checkpoint import CheckpointManager
+from mindport.train.data import Loader, PackedDataset
+from mindport.train.flops import measure_matmul_flops, train_flops_per_token
+from mindport.train.logger import RunLogger
+from mindport.train.trainer import GradSync, LossReduce, Trainer
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimiser steps completed in total (including resumed ones)
+    first_loss: float | None  # loss of the first step this call ran
+    last_loss: float | None
+    checkpoint: str | None
+    seconds: float
+    plot: str | None
+    output_dir: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    ms.set_seed(seed)
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": repr(random.getstate()), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+
+
+def _set_rng_state(state: dict) -> None:
+    import ast
+
+    if "python" in state:
+        random.setstate(ast.literal_eval(state["python"]))
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def build_model(run: RunConfig):
+    from mindport.models.auto import AutoModelForCausalLM
+
+    path = run.train.load_checkpoint
+    if path:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        if model.config.vocab_size != run.model.vocab_size or model.config.hidden_size != run.model.hidden_size:
+            raise ConfigError(f"load_checkpoint = {path!r}: its model (vocab {model.config.vocab_size}, hidden "
+                              f"{model.config.hidden_size}) differs from model.model_config")
+        return model
+    return AutoModelForCausalLM.from_config(run.model)
+
+
+def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, model=None,
+          grad_sync: GradSync | None = None, loss_reduce: LossReduce | None = None, progress: bool | None = None,
+          echo=print) -> TrainResult:
+    """Train ``run``; ``stop_after`` ends this call after that many total steps (the LR schedule still
+    spans ``train_steps``), e.g. to resume later."""
+    cfg = run.train
+    if not cfg.data_dir:
+        raise ConfigError("train_dataset.data_dir: not set (point it at a `mindport data prepare` output, "
+                          "e.g. --set train_dataset.data_dir=DIR)")
+    start_time = time.perf_counter()
+    seed_everything(cfg.seed)
+    dataset = PackedDataset(cfg.data_dir)
+    dataset.check(cfg.seq_length, run.model.vocab_size)
+    tokenizer = None
+    if dataset.tokenizer_dir:
+        from mindport.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(dataset.tokenizer_dir)
+    model = model if model is not None else build_model(run)
+    trainer = Trainer(model, cfg, grad_sync=grad_sync, loss_reduce=loss_reduce)
+    # data parallel: every rank draws the same global batch and keeps its batch_size rows
+    dp, dp_rank = model.groups.dp.size, model.groups.dp.rank
+    loader = Loader(dataset, cfg.batch_size * dp, cfg.seed)
+    rows = slice(dp_rank * cfg.batch_size, (dp_rank + 1) * cfg.batch_size)
+    ckpts = CheckpointManager(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
+
+    if resume:
+        path = ckpts.latest()
+        if path is None:
+            echo(f"resume: no checkpoint in {ckpts.directory}; starting at step 0")
+        else:
+            restore(trainer, loader, path)
+            echo(f"resume: continuing from {path} (step {trainer.step}, {loader.consumed} samples consumed)")
+
+    end = cfg.train_steps if stop_after is None else min(stop_after, cfg.train_steps)
+    fpt = train_flops_per_token(run.model, cfg.seq_length)
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_flops()
+    logger = RunLogger(cfg.output_dir, cfg.train_steps, trainer.step, cfg.log_steps, fpt, peak, progress, echo=echo)
+    echo(f"training: {run.model.num_parameters() / 1e6:.2f}M parameters, {cfg.amp_level}, "
+         f"{cfg.batch_size}x{cfg.grad_accumulation} x {cfg.seq_length} tokens/step, steps {trainer.step}->{end} "
+         f"of {cfg.train_steps}, {'compiled' if trainer.compiled else 'eager'}; MFU vs "
+         f"{'stated' if cfg.peak_tflops else 'measured MindSpore fp32 matmul'} peak {peak / 1e9:.1f} GFLOP/s")
+
+    first = last = None
+    saved = None
+    try:
+        while trainer.step < end:
+            t0 = time.perf_counter()
+            micro = [loader.next_batch()[rows] for _ in range(cfg.grad_accumulation)]
+            metrics = trainer.train_step(micro)
+            metrics["epoch"] = round(loader.epoch, 4)
+            logger.log(metrics, cfg.tokens_per_step, time.perf_counter() - t0)
+            first = metrics["loss"] if first is None else first
+            last = metrics["loss"]
+            if cfg.save_steps and trainer.step % cfg.save_steps == 0:
+                saved = save(trainer, loader, ckpts, tokenizer, last)
+        if trainer.step and (saved is None or not saved.endswith(f"{trainer.step:08d}")):
+            saved = save(trainer, loader, ckpts, tokenizer, last)
+    finally:
+        plot = logger.close()
+    return TrainResult(trainer.step, first, last, saved or ckpts.latest(), time.perf_counter() - start_time, plot,
+                       cfg.output_dir)
+
+
+def save(trainer: Trainer, loader: Loader, ckpts: CheckpointManager, tokenizer, loss) -> str:
+    arrays = {name: p.asnumpy() for name, p in trainer.state_tensors().items()}
+    arrays["rng.mindspore"] = ms.get_rng_state().asnumpy()
+    state = {"step": trainer.step, "lr_next": trainer.lr(), "loss": loss, "data": loader.state_dict(),
+             "rng": _rng_state(), "amp_level": trainer.level, "train_config": trainer.config.to_dict()}
+    return ckpts.save(trainer.step, trainer.base_config, trainer.fp32_weights(), arrays, state, tokenizer)
+
+
+def restore(trainer: Trainer, loader: Loader, path: str) -> None:
+    from mindport.ckpt_tools.safetensors_io import CheckpointError
+
+    weights, arrays, state = CheckpointManager.load(path)
+    trainer.load_fp32_weights(weights, os.path.join(path, "model.safetensors"))
+    for name, param in trainer.state_tensors().items():
+        if name not in arrays:
+            if name == "loss_scale.counter":
+                continue  # a static-scale checkpoint resumed with a dynamic scaler: counter starts at 0
+            raise CheckpointError(f"{path}: training state has no '{name}'")
+        param.set_data(Tensor(arrays[name]).astype(param.dtype))
+    if "rng.mindspore" in arrays:
+        ms.set_rng_state(Tensor(arrays["rng.mindspore"]))
+    trainer.step = int(state["step"])
+    loader.load_state_dict(state["data"])
+    _set_rng_state(state.get("rng", {}))

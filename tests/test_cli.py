@@ -1,0 +1,132 @@
+"""The command line: one-line errors with exit 2 for bad input; generate, eval and demo end to end."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mindport.cli import main
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mindport: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_saved(tmp_path_factory):
+    """A tiny model saved in mindport format beside a trained sentencepiece tokenizer."""
+    import mindspore as ms
+
+    from mindport import AutoModelForCausalLM
+    from mindport.corpus import pydoc_topics
+    from mindport.tokenizer import train_sentencepiece
+
+    out = str(tmp_path_factory.mktemp("tiny_saved"))
+    tok = train_sentencepiece(pydoc_topics()[:8], 400, out)
+    ms.set_seed(0)
+    from mindport import AutoConfig
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_preset("telechat2-tiny-gqa", vocab_size=tok.vocab_size))
+    model.config.save(os.path.join(out, "config.json"))
+    from mindport.train.checkpoint import write_safetensors
+
+    write_safetensors(os.path.join(out, "model.safetensors"), {n: p.asnumpy() for n, p in model.parameters_and_names()})
+    return out
+
+
+def test_bad_inputs_give_one_line_errors(capsys, tmp_path, tiny_saved):
+    assert "no such config file" in _error(capsys, ["train", "--config", str(tmp_path / "missing.yaml")])
+    assert "unknown key 'runner_config.bogus'" in _error(
+        capsys, ["train", "--config", "configs/telechat2/tiny_train.yaml", "--set", "runner_config.bogus=1"])
+    assert "train_dataset.data_dir: not set" in _error(capsys, ["train", "--config", "configs/telechat2/tiny_train.yaml"])
+    assert "'amp_level' = 'O3'" in _error(capsys, ["train", "--config", "configs/telechat2/tiny_train.yaml",
+                                                   "--set", "runner_config.amp_level=O3"])
+    assert "vocab_size = 10" in _error(capsys, ["tokenizer", "train", "--vocab-size", "10", "--out", str(tmp_path / "t")])
+    assert "no such input file" in _error(capsys, ["data", "prepare", "--input", str(tmp_path / "none.txt"),
+                                                   "--tokenizer", tiny_saved, "--out", str(tmp_path / "d")])
+    (tmp_path / "x.csv").write_text("a,b")
+    assert "unsupported input" in _error(capsys, ["data", "prepare", "--input", str(tmp_path / "x.csv"),
+                                                  "--tokenizer", tiny_saved, "--out", str(tmp_path / "d")])
+    assert "not a prepared data directory" in _error(capsys, ["eval", "--load", tiny_saved, "--data", str(tmp_path)])
+    assert "--prompt: empty" in _error(capsys, ["generate", "--load", tiny_saved, "--prompt", "  "])
+    assert "no such model directory" in _error(capsys, ["generate", "--load", str(tmp_path / "nope"), "--prompt", "x"])
+    assert "--temperature" in _error(capsys, ["generate", "--load", tiny_saved, "--prompt", "x", "--temperature", "0"])
+
+
+def test_unknown_chat_template_is_a_one_line_error(capsys, tmp_path, tiny_saved):
+    import json
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_saved, model_dir)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "[INST] {{ x }} [/INST]"}))
+    assert "unknown chat template" in _error(capsys, ["generate", "--load", str(model_dir), "--prompt", "hi", "--chat"])
+
+
+def test_generate_streams_text(capsys, tiny_saved):
+    assert main(["generate", "--load", tiny_saved, "--prompt", "The for", "--max-new-tokens", "8", "--greedy"]) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("The for") and len(plain.strip()) > len("The for")
+    assert main(["generate", "--load", tiny_saved, "--prompt", "The for", "--max-new-tokens", "8", "--greedy",
+                 "--stream"]) == 0
+    assert capsys.readouterr().out == plain  # the streamed pieces add up to the same text
+    assert main(["generate", "--load", tiny_saved, "--prompt", "hello", "--chat", "--max-new-tokens", "4",
+                 "--top-k", "5", "--top-p", "0.9", "--seed", "3"]) == 0
+
+
+def test_streamer_holds_back_incomplete_characters(tiny_saved):
+    from mindport.commands.generate import TextStreamer
+    from mindport.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny_saved)
+    ids = tok.encode("naïve ✓ done")
+    pieces = []
+    streamer = TextStreamer(tok, [tok.eos_id], pieces.append)
+    for i in ids + [tok.eos_id, ids[0]]:
+        streamer([i])
+    assert "".join(pieces) == "naïve ✓ done" and all("\ufffd" not in p for p in pieces)
+
+
+def test_tokenizer_data_train_eval_commands(capsys, tmp_path):
+    tok_dir, data_dir, out = str(tmp_path / "tok"), str(tmp_path / "data"), str(tmp_path / "run")
+    assert main(["tokenizer", "train", "--vocab-size", "512", "--out", tok_dir]) == 0
+    (tmp_path / "docs.jsonl").write_text("\n".join('{"text": "def f(x): return x + %d"}' % i for i in range(300)))
+    assert main(["data", "prepare", "--input", str(tmp_path / "docs.jsonl"), "--tokenizer", tok_dir, "--out", data_dir,
+                 "--seq-length", "32"]) == 0
+    assert "samples of 32" in capsys.readouterr().out
+    assert main(["train", "--config", "configs/telechat2/tiny_train.yaml", "--no-progress",
+                 "--set", "model.model_config.vocab_size=512", "--set", f"train_dataset.data_dir={data_dir}",
+                 "--set", f"output_dir={out}", "--set", "runner_config.seq_length=32", "--set",
+                 "runner_config.batch_size=2", "--set", "lr_schedule.total_steps=3", "--set",
+                 "runner_config.peak_tflops=1.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "step 3/3" in printed and "done: step 3" in printed
+    ckpt = os.path.join(out, "checkpoints", "step_00000003")
+    assert main(["eval", "--load", ckpt, "--data", data_dir, "--max-samples", "6"]) == 0
+    lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    import math
+
+    assert float(lines["perplexity"]) == pytest.approx(math.exp(float(lines["loss"])), rel=1e-4)
+    assert lines["samples"] == "6"
+
+
+def test_demo_smoke(tmp_path):
+    """`mindport demo` end to end with a reduced step count, as a user runs it (a subprocess)."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "mindport.cli", "demo", "--out", str(out), "--steps", "4",
+                           "--preset", "telechat2-tiny-gqa", "--seq-len", "32", "--batch-size", "2",
+                           "--vocab-size", "512", "--max-new-tokens", "6"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, GLOG_v="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    for marker in ("[1/5] tokenizer", "[2/5] data", "[3/5] train", "step 4/4", "[4/5] checkpoint", "[5/5] exported"):
+        assert marker in text, text
+    assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.model").is_file()
+    assert (out / "run" / "loss_curve.png").is_file() and (out / "run" / "metrics.jsonl").is_file()
+    from mindport import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out / "hf")).config.vocab_size == 512

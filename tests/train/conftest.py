@@ -1,0 +1,35 @@
+"""Shared tiny training setup: a sentencepiece tokenizer and packed data from the embedded
+corpus, and a 2-layer TeleChat2 config, all small enough that a train step compiles in seconds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from train_helpers import SEQ, VOCAB
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    from mindport.corpus import pydoc_topics
+
+    return pydoc_topics()[:12]
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory, corpus):
+    from mindport.tokenizer import train_sentencepiece
+
+    out = str(tmp_path_factory.mktemp("tok"))
+    train_sentencepiece(corpus, VOCAB, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, tok_dir, corpus):
+    from mindport.tokenizer import Tokenizer
+    from mindport.train.data import prepare
+
+    out = os.path.join(str(tmp_path_factory.mktemp("data")), "packed")
+    prepare(corpus, Tokenizer.load(tok_dir), out, SEQ)
+    return out

@@ -1,0 +1,67 @@
+"""Packed data: prepare (EOS, packing, memmap) and the loader's seeded order and position."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mindport.tokenizer import Tokenizer
+from mindport.train.data import DataError, Loader, PackedDataset, prepare
+from train_helpers import SEQ
+
+
+def test_prepare_packs_documents_with_eos(tmp_path, tok_dir):
+    tok = Tokenizer.load(tok_dir)
+    docs = ["first document " * 20, "second one " * 15, "third"]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:2]) + "\n")
+    (tmp_path / "b.txt").write_text(docs[2])
+    from mindport.tokenizer import read_texts
+
+    out = str(tmp_path / "packed")
+    index = prepare(read_texts([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]), tok, out, 16)
+    stream = sum((tok.encode(d) + [tok.eos_id] for d in docs), [])
+    ds = PackedDataset(out)
+    assert index["num_documents"] == 3 and index["num_tokens"] == len(stream)
+    assert len(ds) == len(stream) // 16 and ds.tokens.dtype == np.uint16
+    np.testing.assert_array_equal(np.concatenate([ds[i] for i in range(len(ds))]), stream[:len(ds) * 16])
+    assert Tokenizer.load(ds.tokenizer_dir).vocab_size == tok.vocab_size
+    with pytest.raises(ValueError, match="destination exists"):
+        prepare(docs, tok, out, 16, overwrite=False)
+
+
+def test_dataset_checks(data_dir):
+    ds = PackedDataset(data_dir)
+    with pytest.raises(DataError, match=f"samples of {SEQ} tokens"):
+        ds.check(SEQ * 2, 10_000)
+    with pytest.raises(DataError, match="exceeds the model's vocab_size"):
+        ds.check(SEQ, 100)
+
+
+def test_loader_is_seeded_and_visits_every_sample_once_per_epoch(data_dir):
+    ds = PackedDataset(data_dir)
+    n = len(ds)
+    a, b, c = Loader(ds, 3, seed=7), Loader(ds, 3, seed=7), Loader(ds, 3, seed=8)
+    first = a.sample_ids(n)
+    assert sorted(first.tolist()) == list(range(n))
+    np.testing.assert_array_equal(first, b.sample_ids(n))
+    assert not np.array_equal(first, c.sample_ids(n))
+    second = a.sample_ids(n)
+    assert sorted(second.tolist()) == list(range(n)) and not np.array_equal(first, second)
+
+
+def test_loader_resumes_with_the_next_unseen_sample(data_dir):
+    ds = PackedDataset(data_dir)
+    total = len(ds) // 4 + 3  # crosses an epoch boundary
+    straight = Loader(ds, 4, seed=1)
+    batches = [straight.next_batch() for _ in range(total)]
+    assert straight.consumed == 4 * total and straight.epoch > 1
+    first = Loader(ds, 4, seed=1)
+    for _ in range(total - 6):
+        first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = Loader(ds, 4, seed=1)
+    resumed.load_state_dict(state)
+    for k in range(total - 6, total):
+        np.testing.assert_array_equal(resumed.next_batch(), batches[k])
+    with pytest.raises(DataError, match="seed"):
+        Loader(ds, 4, seed=2).load_state_dict(state)

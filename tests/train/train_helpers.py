@@ -1,0 +1,30 @@
+"""Helpers for the training tests (imported by name: pytest puts this folder on sys.path)."""
+from __future__ import annotations
+
+SEQ = 32
+VOCAB = 512
+
+
+def tiny_model_config(**changes):
+    from mindport import AutoConfig
+
+    return AutoConfig.from_preset("telechat2-tiny-gqa", vocab_size=VOCAB, **changes)
+
+
+def run_config(output_dir: str, data_dir: str, **train):
+    from mindport.config import RunConfig
+    from mindport.train.config import TrainConfig
+
+    values = dict(seed=0, output_dir=output_dir, batch_size=2, seq_length=SEQ, train_steps=6, learning_rate=3e-3,
+                  min_learning_rate=3e-4, warmup_steps=2, data_dir=data_dir, peak_tflops=1.0, keep_checkpoints=2)
+    values.update(train)
+    return RunConfig(tiny_model_config(), train=TrainConfig(**values))
+
+
+def tiny_model(seed: int = 0):
+    import mindspore as ms
+
+    from mindport import AutoModelForCausalLM
+
+    ms.set_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_model_config())
