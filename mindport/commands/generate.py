@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="parameter and compute dtype (default float32; bfloat16 needs Ascend)")
+    p.add_argument("--model-parallel", type=int, default=1, metavar="N",
+                   help="tensor parallel over N processes (launch with msrun, e.g. scripts/run_infer.sh)")
     p.set_defaults(func=run)
 
 
@@ -81,20 +85,28 @@ def run(args) -> int:
     ids = tok.encode(prompt)
     if not ids:
         raise ValueError("--prompt: encodes to no tokens")
-    model = AutoModelForCausalLM.from_pretrained(args.load)
+    rank = 0
+    if args.model_parallel > 1:  # every rank holds 1/N of each layer; rank 0 prints
+        from mindport.config import ParallelConfig
+        from mindport.parallel.state import init_parallel
+
+        rank = init_parallel(ParallelConfig(model_parallel=args.model_parallel)).global_rank
+    model = AutoModelForCausalLM.from_pretrained(args.load, dtype=args.dtype)
     if max(ids) >= model.config.vocab_size:
         raise ValueError(f"{args.load}: the tokenizer produced id {max(ids)}, outside the model's vocabulary "
                          f"({model.config.vocab_size}); pass the model's own tokenizer with --tokenizer")
     stop = tok.stop_ids()
-    streamer = TextStreamer(tok, stop, None if args.stream else (lambda s: None))
-    if args.stream and not args.chat:
+    streamer = TextStreamer(tok, stop, None if args.stream and rank == 0 else (lambda s: None))
+    if rank:
+        args.stream = True  # other ranks compute the same tokens silently
+    elif args.stream and not args.chat:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
     model.generate(np.asarray([ids]), args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                    eos_token_id=stop or None, seed=args.seed, streamer=streamer)
     if args.stream:
-        sys.stdout.write("\n")
+        sys.stdout.write("\n" if rank == 0 else "")
     else:
         print(("" if args.chat else args.prompt) + streamer.text())
     return 0
