@@ -22,13 +22,7 @@ shapes and every ``top_k``; the library itself is built by :func:`available` (wh
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 
 import numpy as np
 import mindspore as ms
@@ -36,22 +30,12 @@ from mindspore import ops
 from mindspore.ops import constexpr
 
 from mindport import dispatch
+from mindport.ops._aot import CXX, CXXFLAGS, AotLibrary
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "moe_routing.cc")
-CXX = os.environ.get("MINDPORT_CXX", "g++")
-CXXFLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 
-class _State:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.tried = False
-        self.lib = None  # path of the built library, or None
-        self.error = None
-        self.warned = False
-
-
-_STATE = _State()
+LIBRARY = AotLibrary("moe_routing", SOURCE, CXXFLAGS, CXX)
 # The Custom primitives, keyed by kernel. They are created at import time, pointing at the library
 # path for the current source (the file itself is built by available()), because MindSpore cannot
 # create a Custom primitive while compiling a jit graph.
@@ -59,37 +43,9 @@ _PRIMS: dict = {}
 _PRIMS_LIB: list = [None]
 
 
-def cache_dir() -> str:
-    return os.environ.get("MINDPORT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mindport", "ops")
-
-
 def library_path() -> str:
     """Where the library for the current source and flags lives (it may not exist yet)."""
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read() + " ".join(CXXFLAGS).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir(), f"moe_routing-{digest}.so")
-
-
-def _build() -> str:
-    target = library_path()
-    if os.path.exists(target):
-        return target
-    compiler = shutil.which(CXX)
-    if compiler is None:
-        raise RuntimeError(f"C++ compiler {CXX!r} not found on PATH")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".moe_routing-", suffix=".so.tmp", dir=os.path.dirname(target))
-    os.close(fd)
-    try:
-        proc = subprocess.run([compiler, *CXXFLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            raise RuntimeError(f"{CXX} failed: {lines[0] if lines else 'exit code %d' % proc.returncode}")
-        os.replace(tmp, target)  # atomic: a concurrent build of the same source just replaces it
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return LIBRARY.path()
 
 
 def _int_or_unknown(x: int, factor: int = 1) -> int:
@@ -159,34 +115,17 @@ def _set_prims(lib: str) -> None:
 
 def available() -> bool:
     """True when the C++ library is built (building it on first call) and the primitives exist."""
-    st = _STATE
-    if st.tried:
-        return st.lib is not None
-    with st.lock:
-        if not st.tried:
-            try:
-                lib = _build()
-                _set_prims(lib)
-                st.lib = lib
-            except Exception as exc:  # noqa: BLE001 - any build problem means "use the reference"
-                st.lib, st.error = None, exc
-                if not st.warned:
-                    st.warned = True
-                    warnings.warn(
-                        f"mindport.ops.moe_routing: C++ CPU kernels unavailable ({exc}); "
-                        "falling back to the reference backend",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-            st.tried = True
-    return st.lib is not None
+    if LIBRARY.available():
+        _set_prims(LIBRARY.lib)
+        return True
+    return False
 
 
 @constexpr(reuse_result=False)
 def _require_library(op_name):
     """Build the library if needed (runs in Python, also while a jit graph is compiled)."""
     if not available():
-        raise RuntimeError(f"{op_name}: the moe_routing C++ kernels are not available: {_STATE.error}")
+        raise RuntimeError(f"{op_name}: the moe_routing C++ kernels are not available: {LIBRARY.error}")
     return True
 
 

@@ -16,12 +16,7 @@ and shared by all shapes; ``scale`` and ``causal`` travel in a float64 [2] tenso
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-import threading
 import warnings
 
 import numpy as np
@@ -30,67 +25,9 @@ from mindspore import ops
 from mindspore.ops import constexpr
 
 from mindport import dispatch
+from mindport.ops._aot import CXX, CXXFLAGS, AotLibrary
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "ring_attention.cc")
-CXX = os.environ.get("MINDPORT_CXX", "g++")
-CXXFLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-
-
-class AotLibrary:
-    """A C++ source built on first use into a cached shared library (generic over name/source/flags).
-
-    ``path()`` is where the library for the current source and flags lives; ``available()`` builds
-    it once (thread-safe), warns once on failure and tells whether it exists.
-    """
-
-    def __init__(self, name: str, source: str, flags: list[str], compiler: str):
-        self.name, self.source, self.flags, self.compiler = name, source, flags, compiler
-        self.lock = threading.Lock()
-        self.tried, self.lib, self.error = False, None, None
-
-    @staticmethod
-    def cache_dir() -> str:
-        return os.environ.get("MINDPORT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mindport", "ops")
-
-    def path(self) -> str:
-        with open(self.source, "rb") as f:
-            digest = hashlib.sha256(f.read() + " ".join(self.flags).encode()).hexdigest()[:16]
-        return os.path.join(self.cache_dir(), f"{self.name}-{digest}.so")
-
-    def build(self) -> str:
-        target = self.path()
-        if os.path.exists(target):
-            return target
-        compiler = shutil.which(self.compiler)
-        if compiler is None:
-            raise RuntimeError(f"C++ compiler {self.compiler!r} not found on PATH")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.name}-", suffix=".so.tmp", dir=os.path.dirname(target))
-        os.close(fd)
-        try:
-            proc = subprocess.run([compiler, *self.flags, "-o", tmp, self.source], capture_output=True, text=True,
-                                  timeout=300)
-            if proc.returncode != 0:
-                lines = (proc.stderr or proc.stdout).strip().splitlines()
-                raise RuntimeError(f"{self.compiler} failed: {lines[0] if lines else 'exit code %d' % proc.returncode}")
-            os.replace(tmp, target)  # atomic: a concurrent build of the same source just replaces it
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return target
-
-    def available(self) -> bool:
-        if not self.tried:
-            with self.lock:
-                if not self.tried:
-                    try:
-                        self.lib = self.build()
-                    except Exception as exc:  # noqa: BLE001 - any build problem means "use the reference"
-                        self.lib, self.error = None, exc
-                        warnings.warn(f"mindport.ops.{self.name}: C++ CPU kernels unavailable ({exc}); "
-                                      "falling back to the reference backend", RuntimeWarning, stacklevel=3)
-                    self.tried = True
-        return self.lib is not None
 
 
 LIBRARY = AotLibrary("ring_attention", SOURCE, CXXFLAGS, CXX)

@@ -6,6 +6,7 @@ to 1e-6 (absolute, scaled by max(1, |expected|)); float16 results to one float16
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import mindspore as ms
 
 from mindport import dispatch
+from mindport.ops._aot import AotLibrary
 import mindport.ops.moe_routing as mr
 from mindport.ops.moe_routing import cpu as cpu_backend
 
@@ -318,10 +320,11 @@ def test_public_wrappers_dispatch_in_pynative_and_jit(monkeypatch):
 
 
 def test_build_into_fresh_cache(tmp_path, monkeypatch):
-    if cpu_backend.shutil.which(cpu_backend.CXX) is None:
+    if shutil.which(cpu_backend.CXX) is None:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("MINDPORT_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_backend, "_STATE", cpu_backend._State())
+    monkeypatch.setattr(cpu_backend, "LIBRARY", AotLibrary("moe_routing", cpu_backend.SOURCE, cpu_backend.CXXFLAGS,
+                                                             cpu_backend.CXX))
     monkeypatch.setattr(cpu_backend, "_PRIMS", dict(cpu_backend._PRIMS))  # primitives of this build
     monkeypatch.setattr(cpu_backend, "_PRIMS_LIB", list(cpu_backend._PRIMS_LIB))
     lib = cpu_backend.library_path()
@@ -338,8 +341,8 @@ def test_build_into_fresh_cache(tmp_path, monkeypatch):
 
 def test_no_compiler_falls_back_to_reference(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDPORT_CACHE", str(tmp_path))  # nothing prebuilt there
-    monkeypatch.setattr(cpu_backend, "CXX", "mindport-no-such-compiler")
-    monkeypatch.setattr(cpu_backend, "_STATE", cpu_backend._State())
+    monkeypatch.setattr(cpu_backend, "LIBRARY", AotLibrary("moe_routing", cpu_backend.SOURCE, cpu_backend.CXXFLAGS,
+                                                             "mindport-no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="falling back to the reference backend"):
         assert cpu_backend.available() is False
     with warnings.catch_warnings():

@@ -38,6 +38,7 @@ def reference(tmp_path_factory):
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
     scale = max(float(np.abs(ref).max()), 1e-12)
     err = float(np.abs(ours - ref).max())
     assert err <= rel * scale, f"{what}: max abs diff {err:.3e} vs scale {scale:.3e}"

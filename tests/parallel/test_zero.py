@@ -19,6 +19,7 @@ from mindspore import Parameter, Tensor, nn
 
 from conftest import llama_tiny, save_hf_dir, telechat_from_llama
 from launch import msrun
+from test_tensor_data_parallel import assert_close
 from mindport import ParallelConfig
 from mindport.parallel.sharding import shard_slices
 from mindport.parallel.state import single_process
@@ -150,13 +151,6 @@ def reference(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("single"))
     subprocess.run([sys.executable, WORKER, hf_dir, out], check=True, capture_output=True)
     return hf_dir, dict(np.load(os.path.join(out, "rank0.npz")))
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
-    scale = max(float(np.abs(ref).max()), 1e-12)
-    err = float(np.abs(ours - ref).max())
-    assert err <= rel * scale, f"{what}: max abs diff {err:.3e} vs scale {scale:.3e}"
 
 
 def assemble(pieces: list[np.ndarray], shape: tuple) -> np.ndarray:
