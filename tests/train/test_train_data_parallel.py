@@ -56,3 +56,14 @@ def test_unsupported_layout_for_train_command_fails_clearly(tmp_path, data_dir):
     doc["parallel_config"] = {"model_parallel": 2}
     (tmp_path / "tp.yaml").write_text(yaml.safe_dump(doc))
     assert main(["train", "--config", cfg]) == 2
+
+
+def test_memory_report_printed_when_training_starts(data_dir, tmp_path):
+    from mindport.config import load_yaml
+    from mindport.train.run import train
+
+    cfg = write_yaml(tmp_path / "m.yaml", data_dir, str(tmp_path / "m"), batch=2, dp=1)
+    lines = []
+    train(load_yaml(cfg), stop_after=1, progress=False, echo=lines.append)
+    report = "\n".join(lines)
+    assert "memory rank 0" in report and "parameters" in report and "activations" in report
