@@ -198,6 +198,7 @@ class ParallelConfig(_Loadable):
     data_parallel: int = 1
     model_parallel: int = 1
     pipeline_stage: int = 1
+    offset: Any = 0  # mindformers' per-stage layer offsets: an int for every stage or a list, one per stage
     context_parallel: int = 1
     expert_parallel: int = 1
     micro_batch_num: int = 1
@@ -240,6 +241,9 @@ class ParallelConfig(_Loadable):
             _divides("num_experts", model.num_experts, "expert_parallel", self.expert_parallel)
         if model.num_layers < self.pipeline_stage:
             _fail("pipeline_stage", self.pipeline_stage, f"at most num_layers = {model.num_layers}")
+        from mindport.parallel.pipeline import stage_layer_counts
+
+        stage_layer_counts(model.num_layers, self.pipeline_stage, self.offset)  # raises on a bad offset
 
 
 @dataclass

@@ -91,3 +91,14 @@ def test_presets_match_published_shapes():
                                         ("telechat2-35b", 64, 6144, 48)]:
         c = AutoConfig.from_preset(name)
         assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == (layers, hidden, heads, heads)
+
+
+def test_pipeline_offset_from_parallel_config():
+    from mindport.parallel.pipeline import stage_layers
+
+    run = load_yaml(YAML, ["model.model_config.num_layers=5", "parallel_config.pipeline_stage=2",
+                           "parallel_config.micro_batch_num=2", "parallel_config.offset=[1,0]"])
+    assert [list(r) for r in stage_layers(5, 2, run.parallel.offset)] == [[0, 1, 2], [3, 4]]
+    with pytest.raises(ConfigError, match="key 'offset' = \\[2, 0\\]"):
+        load_yaml(YAML, ["model.model_config.num_layers=5", "parallel_config.pipeline_stage=2",
+                         "parallel_config.micro_batch_num=2", "parallel_config.offset=[2,0]"])

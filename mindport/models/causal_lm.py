@@ -36,7 +36,8 @@ class CausalLM(nn.Cell):
         groups.config.check_model(config)
         stage, stages = groups.pp.rank, groups.pp.size
         self.is_first, self.is_last = stage == 0, stage == stages - 1
-        self.layer_ids = list(stage_layers(config.num_layers, stages, pipeline_offset)[stage])
+        offset = groups.config.offset if pipeline_offset is None else pipeline_offset
+        self.layer_ids = list(stage_layers(config.num_layers, stages, offset)[stage])
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config, groups) if self.is_first else None
         self.layers = nn.CellDict({str(i): DecoderLayer(config, groups) for i in self.layer_ids})
         self.data_comms = [collectives(g) for g in (groups.dp, groups.cp) if g.size > 1]
