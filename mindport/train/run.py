@@ -112,7 +112,8 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
     from mindport.parallel.memory import format_memory_report, memory_report
 
     echo(format_memory_report(memory_report(model.config, model.groups.config, cfg.batch_size, cfg.seq_length,
-                                            cfg.amp_level, cfg.recompute, rank=model.groups.global_rank)))
+                                            cfg.amp_level, cfg.recompute, rank=model.groups.global_rank,
+                                            pipeline_offset=model.groups.config.offset)))
     echo(f"training: {run.model.num_parameters() / 1e6:.2f}M parameters, {cfg.amp_level}, "
          f"{cfg.batch_size}x{cfg.grad_accumulation} x {cfg.seq_length} tokens/step, steps {trainer.step}->{end} "
          f"of {cfg.train_steps}, {'compiled' if trainer.compiled else 'eager'}; MFU vs "
