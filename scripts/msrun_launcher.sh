@@ -34,7 +34,7 @@ done
 (( LOCAL_WORKER <= WORKER_NUM )) || { echo "msrun_launcher.sh: error: LOCAL_WORKER = $LOCAL_WORKER exceeds WORKER_NUM = $WORKER_NUM" >&2; exit 2; }
 case ${JOIN,,} in true|false) ;; *) echo "msrun_launcher.sh: error: JOIN = '$JOIN': expected True or False" >&2; exit 2 ;; esac
 
-read -r -a ARGS <<< "$CMD"
+eval "ARGS=($CMD)"  # CMD is a shell command line: honour its quoting ("--prompt 'two words'")
 if [[ ${ARGS[0]} == mindport ]]; then  # msrun runs a Python script: use the CLI module's file
   ARGS[0]=$(python -c 'import mindport.cli as c; print(c.__file__)')
 fi
