@@ -395,9 +395,11 @@ class _RankPlan:
         return f"rank_{self.rank:04d}"
 
 
-def _plan_ranks(outs: list[_Out], config: ModelConfig, tp: int, pp: int, ep: int,
-                offset=None) -> tuple[list[_RankPlan], dict]:
-    """Per-rank slices (sharding.py) of each pipeline stage's parameters, and the layout.json document."""
+def rank_layout(tensors: dict[str, tuple[str, Shape]], config: ModelConfig, tp: int, pp: int, ep: int,
+                offset=None) -> tuple[dict, list[dict[str, Box]]]:
+    """The layout.json document of per-rank shards of ``tensors`` (name -> (dtype, global shape)),
+    and for each export rank the box (sharding.py) each of its tensors takes. Pure: no I/O, so the
+    converter and the trainer's parallel checkpoints share one layout."""
     from mindport.parallel.pipeline import stage_layers
     from mindport.parallel.sharding import rule_for, shard_slices, stages_of_param
     from mindport.parallel.state import check_layout, coordinates
@@ -413,19 +415,17 @@ def _plan_ranks(outs: list[_Out], config: ModelConfig, tp: int, pp: int, ep: int
                                    micro_batch_num=pp)
     check_layout(layout_config, layout_config.world_size)
     layout_config.check_model(config, f"--tp {tp} --pp {pp} --ep {ep}")
-    layers = stage_layers(config.num_layers, pp, offset)
-    plans = []
+    rank_boxes, rank_docs = [], []
     for rank in range(layout_config.world_size):
         c = coordinates(layout_config, rank)  # the parallel layer's own rank order
         coords = dict(dp_rank=c["dp"], pp_rank=c["pp"], cp_rank=c["cp"], tp_rank=c["tp"], ep_rank=c["dp"] % ep)
-        rank_outs = []
-        for out in outs:
-            if c["pp"] not in stages_of_param(out.name, config.num_layers, pp, offset):
-                continue
-            box = _box_of(shard_slices(out.name, out.shape, c["tp"], tp, coords["ep_rank"], ep), out.shape)
-            rank_outs.append(_Out(out.name, out.dtype, tuple(b - a for a, b in box), parts=out.select(box),
-                                  offsets=tuple(a for a, _ in box)))
-        plans.append(_RankPlan(rank, coords, rank_outs))
+        boxes = {name: _box_of(shard_slices(name, shape, c["tp"], tp, coords["ep_rank"], ep), shape)
+                 for name, (_, shape) in tensors.items()
+                 if c["pp"] in stages_of_param(name, config.num_layers, pp, offset)}
+        rank_boxes.append(boxes)
+        rank_docs.append({"rank": rank, "dir": f"rank_{rank:04d}", **coords,
+                          "tensors": {name: {"offsets": [a for a, _ in box], "shape": [b - a for a, b in box]}
+                                      for name, box in boxes.items()}})
     layout = {
         "format": "mindport-rank-shards", "version": 1,
         "tp": tp, "pp": pp, "ep": ep, "dp": dp, "cp": 1, "world_size": dp * pp * tp,
@@ -435,12 +435,24 @@ def _plan_ranks(outs: list[_Out], config: ModelConfig, tp: int, pp: int, ep: int
                       "ep_rank and over their ffn axis by tp_rank (mindport.parallel.sharding); this export "
                       "writes dp = ep replicas",
         "pipeline_offset": offset,
-        "pipeline_layers": [[r.start, r.stop] for r in layers],
-        "tensors": {o.name: {"dtype": o.dtype, "shape": list(o.shape), "rule": rule_for(o.name).kind} for o in outs},
-        "ranks": [{"rank": p.rank, "dir": p.dir_name, **p.coords,
-                   "tensors": {o.name: {"offsets": list(o.offsets), "shape": list(o.shape)} for o in p.outs}}
-                  for p in plans],
+        "pipeline_layers": [[r.start, r.stop] for r in stage_layers(config.num_layers, pp, offset)],
+        "tensors": {name: {"dtype": dtype, "shape": list(shape), "rule": rule_for(name).kind}
+                    for name, (dtype, shape) in tensors.items()},
+        "ranks": rank_docs,
     }
+    return layout, rank_boxes
+
+
+def _plan_ranks(outs: list[_Out], config: ModelConfig, tp: int, pp: int, ep: int,
+                offset=None) -> tuple[list[_RankPlan], dict]:
+    """Per-rank slices of each pipeline stage's parameters, and the layout.json document."""
+    layout, rank_boxes = rank_layout({o.name: (o.dtype, o.shape) for o in outs}, config, tp, pp, ep, offset)
+    plans = []
+    for doc, boxes in zip(layout["ranks"], rank_boxes):
+        rank_outs = [_Out(o.name, o.dtype, tuple(b - a for a, b in boxes[o.name]), parts=o.select(boxes[o.name]),
+                          offsets=tuple(a for a, _ in boxes[o.name])) for o in outs if o.name in boxes]
+        coords = {k: doc[k] for k in ("dp_rank", "pp_rank", "cp_rank", "tp_rank", "ep_rank")}
+        plans.append(_RankPlan(doc["rank"], coords, rank_outs))
     return plans, layout
 
 
@@ -501,11 +513,11 @@ def _write_mindport(outs: list[_Out], config: ModelConfig, dst: str, overwrite: 
             nbytes += _write_files(rank_dir, plan.outs, max_bytes, {"format": "ms"}, bar)
         config.save(os.path.join(tmp, "config.json"))
         with open(os.path.join(tmp, LAYOUT_FILE), "w", encoding="utf-8") as f:
-            f.write(_layout_text(layout))
+            f.write(layout_text(layout))
     return Summary(count, nbytes, time.perf_counter() - start, dst)
 
 
-def _layout_text(layout: dict) -> str:
+def layout_text(layout: dict) -> str:
     """layout.json, one line per tensor (json.dump with indent puts every list item on its own line)."""
 
     def table(entries: dict, pad: str) -> str:
