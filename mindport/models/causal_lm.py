@@ -57,6 +57,25 @@ class CausalLM(nn.Cell):
             return not self.is_first
         return name.split(".")[0] in ("final_norm", "lm_head") and not self.is_last
 
+    def init_weights(self, seed: int) -> None:
+        """Draw every weight matrix from N(0, initializer_range) with a generator seeded by
+        (seed, parameter name), as the full tensor, and keep this rank's slice: the model is the same
+        under any tensor/expert/pipeline layout (norm weights stay 1, biases 0). Each rank draws the
+        full tensors of its own stage's matrices once, at start-up."""
+        import zlib
+
+        from mindport.parallel.sharding import global_shape, shard_slices
+
+        tp, ep = self.groups.tp, self.groups.ep
+        for name, param in self.parameters_and_names():
+            if len(param.shape) < 2:
+                continue
+            shape = global_shape(name, tuple(param.shape), tp.size, ep.size)
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            full = rng.standard_normal(shape, dtype=np.float32) * np.float32(self.config.initializer_range)
+            piece = full[shard_slices(name, shape, tp.rank, tp.size, ep.rank, ep.size)]
+            param.set_data(Tensor(np.ascontiguousarray(piece)).astype(param.dtype))
+
     # ------------------------------------------------------------------ host side
     def prepare(self, input_ids, attention_mask=None, past_len: int = 0, position_ids=None,
                 total_len: int | None = None):

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from mindport.parallel.comm import collectives
@@ -69,3 +70,36 @@ class GradientSync(nn.Cell):
                     grads[i] = flat[start:start + size].reshape(self.shapes[i])
                     start += size
         return tuple(grads)
+
+
+class GradNorm(nn.Cell):
+    """L2 norm of the whole model's gradient from this rank's pieces of it.
+
+    ``construct(squares)``: squares (n,) fp32, the sum of squares of this rank's piece of each
+    parameter's synchronised gradient. The pieces are summed over every group that splits a
+    parameter and nothing else: first over its ZeRO shard group (``shard_groups``, when the
+    optimizer holds gradient slices), then expert weights over ep, tensor-parallel weights over
+    tp (replicated ones count once), and the total over the pipeline stages. Data- and
+    context-parallel replicas hold the same gradients and are not summed.
+    """
+
+    def __init__(self, names: list[str], groups: ParallelGroups, shard_groups: list | None = None):
+        super().__init__()
+        steps: list[tuple[list[bool], object]] = []
+        for group in dict.fromkeys(shard_groups or []):
+            if group.size > 1:
+                steps.append(([g == group for g in shard_groups], group))
+        if groups.ep.size > 1:
+            steps.append(([rule_for(n).kind == "expert" for n in names], groups.ep))
+        if groups.tp.size > 1:
+            steps.append(([rule_for(n).tp_axis is not None for n in names], groups.tp))
+        self.steps = [(Tensor(np.array(mask, np.float32)), collectives(group)) for mask, group in steps if any(mask)]
+        self.pp = collectives(groups.pp) if groups.pp.size > 1 else None
+
+    def construct(self, squares: Tensor) -> Tensor:
+        for mask, comm in self.steps:
+            squares = squares * (1.0 - mask) + comm.all_reduce(squares * mask)
+        total = squares.sum()
+        if self.pp is not None:
+            total = self.pp.all_reduce(total)
+        return ops.sqrt(total)

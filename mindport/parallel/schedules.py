@@ -56,8 +56,10 @@ class PipelineSchedule:
         shard = self.groups.tp.size if self.groups.sequence_parallel else 1
         return (batch, seq // shard, cfg.hidden_size)
 
-    def run(self, input_ids: np.ndarray, labels: np.ndarray) -> tuple[Tensor | None, tuple]:
-        """(loss on the last stage else None, summed gradients of this stage's parameters).
+    def run(self, input_ids: np.ndarray, labels: np.ndarray,
+            loss_scale: Tensor | float = 1.0) -> tuple[Tensor | None, tuple]:
+        """(loss on the last stage else None, summed gradients of this stage's parameters of
+        ``loss_scale`` times the loss).
 
         input_ids, labels (B, S); every stage receives them (RoPE tables and masks come from
         the shapes; only the first stage reads the ids, only the last the labels). The loss is
@@ -74,6 +76,7 @@ class PipelineSchedule:
         for reduce in self.count_over:
             total = reduce(total)
         grads = [ops.zeros(p.shape, p.dtype) for p in self.params]
+        scale = Tensor(loss_scale, ms.float32) if not isinstance(loss_scale, Tensor) else loss_scale.astype(ms.float32)
         pending: list = []  # (stage function, input) of micro-batches whose backward has not run
         losses = []
 
@@ -98,7 +101,7 @@ class PipelineSchedule:
         def backward(dy: Tensor | None) -> Tensor:
             stage, x_in = pending.pop(0)
             _, vjp_fn = ms.vjp(stage, x_in, weights=self.params)
-            cot = dy if dy is not None else Tensor(1.0, ms.float32)
+            cot = dy if dy is not None else scale
             (dx,), dparams = vjp_fn(cot)
             for i, g in enumerate(dparams):
                 grads[i] = grads[i] + g

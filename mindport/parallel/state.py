@@ -46,6 +46,7 @@ class ParallelGroups:
     ep_dp: Group  # ranks holding the same expert shard
     pp_prev: Group  # (previous stage, this stage): point-to-point pair; size 1 on the first stage
     pp_next: Group  # (this stage, next stage); size 1 on the last stage
+    world: Group  # every rank (barriers, run-wide reductions)
 
     @property
     def sequence_parallel(self) -> bool:
@@ -83,6 +84,7 @@ def group_ranks(config: ParallelConfig, rank: int) -> dict[str, tuple[int, ...]]
     stage, pp = c["pp"], out["pp"]
     out["pp_prev"] = pp[stage - 1:stage + 1] if stage > 0 else (rank,)
     out["pp_next"] = pp[stage:stage + 2]
+    out["world"] = tuple(range(config.world_size))
     return out
 
 
@@ -117,6 +119,8 @@ def _make_groups(config: ParallelConfig, rank: int, create) -> ParallelGroups:
     return ParallelGroups(config, rank, **groups)
 
 
+# set by msrun (MS_WORKER_NUM, MS_ROLE) or a rank-table launch (RANK_TABLE_FILE, RANK_SIZE)
+LAUNCHER_ENV = ("MS_WORKER_NUM", "MS_ROLE", "RANK_TABLE_FILE", "RANK_SIZE")
 _CURRENT: ParallelGroups | None = None
 _CREATED: set[str] = set()
 
@@ -140,7 +144,14 @@ def init_parallel(config: ParallelConfig, model: ModelConfig | None = None) -> P
     global _CURRENT
     world, rank = 1, 0
     if config.world_size > 1:
+        import os
+
         from mindspore.communication import get_group_size, get_rank, init
+
+        if not any(os.environ.get(k) for k in LAUNCHER_ENV):
+            raise ConfigError(f"parallel_config: {config.world_size} processes (data_parallel x pipeline_stage x "
+                              f"context_parallel x model_parallel), but this process was not started by a launcher: "
+                              f"run it under msrun (scripts/msrun_launcher.sh \"CMD\" {config.world_size})")
 
         init()
         world, rank = get_group_size(), get_rank()

@@ -65,10 +65,10 @@ def shard_range(numel: int, parts: int, rank: int) -> tuple[int, int]:
 def shard_parts(name: str, groups: ParallelGroups) -> int:
     """How many ranks share parameter ``name``'s optimizer state: ep_dp for stacked experts
     under expert parallelism, dp otherwise."""
-    return _shard_group(name, groups).size
+    return shard_group(name, groups).size
 
 
-def _shard_group(name: str, groups: ParallelGroups) -> Group:
+def shard_group(name: str, groups: ParallelGroups) -> Group:
     if groups.ep.size > 1 and rule_for(name).kind == "expert":
         return groups.ep_dp
     return groups.dp
@@ -206,7 +206,7 @@ class ZeroAdamW(nn.Cell):
         rank_of: dict[int, int] = {}
         by_group: dict[Group, list[int]] = {}
         for i, p in enumerate(params):
-            by_group.setdefault(_shard_group(p.name, groups), []).append(i)
+            by_group.setdefault(shard_group(p.name, groups), []).append(i)
         for group, members in by_group.items():
             buckets = plan_buckets([int(params[i].size) for i in members], group.size, bucket_bytes)
             buckets = [[dataclasses.replace(s, index=members[s.index]) for s in b] for b in buckets]

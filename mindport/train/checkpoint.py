@@ -9,6 +9,20 @@ A checkpoint directory is a mindport model directory that
     train_state/optimizer.safetensors        AdamW moments and step, loss-scale value (and counter)
     train_state/state.json        step, LR, data position, RNG state, the run's settings
 
+Under a parallel layout (more than one process) the weights are per-rank shards in the
+converter's format, so ``mindport convert merge`` joins them and ``from_pretrained`` under the
+same layout loads them:
+
+    config.json, layout.json      layout.json as ``mindport convert --tp --pp --ep`` writes it
+    rank_XXXX/model.safetensors   written by the ranks with dp_rank < ep and cp_rank 0 (the others
+                                  are replicas of these)
+    train_state/state.json        rank 0's, with the run's parallel_config
+    train_state/rank_XXXXX.safetensors  optimizer state by global rank: every rank under ZeRO
+                                  (``optimizer_shard``: each holds a slice), else the weight writers
+
+Every rank must see OUTPUT_DIR (one node, or a shared file system). All ranks write into one
+temporary directory (rank 0's, named with its pid, broadcast); after a barrier rank 0 renames it.
+
 Everything is written into a temporary sibling directory, each file fsynced, then the
 directory is renamed into place and the parent fsynced; a kill at any moment leaves either
 the previous checkpoints or the new one complete, never a partial ``step_*`` directory.
@@ -16,6 +30,7 @@ Only the last ``keep`` checkpoints are kept.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +40,7 @@ import time
 import numpy as np
 
 from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter, numpy_dtype_code
+from mindport.config import ConfigError, ParallelConfig
 
 STATE_DIR = "train_state"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -74,11 +90,18 @@ def _pause(step: int) -> None:
 
 
 class CheckpointManager:
-    """Saves, lists and loads the checkpoints of one run directory."""
+    """Saves, lists and loads the checkpoints of one run directory.
 
-    def __init__(self, directory: str, keep: int = 2):
+    ``groups`` (a :class:`~mindport.parallel.state.ParallelGroups` of more than one process)
+    switches to per-rank shards; ``sharded_state``: the optimizer state differs on every data-
+    parallel rank (ZeRO), so every rank writes its own.
+    """
+
+    def __init__(self, directory: str, keep: int = 2, groups=None, sharded_state: bool = False):
         self.directory = os.path.abspath(directory)
         self.keep = keep
+        self.groups = groups if groups is not None and len(groups.world.ranks) > 1 else None
+        self.sharded_state = sharded_state
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, f"step_{step:08d}")
@@ -98,60 +121,160 @@ class CheckpointManager:
         steps = self.steps()
         return self.path(steps[-1]) if steps else None
 
+    # ------------------------------------------------------------------ which rank writes what
+    def _export_rank(self) -> int | None:
+        """This rank's ``rank_XXXX`` in the weight shards, or None for a replica (dp >= ep or cp > 0)."""
+        from mindport.parallel.state import rank_of
+
+        g = self.groups
+        c, ep = g.coords, g.config.expert_parallel
+        if c["dp"] >= ep or c["cp"]:
+            return None
+        export = ParallelConfig(data_parallel=ep, pipeline_stage=g.config.pipeline_stage,
+                                model_parallel=g.config.model_parallel, micro_batch_num=g.config.pipeline_stage)
+        return rank_of(export, dp=c["dp"], pp=c["pp"], tp=c["tp"])
+
+    def _state_rank(self) -> int:
+        """The global rank whose optimizer-state file this rank writes (itself) or reads."""
+        from mindport.parallel.state import rank_of
+
+        g = self.groups
+        if self.sharded_state:
+            return g.global_rank
+        c = g.coords
+        return rank_of(g.config, dp=c["dp"] % g.config.expert_parallel, pp=c["pp"], cp=0, tp=c["tp"])
+
+    def _collective(self, value: float) -> float:
+        """Sum of ``value`` over all ranks; doubles as a barrier."""
+        from mindspore import Tensor
+
+        from mindport.parallel.comm import collectives
+
+        return float(collectives(self.groups.world).all_reduce(Tensor(np.float32(value))).asnumpy())
+
+    # ------------------------------------------------------------------ saving
     def save(self, step: int, model_config, weights: dict[str, np.ndarray], state_arrays: dict[str, np.ndarray],
              state: dict, tokenizer=None) -> str:
         final = self.path(step)
-        os.makedirs(self.directory, exist_ok=True)
-        tmp = os.path.join(self.directory, f".tmp-step_{step:08d}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, STATE_DIR))
+        lead = self.groups is None or self.groups.global_rank == 0
+        if lead:
+            os.makedirs(self.directory, exist_ok=True)
+        pid = os.getpid() if lead else 0
+        if self.groups is not None:
+            pid = int(self._collective(pid))  # rank 0's pid names the shared temporary directory
+        tmp = os.path.join(self.directory, f".tmp-step_{step:08d}-{pid}")
         try:
-            _write_json(os.path.join(tmp, "config.json"),
-                        {"mindport_config": model_config.replace(param_dtype="float32",
-                                                                 compute_dtype="float32").to_dict()})
-            write_safetensors(os.path.join(tmp, "model.safetensors"), weights)
-            _pause(step)
-            write_safetensors(os.path.join(tmp, STATE_DIR, "optimizer.safetensors"), state_arrays)
-            _pause(step)
-            if tokenizer is not None:
-                tokenizer.save(tmp)
-                for name in os.listdir(tmp):
-                    if name.startswith("tokenizer"):
-                        with open(os.path.join(tmp, name), "rb+") as f:
-                            os.fsync(f.fileno())
-            _write_json(os.path.join(tmp, STATE_DIR, "state.json"), state)
-            _fsync_dir(os.path.join(tmp, STATE_DIR))
-            _fsync_dir(tmp)
-            if os.path.exists(final):  # the same step saved again (e.g. after a resume): swap
-                old = f"{final}.old-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
+            if lead:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(os.path.join(tmp, STATE_DIR))
+            if self.groups is None:
+                write_safetensors(os.path.join(tmp, "model.safetensors"), weights)
+                _pause(step)
+                write_safetensors(os.path.join(tmp, STATE_DIR, "optimizer.safetensors"), state_arrays)
             else:
-                os.replace(tmp, final)
-            _fsync_dir(self.directory)
+                self._collective(0)  # the directory exists
+                self._write_rank_files(tmp, step, weights, state_arrays)
+                self._collective(0)  # every rank's files are written
+            _pause(step)
+            if lead:
+                self._write_shared_files(tmp, model_config, state, tokenizer, weights)
+                self._publish(tmp, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if lead:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._prune()
+        if lead:
+            self._prune(pid)
+        if self.groups is not None:
+            self._collective(0)  # no rank goes on (or resumes) before the checkpoint is in place
         return final
 
-    def _prune(self) -> None:
+    def _write_rank_files(self, tmp: str, step: int, weights: dict, state_arrays: dict) -> None:
+        export = self._export_rank()
+        if export is not None:
+            rank_dir = os.path.join(tmp, f"rank_{export:04d}")
+            os.makedirs(rank_dir, exist_ok=True)
+            write_safetensors(os.path.join(rank_dir, "model.safetensors"), weights)
+            _fsync_dir(rank_dir)
+        _pause(step)
+        if self._state_rank() == self.groups.global_rank:
+            write_safetensors(os.path.join(tmp, STATE_DIR, f"rank_{self.groups.global_rank:05d}.safetensors"),
+                              state_arrays)
+
+    def _write_shared_files(self, tmp: str, model_config, state: dict, tokenizer, weights: dict) -> None:
+        config = model_config.replace(param_dtype="float32", compute_dtype="float32")
+        _write_json(os.path.join(tmp, "config.json"), {"mindport_config": config.to_dict()})
+        if self.groups is not None:
+            from mindport.ckpt_tools.convert import LAYOUT_FILE, layout_text, rank_layout
+            from mindport.ckpt_tools.shapes import parameter_shapes
+
+            p = self.groups.config
+            layout, _ = rank_layout({n: ("F32", shape) for n, shape in parameter_shapes(config).items()}, config,
+                                    p.model_parallel, p.pipeline_stage, p.expert_parallel, p.offset or None)
+            with open(os.path.join(tmp, LAYOUT_FILE), "w", encoding="utf-8") as f:
+                f.write(layout_text(layout))
+                f.flush()
+                os.fsync(f.fileno())
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            for name in os.listdir(tmp):
+                if name.startswith("tokenizer"):
+                    with open(os.path.join(tmp, name), "rb+") as f:
+                        os.fsync(f.fileno())
+        _write_json(os.path.join(tmp, STATE_DIR, "state.json"), state)
+        _fsync_dir(os.path.join(tmp, STATE_DIR))
+        _fsync_dir(tmp)
+
+    def _publish(self, tmp: str, final: str) -> None:
+        if os.path.exists(final):  # the same step saved again (e.g. after a resume): swap
+            old = f"{final}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.directory)
+
+    def _prune(self, pid: int) -> None:
         steps = self.steps()
         for step in steps[:-self.keep]:
             shutil.rmtree(self.path(step), ignore_errors=True)
         for name in os.listdir(self.directory):  # leftovers of killed saves
-            if name.startswith(".tmp-step_") and not name.endswith(f"-{os.getpid()}"):
+            if name.startswith(".tmp-step_") and not name.endswith(f"-{pid}"):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
-    @staticmethod
-    def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-        """(weights, optimizer/scaler arrays, state) of a checkpoint directory."""
+    # ------------------------------------------------------------------ loading
+    def load(self, path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+        """(weights, optimizer/scaler arrays, state) of a checkpoint directory, for this rank."""
         state_path = os.path.join(path, STATE_DIR, "state.json")
         if not os.path.isfile(state_path):
             raise CheckpointError(f"{path}: not a training checkpoint (no {STATE_DIR}/state.json)")
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
-        weights = read_safetensors(os.path.join(path, "model.safetensors"))
-        arrays = read_safetensors(os.path.join(path, STATE_DIR, "optimizer.safetensors"))
+        self._check_layout(state_path, state.get("parallel", {}))
+        if self.groups is None:
+            weights = read_safetensors(os.path.join(path, "model.safetensors"))
+            arrays = read_safetensors(os.path.join(path, STATE_DIR, "optimizer.safetensors"))
+            return weights, arrays, state
+        from mindport.models.auto import rank_directory
+
+        weights = read_safetensors(os.path.join(rank_directory(path, self.groups), "model.safetensors"))
+        arrays = read_safetensors(os.path.join(path, STATE_DIR, f"rank_{self._state_rank():05d}.safetensors"))
         return weights, arrays, state
+
+    def _check_layout(self, state_path: str, saved: dict) -> None:
+        """A checkpoint resumes only under the layout that wrote it."""
+        ours = dataclasses.asdict(self.groups.config) if self.groups is not None else {}
+        keys = RESUME_KEYS + (("micro_batch_num",) if ours.get("pipeline_stage", 1) > 1 else ())
+        defaults = dataclasses.asdict(ParallelConfig())
+        for key in keys:
+            before, now = saved.get(key, defaults[key]), ours.get(key, defaults[key])
+            if before != now:
+                raise ConfigError(f"{state_path}: saved under parallel_config key '{key}' = {before!r}, this run has "
+                                  f"{now!r}: resume under the same layout (or `mindport convert merge` the weights "
+                                  f"and start a new run from them with load_checkpoint)")
+
+
+# parallel_config keys a resumed run must share with the run that saved (what each rank holds)
+RESUME_KEYS = ("data_parallel", "model_parallel", "pipeline_stage", "context_parallel", "expert_parallel", "offset",
+               "optimizer_shard")

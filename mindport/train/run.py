@@ -9,6 +9,7 @@ steps that follow are the ones an uninterrupted run would have taken.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -23,7 +24,7 @@ from mindport.train.checkpoint import CheckpointManager
 from mindport.train.data import Loader, PackedDataset
 from mindport.train.flops import measure_matmul_flops, train_flops_per_token
 from mindport.train.logger import RunLogger
-from mindport.train.trainer import GradSync, LossReduce, Trainer
+from mindport.train.trainer import Trainer
 
 
 @dataclass
@@ -59,6 +60,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def build_model(run: RunConfig):
+    """The model of this rank under the registered layout: ``load_checkpoint``'s weights (its slices),
+    else weights drawn from ``seed`` (the same model under any layout)."""
     from mindport.models.auto import AutoModelForCausalLM
 
     path = run.train.load_checkpoint
@@ -68,14 +71,16 @@ def build_model(run: RunConfig):
             raise ConfigError(f"load_checkpoint = {path!r}: its model (vocab {model.config.vocab_size}, hidden "
                               f"{model.config.hidden_size}) differs from model.model_config")
         return model
-    return AutoModelForCausalLM.from_config(run.model)
+    model = AutoModelForCausalLM.from_config(run.model)
+    model.init_weights(run.train.seed)
+    return model
 
 
 def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, model=None,
-          grad_sync: GradSync | None = None, loss_reduce: LossReduce | None = None, progress: bool | None = None,
-          echo=print) -> TrainResult:
-    """Train ``run``; ``stop_after`` ends this call after that many total steps (the LR schedule still
-    spans ``train_steps``), e.g. to resume later."""
+          progress: bool | None = None, echo=print) -> TrainResult:
+    """Train ``run`` under the registered process groups (:func:`mindport.parallel.state.init_parallel`);
+    ``stop_after`` ends this call after that many total steps (the LR schedule still spans
+    ``train_steps``), e.g. to resume later. Rank 0 logs and writes the run directory's files."""
     cfg = run.train
     if not cfg.data_dir:
         raise ConfigError("train_dataset.data_dir: not set (point it at a `mindport data prepare` output, "
@@ -90,32 +95,39 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
 
         tokenizer = Tokenizer.load(dataset.tokenizer_dir)
     model = model if model is not None else build_model(run)
-    trainer = Trainer(model, cfg, grad_sync=grad_sync, loss_reduce=loss_reduce)
-    # data parallel: every rank draws the same global batch and keeps its batch_size rows
-    dp, dp_rank = model.groups.dp.size, model.groups.dp.rank
-    loader = Loader(dataset, cfg.batch_size * dp, cfg.seed)
-    rows = slice(dp_rank * cfg.batch_size, (dp_rank + 1) * cfg.batch_size)
-    ckpts = CheckpointManager(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
+    groups = model.groups
+    lead = groups.global_rank == 0
+    if not lead:
+        echo, progress = (lambda *_: None), False
+    trainer = Trainer(model, cfg)
+    # data parallel: every rank draws the same global batch and keeps its own rows of it
+    per_rank, dp = trainer.rows_per_step, groups.dp.size
+    loader = Loader(dataset, per_rank * dp, cfg.seed)
+    rows = slice(groups.dp.rank * per_rank, (groups.dp.rank + 1) * per_rank)
+    ckpts = CheckpointManager(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints, groups, trainer.zero)
 
     if resume:
         path = ckpts.latest()
         if path is None:
             echo(f"resume: no checkpoint in {ckpts.directory}; starting at step 0")
         else:
-            restore(trainer, loader, path)
+            restore(trainer, loader, ckpts, path)
             echo(f"resume: continuing from {path} (step {trainer.step}, {loader.consumed} samples consumed)")
 
     end = cfg.train_steps if stop_after is None else min(stop_after, cfg.train_steps)
     fpt = train_flops_per_token(run.model, cfg.seq_length)
+    world = len(groups.world.ranks)
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_flops()
-    logger = RunLogger(cfg.output_dir, cfg.train_steps, trainer.step, cfg.log_steps, fpt, peak, progress, echo=echo)
+    tokens_per_step = per_rank * dp * cfg.grad_accumulation * cfg.seq_length  # the global batch
+    logger = RunLogger(cfg.output_dir, cfg.train_steps, trainer.step, cfg.log_steps, fpt, peak * world, progress,
+                       echo=echo) if lead else None
     from mindport.parallel.memory import format_memory_report, memory_report
 
-    echo(format_memory_report(memory_report(model.config, model.groups.config, cfg.batch_size, cfg.seq_length,
-                                            cfg.amp_level, cfg.recompute, rank=model.groups.global_rank,
-                                            pipeline_offset=model.groups.config.offset)))
-    echo(f"training: {run.model.num_parameters() / 1e6:.2f}M parameters, {cfg.amp_level}, "
-         f"{cfg.batch_size}x{cfg.grad_accumulation} x {cfg.seq_length} tokens/step, steps {trainer.step}->{end} "
+    echo(format_memory_report(memory_report(model.config, groups.config, cfg.batch_size, cfg.seq_length,
+                                            cfg.amp_level, cfg.recompute, rank=groups.global_rank,
+                                            pipeline_offset=groups.config.offset)))
+    echo(f"training: {run.model.num_parameters() / 1e6:.2f}M parameters, {cfg.amp_level}, {world} process(es), "
+         f"{per_rank * dp}x{cfg.grad_accumulation} x {cfg.seq_length} tokens/step, steps {trainer.step}->{end} "
          f"of {cfg.train_steps}, {'compiled' if trainer.compiled else 'eager'}; MFU vs "
          f"{'stated' if cfg.peak_tflops else 'measured MindSpore fp32 matmul'} peak {peak / 1e9:.1f} GFLOP/s")
 
@@ -127,7 +139,8 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
             micro = [loader.next_batch()[rows] for _ in range(cfg.grad_accumulation)]
             metrics = trainer.train_step(micro)
             metrics["epoch"] = round(loader.epoch, 4)
-            logger.log(metrics, cfg.tokens_per_step, time.perf_counter() - t0)
+            if logger:
+                logger.log(metrics, tokens_per_step, time.perf_counter() - t0)
             first = metrics["loss"] if first is None else first
             last = metrics["loss"]
             if cfg.save_steps and trainer.step % cfg.save_steps == 0:
@@ -135,23 +148,25 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         if trainer.step and (saved is None or not saved.endswith(f"{trainer.step:08d}")):
             saved = save(trainer, loader, ckpts, tokenizer, last)
     finally:
-        plot = logger.close()
+        plot = logger.close() if logger else None
     return TrainResult(trainer.step, first, last, saved or ckpts.latest(), time.perf_counter() - start_time, plot,
                        cfg.output_dir)
 
 
 def save(trainer: Trainer, loader: Loader, ckpts: CheckpointManager, tokenizer, loss) -> str:
+    weights = trainer.fp32_weights()  # a collective under ZeRO + O2: every rank saves
     arrays = {name: p.asnumpy() for name, p in trainer.state_tensors().items()}
     arrays["rng.mindspore"] = ms.get_rng_state().asnumpy()
     state = {"step": trainer.step, "lr_next": trainer.lr(), "loss": loss, "data": loader.state_dict(),
-             "rng": _rng_state(), "amp_level": trainer.level, "train_config": trainer.config.to_dict()}
-    return ckpts.save(trainer.step, trainer.base_config, trainer.fp32_weights(), arrays, state, tokenizer)
+             "rng": _rng_state(), "amp_level": trainer.level, "train_config": trainer.config.to_dict(),
+             "parallel": dataclasses.asdict(trainer.groups.config)}
+    return ckpts.save(trainer.step, trainer.base_config, weights, arrays, state, tokenizer)
 
 
-def restore(trainer: Trainer, loader: Loader, path: str) -> None:
+def restore(trainer: Trainer, loader: Loader, ckpts: CheckpointManager, path: str) -> None:
     from mindport.ckpt_tools.safetensors_io import CheckpointError
 
-    weights, arrays, state = CheckpointManager.load(path)
+    weights, arrays, state = ckpts.load(path)
     trainer.load_fp32_weights(weights, os.path.join(path, "model.safetensors"))
     for name, param in trainer.state_tensors().items():
         if name not in arrays:

@@ -1,41 +1,40 @@
-"""One optimiser step: forward + backward per micro-batch, then unscale, sync, clip, update.
+"""One optimiser step: forward + backward per micro-batch, then sync, unscale, clip, update.
 
     for each of the A micro-batches (B, S):       loss_a, g_a = grad(scale * loss(model(x_a)))
-    g = grad_sync(sum_a g_a)                      fp32; data-parallel all-reduce (injected; identity here)
-    g /= A * scale ; n = ||g||_2                  norm reported before clipping; non-finite n = overflow
+    g = sync(sum_a g_a)                           fp32; summed over dp/cp replicas (GradientSync)
+    g /= A * scale ; n = ||g||_2                  the whole model's norm (GradNorm), before clipping;
+                                                  non-finite n = overflow
     g *= min(1, clip / n)                         (the three scalings are one multiply)
     AdamW(masters, g, lr(step)) ; params <- masters (O2 only)
 
-``grad_sync`` and ``loss_reduce`` are injected by the parallel layer: callables on a tuple of
-Tensors / a scalar Tensor that ``ms.jit`` can trace (e.g. ``ops.AllReduce`` cells), since they
-run inside the compiled step. Dense models compile the step with ``ms.jit``; MoE models run
-the same functions eagerly (their expert loop reads token counts on the host).
+The layout comes from ``model.groups`` (``parallel_config``): tensor/sequence/expert parallel
+layers live in the model; context parallelism feeds each rank its zigzag share of the sequence;
+pipeline parallelism runs each accumulation step through the 1F1B schedule (micro_batch_num
+micro-batches); ``optimizer_shard`` swaps AdamW for ZeRO-1 (:class:`ZeroAdamW`, which
+reduce-scatters the gradients instead of all-reducing them). Dense models without pipeline
+stages compile the step with ``ms.jit``; MoE models and pipeline stages run the forward and
+backward eagerly (host-read expert counts; point-to-point exchanges between stages).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
+from mindport.config import ConfigError
+from mindport.parallel.comm import collectives
+from mindport.parallel.grad_sync import GradientSync, GradNorm
 from mindport.train import amp as amp_lib
 from mindport.train.config import TrainConfig
 from mindport.train.optim import AdamW, lr_at, no_decay_names
 
-GradSync = Callable[[tuple], tuple]
-LossReduce = Callable[[Tensor], Tensor]
+IGNORE_INDEX = -100
 
 
 def _identity(x):
     return x
-
-
-def global_norm(grads) -> Tensor:
-    total = ops.zeros((), ms.float32)
-    for g in grads:
-        total = total + ops.square(g).sum()
-    return ops.sqrt(total)
 
 
 def apply_recompute(model, recompute: bool | int) -> int:
@@ -47,17 +46,24 @@ def apply_recompute(model, recompute: bool | int) -> int:
     return min(count, len(layers))
 
 
+def next_token_targets(labels: np.ndarray) -> np.ndarray:
+    """targets[:, t] = labels[:, t + 1]; the last position predicts nothing (ignored)."""
+    targets = np.full(labels.shape, IGNORE_INDEX, np.int32)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
 class Trainer:
     """Holds the (possibly AMP-converted) model, the optimiser and the loss scaler.
 
     ``self.model`` is what trains (under O2 an fp16 copy of the model passed in);
-    :meth:`fp32_weights` gives the full-precision weights by parameter name.
+    :meth:`fp32_weights` gives this rank's full-precision weights by parameter name.
     """
 
-    def __init__(self, model, config: TrainConfig, grad_sync: GradSync | None = None,
-                 loss_reduce: LossReduce | None = None):
+    def __init__(self, model, config: TrainConfig):
         self.config = config
         self.base_config = model.config
+        self.groups = groups = model.groups
         self.level = config.amp_level
         self.masters: dict = {}
         if self.level == "O2":
@@ -66,83 +72,124 @@ class Trainer:
             amp_lib.apply_o1(model, config.amp_dtype)
         self.model = model
         self.recomputed_layers = apply_recompute(model, config.recompute)
-        self.grad_sync = grad_sync or _identity
-        self.loss_reduce = loss_reduce or _identity
         named = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = ms.ParameterTuple([p for _, p in named])
         exempt = no_decay_names(model)
-        opt_params = [self.masters.get(n, p) for n, p in named]
-        self.optimizer = AdamW(opt_params, [n not in exempt for n in self.names], config.beta1, config.beta2,
-                               config.eps, config.weight_decay)
+        decay = [n not in exempt for n in self.names]
+        self.zero = groups.config.optimizer_shard and groups.dp.size > 1
+        if self.zero:
+            from mindport.parallel.zero import ZeroAdamW, shard_group
+
+            self.optimizer = ZeroAdamW(list(self.params), groups, beta1=config.beta1, beta2=config.beta2,
+                                       eps=config.eps, weight_decay=config.weight_decay, decay=decay,
+                                       bias_correction=True, masters=[self.masters.get(n) for n in self.names])
+            self.masters = {}  # the optimizer's master slices replace the full fp32 copies
+            self.grad_sync = _identity  # ZeroAdamW reduce-scatters over dp itself
+            shard_groups = [shard_group(n, groups) for n in self.names]
+        else:
+            self.optimizer = AdamW([self.masters.get(n, p) for n, p in named], decay, config.beta1, config.beta2,
+                                   config.eps, config.weight_decay)
+            self.grad_sync = GradientSync(list(self.params), groups)
+            shard_groups = None
+        self.grad_norm = GradNorm(self.names, groups, shard_groups)
+        # the loss each rank computes is its share of the global mean (tokens of dp/cp ranks; only
+        # the last pipeline stage has one): summed over those groups it is the global loss
+        self.loss_sums = [collectives(g) for g in (groups.dp, groups.cp, groups.pp) if g.size > 1]
         self.copy_back = tuple((p, self.masters[n]) for n, p in named if n in self.masters)
         self.scaler = amp_lib.loss_scaler(config.loss_scale_type, config.loss_scale, config.loss_scale_factor,
                                           config.loss_scale_window)
         self.dynamic = config.loss_scale_type == "dynamic"
         self.step = 0  # completed optimiser steps
-        self.compiled = config.jit and not self.base_config.is_moe
+        self.pipeline = None
+        if groups.pp.size > 1:
+            if groups.cp.size > 1:
+                raise ConfigError(f"parallel_config: key 'context_parallel' = {groups.cp.size}: training with "
+                                  f"pipeline_stage > 1 runs without context parallelism")
+            from mindport.parallel.schedules import PipelineSchedule
+
+            self.pipeline = PipelineSchedule(model, groups, groups.config.micro_batch_num)
+        self.compiled = config.jit and not self.base_config.is_moe and self.pipeline is None
         self._build()
         self._inputs_cache: tuple | None = None
 
+    @property
+    def rows_per_step(self) -> int:
+        """Rows of the global batch this data-parallel rank takes per accumulation step."""
+        return self.config.batch_size * (self.groups.config.micro_batch_num if self.pipeline else 1)
+
     # ------------------------------------------------------------------ step functions
     def _build(self) -> None:
-        model, scaler, clip = self.model, self.scaler, float(self.config.grad_clip)
+        model, scaler, clip, optimizer = self.model, self.scaler, float(self.config.grad_clip), self.optimizer
 
-        def loss_fn(ids, cos, sin, mask, labels):
+        def loss_fn(ids, cos, sin, mask, targets):
             logits, router_loss, _ = model.forward(ids, cos, sin, mask)
-            loss = model.loss(logits, router_loss, labels)
+            loss = model.loss_from_targets(logits, router_loss, targets)
             return loss * scaler.scale_value.astype(loss.dtype), loss
 
         grad_fn = ms.value_and_grad(loss_fn, None, self.params, has_aux=True)
 
-        def micro(ids, cos, sin, mask, labels):
-            (_, loss), grads = grad_fn(ids, cos, sin, mask, labels)
+        def micro(ids, cos, sin, mask, targets):
+            (_, loss), grads = grad_fn(ids, cos, sin, mask, targets)
             return loss, tuple(g.astype(ms.float32) for g in grads)
 
         def accumulate(acc, grads):
-            return tuple(a + g for a, g in zip(acc, grads))
+            return tuple(a + g.astype(ms.float32) for a, g in zip(acc, grads))
 
         def apply(grads, lr, inv_micro):
             # grads = sum over micro-batches of d(scale * loss); one multiply turns them into the
             # clipped mean gradient: coef = 1 / (micro * scale), times the clip factor
-            grads = self.grad_sync(grads)
+            pieces = self.grad_sync(tuple(g.astype(ms.float32) for g in grads))
+            if self.zero:
+                pieces = optimizer.scatter_grads(pieces)  # this rank's slices, summed over dp
             coef = inv_micro / scaler.scale_value
-            norm = global_norm(grads) * coef
+            norm = self.grad_norm(ops.stack([ops.square(g).sum() for g in pieces])) * coef
             finite = ops.isfinite(norm)  # an inf/nan anywhere makes the norm non-finite
             if clip > 0:
                 coef = coef * (clip / ops.maximum(norm, clip))
-            grads = tuple(g * coef for g in grads)
+            pieces = tuple(g * coef for g in pieces)
             if self.dynamic:
                 scaler.adjust(finite)
                 if finite:
-                    self.optimizer(grads, lr)
+                    self._update(pieces, lr)
             else:
-                self.optimizer(grads, lr)
+                self._update(pieces, lr)
             for param, master in self.copy_back:
                 ops.assign(param, master.astype(param.dtype))
             return norm, finite
 
-        def fused(ids, cos, sin, mask, labels, lr):
-            loss, grads = micro(ids, cos, sin, mask, labels)
+        def fused(ids, cos, sin, mask, targets, lr):
+            loss, grads = micro(ids, cos, sin, mask, targets)
             norm, finite = apply(grads, lr, ops.ones((), ms.float32))
             return loss, norm, finite
 
         wrap = ms.jit if self.compiled else _identity
-        self._micro, self._accumulate, self._apply, self._fused = wrap(micro), wrap(accumulate), wrap(apply), wrap(fused)
+        self._micro, self._accumulate, self._fused = wrap(micro), wrap(accumulate), wrap(fused)
+        self._apply = ms.jit(apply) if self.config.jit else apply
+
+    def _update(self, grads, lr):
+        return self.optimizer.update(grads, lr) if self.zero else self.optimizer(grads, lr)
 
     def _inputs(self, batch: np.ndarray):
+        """Model inputs and next-token targets of one micro-batch (this rank's zigzag share under
+        context parallelism)."""
         ids = np.ascontiguousarray(batch, dtype=np.int32)
-        if self._inputs_cache is None or self._inputs_cache[0] != ids.shape:
-            _, cos, sin, mask, q_scale = self.model.prepare(ids)
-            if q_scale is not None:
-                from mindport.config import ConfigError
+        cp = self.groups.cp
+        if cp.size > 1:
+            from mindport.parallel.context import context_parallel_batch
 
+            share = context_parallel_batch(ids, cp.size, cp.rank)
+            local, targets, prepare = share.ids, share.targets, lambda: share.model_inputs(self.model)
+        else:
+            local, targets, prepare = ids, next_token_targets(ids), lambda: self.model.prepare(ids)
+        if self._inputs_cache is None or self._inputs_cache[0] != ids.shape:
+            _, cos, sin, mask, q_scale = prepare()
+            if q_scale is not None:
                 raise ConfigError("key 'use_logn_attn' = True: training with logN query scaling is not supported "
                                   "(it applies beyond training_seqlen, at inference)")
             self._inputs_cache = (ids.shape, cos, sin, mask)
         _, cos, sin, mask = self._inputs_cache
-        t = Tensor(ids)
-        return t, cos, sin, mask, t
+        return Tensor(np.ascontiguousarray(local, dtype=np.int32)), cos, sin, mask, Tensor(targets, ms.int32)
 
     def lr(self, step: int | None = None) -> float:
         c = self.config
@@ -150,20 +197,28 @@ class Trainer:
                      c.train_steps)
 
     def train_step(self, micro_batches: Sequence[np.ndarray]) -> dict:
-        """One optimiser step over ``micro_batches`` (each (B, S) int token ids); returns its metrics."""
+        """One optimiser step over ``micro_batches`` (each (rows_per_step, S) int token ids of this
+        data-parallel rank); returns its metrics (loss over the whole global batch)."""
         lr_value = self.lr()
         lr = Tensor(lr_value, ms.float32)
-        if len(micro_batches) == 1:
+        if self.pipeline is None and len(micro_batches) == 1:
             loss, norm, finite = self._fused(*self._inputs(micro_batches[0]), lr)
         else:
             losses, acc = [], None
             for batch in micro_batches:
-                loss, grads = self._micro(*self._inputs(batch))
+                if self.pipeline is None:
+                    loss, grads = self._micro(*self._inputs(batch))
+                else:
+                    ids = np.ascontiguousarray(batch, dtype=np.int32)
+                    loss, grads = self.pipeline.run(ids, ids, self.scaler.scale_value)
+                    loss = ops.zeros((), ms.float32) if loss is None else loss
                 losses.append(loss)
-                acc = grads if acc is None else self._accumulate(acc, grads)
+                grads = ms.mutable(tuple(grads))  # variables, not constants, of the compiled functions
+                acc = grads if acc is None else ms.mutable(self._accumulate(acc, grads))
             norm, finite = self._apply(acc, lr, Tensor(1.0 / len(micro_batches), ms.float32))
             loss = ops.stack(losses).mean()
-        loss = self.loss_reduce(loss)
+        for comm in self.loss_sums:
+            loss = comm.all_reduce(loss)
         self.step += 1
         return {"step": self.step, "loss": float(loss.asnumpy()), "lr": lr_value,
                 "grad_norm": float(norm.asnumpy()), "loss_scale": float(self.scaler.scale_value.asnumpy()),
@@ -171,7 +226,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def fp32_weights(self) -> dict[str, np.ndarray]:
-        """Model parameter name -> fp32 array (the master copy under O2)."""
+        """Model parameter name -> fp32 array of this rank (the master copy under O2; gathered from
+        the data-parallel ranks' slices under ZeRO + O2, a collective)."""
+        if self.zero and self.level == "O2":
+            return {n: w.asnumpy() for n, w in zip(self.names, self.optimizer.gather("master"))}
         out = {}
         for name, param in zip(self.names, self.params):
             src = self.masters.get(name, param)
@@ -196,10 +254,15 @@ class Trainer:
         """Optimiser and loss-scale state: name -> Parameter (moments keyed by model parameter name,
         so O1 and O2 checkpoints resume into each other)."""
         opt = self.optimizer
-        out = {"optimizer.step": opt.step}
-        for name, m, v in zip(self.names, opt.exp_avg, opt.exp_avg_sq):
-            out[f"exp_avg.{name}"] = m
-            out[f"exp_avg_sq.{name}"] = v
+        if self.zero:  # this rank's slices (mindport.parallel.zero)
+            out = {"zero.step": opt.step}
+            for name, w, m, v in zip(self.names, opt.master, opt.moments1, opt.moments2):
+                out.update({f"zero_master.{name}": w, f"zero_m.{name}": m, f"zero_v.{name}": v})
+        else:
+            out = {"optimizer.step": opt.step}
+            for name, m, v in zip(self.names, opt.exp_avg, opt.exp_avg_sq):
+                out[f"exp_avg.{name}"] = m
+                out[f"exp_avg_sq.{name}"] = v
         out["loss_scale.value"] = self.scaler.scale_value
         if self.dynamic:
             out["loss_scale.counter"] = self.scaler.counter

@@ -44,8 +44,8 @@ def test_resume_continues_exactly(tmp_path, data_dir, level):
     assert [m["step"] for m in b] == list(range(1, 2 * n + 1))
     for key in ("loss", "grad_norm", "lr"):
         np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=1e-6, atol=0, err_msg=key)
-    wa, oa, sa = CheckpointManager.load(straight.checkpoint)
-    wb, ob, sb = CheckpointManager.load(second.checkpoint)
+    wa, oa, sa = CheckpointManager(str(tmp_path)).load(straight.checkpoint)
+    wb, ob, sb = CheckpointManager(str(tmp_path)).load(second.checkpoint)
     assert sa["data"] == sb["data"] and sa["step"] == sb["step"] == 2 * n
     for name in wa:
         np.testing.assert_allclose(wb[name], wa[name], rtol=1e-5, atol=1e-7, err_msg=name)
@@ -67,7 +67,7 @@ def test_checkpoint_is_a_loadable_model_dir_and_old_ones_are_pruned(tmp_path, da
     assert ckpts.steps() == [3, 4] and result.checkpoint == ckpts.path(4)
     assert not [n for n in os.listdir(ckpts.directory) if n.startswith(".")]
     model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
-    weights, arrays, state = CheckpointManager.load(result.checkpoint)
+    weights, arrays, state = ckpts.load(result.checkpoint)
     for name, param in model.parameters_and_names():
         np.testing.assert_array_equal(param.asnumpy(), weights[name])
     assert state["step"] == 4 and state["data"]["consumed"] == 8 and "exp_avg.embed.weight" in arrays
