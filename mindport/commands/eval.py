@@ -6,8 +6,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="mean loss and perplexity of a model on a prepared data directory")
     p.add_argument("--load", required=True, help="model directory (checkpoint, mindport or HF format)")
     p.add_argument("--data", required=True, help="directory written by `mindport data prepare`")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="rows per step (per data-parallel rank)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--model-parallel", type=int, default=1, metavar="N",
+                   help="tensor-parallel ranks (under msrun; --load: a model, or a checkpoint saved with this layout)")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="data-parallel ranks (under msrun): each evaluates --batch-size rows of every batch")
     p.set_defaults(func=run)
 
 
@@ -16,11 +20,19 @@ def run(args) -> int:
     from mindport.train.data import PackedDataset
     from mindport.train.evaluate import evaluate
 
-    if args.batch_size <= 0:
-        raise ValueError(f"--batch-size {args.batch_size}: expected a positive integer")
+    from mindport.config import ParallelConfig
+    from mindport.parallel.state import init_parallel
+
+    for flag, value in (("--batch-size", args.batch_size), ("--model-parallel", args.model_parallel),
+                        ("--data-parallel", args.data_parallel)):
+        if value <= 0:
+            raise ValueError(f"{flag} {value}: expected a positive integer")
     dataset = PackedDataset(args.data)
+    groups = init_parallel(ParallelConfig(data_parallel=args.data_parallel, model_parallel=args.model_parallel))
     model = AutoModelForCausalLM.from_pretrained(args.load)
     result = evaluate(model, dataset, args.batch_size, args.max_samples)
+    if groups.global_rank:
+        return 0  # rank 0 reports
     print(f"samples: {result.samples}")
     print(f"tokens: {result.tokens}")
     print(f"loss: {result.loss:.6f}")

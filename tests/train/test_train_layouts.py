@@ -1,0 +1,189 @@
+"""`mindport train` and `mindport eval` under msrun, on real CPU processes.
+
+Every layout trains the same model (weights drawn per parameter name from the seed, then
+sliced) on the same global batches as one process, so per-step losses and gradient norms
+agree, and the per-rank checkpoint merges back into the single-process weights.
+"""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from train_helpers import SEQ, tiny_model_config
+
+_spec = importlib.util.spec_from_file_location("launch", os.path.join(os.path.dirname(__file__), "..", "parallel",
+                                                                      "launch.py"))
+launch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launch)
+
+STEPS = 3
+GLOBAL_BATCH = 4
+# name -> (parallel_config, batch_size per data-parallel rank and micro-batch)
+LAYOUTS = {
+    "tp2_sp": ({"model_parallel": 2, "use_seq_parallel": True}, 4),
+    "pp2": ({"pipeline_stage": 2, "micro_batch_num": 2}, 2),
+    "cp2": ({"context_parallel": 2}, 4),
+    "dp2_zero": ({"data_parallel": 2, "optimizer_shard": True}, 2),
+}
+
+
+def write_yaml(path, data_dir, output_dir, batch, parallel=None, **runner):
+    model = {k: v for k, v in tiny_model_config().to_dict().items() if v is not None}
+    doc = {"seed": 0, "output_dir": str(output_dir), "model": {"model_config": model},
+           "parallel_config": parallel or {},
+           "runner_config": {"batch_size": batch, "seq_length": SEQ, "train_steps": STEPS, **runner},
+           "lr_schedule": {"learning_rate": 3e-3, "warmup_steps": 1}, "train_dataset": {"data_dir": data_dir}}
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights_of(directory):
+    from mindport.train.checkpoint import read_safetensors
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(read_safetensors(os.path.join(directory, name)))
+    return out
+
+
+def msrun_mindport(args, workers, log_dir):
+    from mindport import cli
+
+    launch.msrun(cli.__file__, args, workers, str(log_dir))
+    with open(os.path.join(log_dir, "worker_0.log"), errors="replace") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The single-process run every layout must reproduce."""
+    from mindport.config import load_yaml
+    from mindport.train.run import train
+
+    root = tmp_path_factory.mktemp("single")
+    result = train(load_yaml(write_yaml(root / "run.yaml", data_dir, root / "out", GLOBAL_BATCH)), progress=False,
+                   echo=lambda s: None)
+    return metrics(root / "out"), result.checkpoint
+
+
+@pytest.fixture(scope="module")
+def layout_runs(data_dir, tmp_path_factory):
+    """name -> output directory of that layout's msrun training (run on first use)."""
+    cache = {}
+
+    def run(name):
+        if name not in cache:
+            parallel, batch = LAYOUTS[name]
+            root = tmp_path_factory.mktemp(name)
+            cfg = write_yaml(root / "run.yaml", data_dir, root / "out", batch, parallel)
+            world = int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage",
+                                                               "context_parallel")]))
+            msrun_mindport(["train", "--config", cfg, "--no-progress"], world, root / "log")
+            cache[name] = root / "out"
+        return cache[name]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, reference, layout_runs, tmp_path):
+    from mindport.ckpt_tools.convert import merge
+
+    ref_metrics, ref_ckpt = reference
+    out = layout_runs(name)
+    got = metrics(out)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref_metrics], rtol=1e-5, atol=0,
+                                   err_msg=f"{name}: {key}")
+    step_dir = os.path.join(out, "checkpoints", f"step_{STEPS:08d}")
+    layout = json.load(open(os.path.join(step_dir, "layout.json")))
+    parallel, _ = LAYOUTS[name]
+    assert (layout["tp"], layout["pp"]) == (parallel.get("model_parallel", 1), parallel.get("pipeline_stage", 1))
+    merge(step_dir, str(tmp_path / "merged"), progress=False)
+    merged, single = weights_of(tmp_path / "merged"), weights_of(ref_ckpt)
+    assert sorted(merged) == sorted(single)
+    for tensor, value in single.items():  # three AdamW steps from the same start
+        np.testing.assert_allclose(merged[tensor], value, rtol=1e-4, atol=2e-5, err_msg=f"{name}: {tensor}")
+
+
+@pytest.mark.slow
+def test_eval_under_msrun_with_tensor_and_data_parallelism(reference, layout_runs, data_dir):
+    from mindport import AutoModelForCausalLM
+    from mindport.train.data import PackedDataset
+    from mindport.train.evaluate import evaluate
+
+    _, ref_ckpt = reference
+    expected = evaluate(AutoModelForCausalLM.from_pretrained(ref_ckpt), PackedDataset(data_dir), 2, 7).loss
+    tp_ckpt = os.path.join(layout_runs("tp2_sp"), "checkpoints", f"step_{STEPS:08d}")  # per-rank shards
+    # the same global batch of 2 rows: 2 rows on each of two tensor-parallel ranks, 1 on each data rank
+    for load, flag, rows in ((tp_ckpt, "--model-parallel", "2"), (ref_ckpt, "--data-parallel", "1")):
+        log = msrun_mindport(["eval", "--load", load, "--data", data_dir, "--batch-size", rows, "--max-samples", "7",
+                              flag, "2"], 2, os.path.join(os.path.dirname(load), flag))
+        loss = float(re.search(r"^loss: (\S+)$", log, re.M).group(1))
+        assert loss == pytest.approx(expected, rel=1e-5), flag
+
+
+@pytest.mark.slow
+def test_resume_under_zero_continues_the_run(reference, data_dir, tmp_path):
+    """DP2 with sharded optimizer state: stop after 2 steps, resume for the 3rd; same losses."""
+    ref_metrics, _ = reference
+    parallel, batch = LAYOUTS["dp2_zero"]
+    cfg = write_yaml(tmp_path / "run.yaml", data_dir, tmp_path / "out", batch, parallel, save_steps=1)
+    msrun_mindport(["train", "--config", cfg, "--no-progress", "--stop-after", "2"], 2, tmp_path / "log1")
+    log = msrun_mindport(["train", "--config", cfg, "--no-progress", "--resume"], 2, tmp_path / "log2")
+    assert "resume: continuing from" in log and "(step 2, 8 samples consumed)" in log
+    state = os.listdir(tmp_path / "out" / "checkpoints" / f"step_{STEPS:08d}" / "train_state")
+    assert sorted(state) == ["rank_00000.safetensors", "rank_00001.safetensors", "state.json"]
+    got = metrics(tmp_path / "out")
+    np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in ref_metrics], rtol=1e-5, atol=0)
+
+
+def test_resuming_under_another_layout_fails_clearly(reference, data_dir, tmp_path):
+    """A per-rank checkpoint resumes only under its layout (here: one process)."""
+    import shutil
+
+    from mindport.config import ConfigError, load_yaml
+    from mindport.train.run import train
+
+    _, ref_ckpt = reference
+    out = tmp_path / "out"
+    shutil.copytree(os.path.dirname(ref_ckpt), out / "checkpoints")
+    state_path = out / "checkpoints" / f"step_{STEPS:08d}" / "train_state" / "state.json"
+    state = json.load(open(state_path))
+    state["parallel"]["model_parallel"] = 2  # as if saved by a TP2 run
+    state_path.write_text(json.dumps(state))
+    cfg = load_yaml(write_yaml(tmp_path / "run.yaml", data_dir, out, GLOBAL_BATCH, train_steps=STEPS + 1))
+    with pytest.raises(ConfigError, match=r"saved under parallel_config key 'model_parallel' = 2, this run has 1"):
+        train(cfg, resume=True, progress=False, echo=lambda s: None)
+
+
+def test_parallel_layout_without_a_launcher_fails_clearly(tmp_path, data_dir):
+    from mindport.cli import main
+
+    cfg = write_yaml(tmp_path / "tp.yaml", data_dir, tmp_path / "o", 2, {"model_parallel": 2})
+    assert main(["train", "--config", cfg]) == 2
+
+
+def test_memory_report_printed_when_training_starts(data_dir, tmp_path):
+    from mindport.config import load_yaml
+    from mindport.train.run import train
+
+    cfg = write_yaml(tmp_path / "m.yaml", data_dir, tmp_path / "m", 2)
+    lines = []
+    train(load_yaml(cfg), stop_after=1, progress=False, echo=lines.append)
+    report = "\n".join(lines)
+    assert "memory rank 0" in report and "parameters" in report and "activations" in report
