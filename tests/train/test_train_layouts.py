@@ -24,17 +24,22 @@ _spec.loader.exec_module(launch)
 
 STEPS = 3
 GLOBAL_BATCH = 4
-# name -> (parallel_config, batch_size per data-parallel rank and micro-batch)
+DENSE, MOE = "telechat2-tiny-gqa", "mixtral-tiny"
+# name -> (model preset, parallel_config, batch_size per data-parallel rank and micro-batch)
 LAYOUTS = {
-    "tp2_sp": ({"model_parallel": 2, "use_seq_parallel": True}, 4),
-    "pp2": ({"pipeline_stage": 2, "micro_batch_num": 2}, 2),
-    "cp2": ({"context_parallel": 2}, 4),
-    "dp2_zero": ({"data_parallel": 2, "optimizer_shard": True}, 2),
+    "tp2_sp": (DENSE, {"model_parallel": 2, "use_seq_parallel": True}, 4),
+    "pp2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2),
+    "cp2": (DENSE, {"context_parallel": 2}, 4),
+    "dp2_zero": (DENSE, {"data_parallel": 2, "optimizer_shard": True}, 2),
+    "dp2_ep2_moe": (MOE, {"data_parallel": 2, "expert_parallel": 2}, 2),
 }
 
 
-def write_yaml(path, data_dir, output_dir, batch, parallel=None, **runner):
-    model = {k: v for k, v in tiny_model_config().to_dict().items() if v is not None}
+def write_yaml(path, data_dir, output_dir, batch, parallel=None, preset=DENSE, **runner):
+    from mindport import AutoConfig
+
+    config = AutoConfig.from_preset(preset, vocab_size=tiny_model_config().vocab_size)
+    model = {k: v for k, v in config.to_dict().items() if v is not None}
     doc = {"seed": 0, "output_dir": str(output_dir), "model": {"model_config": model},
            "parallel_config": parallel or {},
            "runner_config": {"batch_size": batch, "seq_length": SEQ, "train_steps": STEPS, **runner},
@@ -67,15 +72,27 @@ def msrun_mindport(args, workers, log_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """The single-process run every layout must reproduce."""
+def references(data_dir, tmp_path_factory):
+    """preset -> (metrics, checkpoint) of the single-process run every layout must reproduce."""
     from mindport.config import load_yaml
     from mindport.train.run import train
 
-    root = tmp_path_factory.mktemp("single")
-    result = train(load_yaml(write_yaml(root / "run.yaml", data_dir, root / "out", GLOBAL_BATCH)), progress=False,
-                   echo=lambda s: None)
-    return metrics(root / "out"), result.checkpoint
+    cache = {}
+
+    def run(preset):
+        if preset not in cache:
+            root = tmp_path_factory.mktemp("single")
+            cfg = load_yaml(write_yaml(root / "run.yaml", data_dir, root / "out", GLOBAL_BATCH, preset=preset))
+            result = train(cfg, progress=False, echo=lambda s: None)
+            cache[preset] = metrics(root / "out"), result.checkpoint
+        return cache[preset]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references(DENSE)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +102,9 @@ def layout_runs(data_dir, tmp_path_factory):
 
     def run(name):
         if name not in cache:
-            parallel, batch = LAYOUTS[name]
+            preset, parallel, batch = LAYOUTS[name]
             root = tmp_path_factory.mktemp(name)
-            cfg = write_yaml(root / "run.yaml", data_dir, root / "out", batch, parallel)
+            cfg = write_yaml(root / "run.yaml", data_dir, root / "out", batch, parallel, preset)
             world = int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage",
                                                                "context_parallel")]))
             msrun_mindport(["train", "--config", cfg, "--no-progress"], world, root / "log")
@@ -99,10 +116,11 @@ def layout_runs(data_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, reference, layout_runs, tmp_path):
+def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, references, layout_runs, tmp_path):
     from mindport.ckpt_tools.convert import merge
 
-    ref_metrics, ref_ckpt = reference
+    preset, parallel, _ = LAYOUTS[name]
+    ref_metrics, ref_ckpt = references(preset)
     out = layout_runs(name)
     got = metrics(out)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
@@ -111,13 +129,16 @@ def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, referenc
                                    err_msg=f"{name}: {key}")
     step_dir = os.path.join(out, "checkpoints", f"step_{STEPS:08d}")
     layout = json.load(open(os.path.join(step_dir, "layout.json")))
-    parallel, _ = LAYOUTS[name]
-    assert (layout["tp"], layout["pp"]) == (parallel.get("model_parallel", 1), parallel.get("pipeline_stage", 1))
+    assert [layout[k] for k in ("tp", "pp", "ep")] == [parallel.get(k, 1) for k in ("model_parallel", "pipeline_stage",
+                                                                                     "expert_parallel")]
     merge(step_dir, str(tmp_path / "merged"), progress=False)
     merged, single = weights_of(tmp_path / "merged"), weights_of(ref_ckpt)
     assert sorted(merged) == sorted(single)
-    for tensor, value in single.items():  # three AdamW steps from the same start
-        np.testing.assert_allclose(merged[tensor], value, rtol=1e-4, atol=2e-5, err_msg=f"{name}: {tensor}")
+    # three AdamW steps from the same start; early Adam steps move a weight by ~lr * sign(g), so a
+    # near-zero gradient rounded differently moves it by up to 2 lr = 6e-3: 1e-4 is well below that
+    # and far below the weights' scale (0.02), so a misplaced shard still fails
+    for tensor, value in single.items():
+        np.testing.assert_allclose(merged[tensor], value, rtol=1e-4, atol=1e-4, err_msg=f"{name}: {tensor}")
 
 
 @pytest.mark.slow
@@ -141,7 +162,7 @@ def test_eval_under_msrun_with_tensor_and_data_parallelism(reference, layout_run
 def test_resume_under_zero_continues_the_run(reference, data_dir, tmp_path):
     """DP2 with sharded optimizer state: stop after 2 steps, resume for the 3rd; same losses."""
     ref_metrics, _ = reference
-    parallel, batch = LAYOUTS["dp2_zero"]
+    _, parallel, batch = LAYOUTS["dp2_zero"]
     cfg = write_yaml(tmp_path / "run.yaml", data_dir, tmp_path / "out", batch, parallel, save_steps=1)
     msrun_mindport(["train", "--config", cfg, "--no-progress", "--stop-after", "2"], 2, tmp_path / "log1")
     log = msrun_mindport(["train", "--config", cfg, "--no-progress", "--resume"], 2, tmp_path / "log2")
