@@ -102,3 +102,18 @@ def test_pipeline_offset_from_parallel_config():
     with pytest.raises(ConfigError, match="key 'offset' = \\[2, 0\\]"):
         load_yaml(YAML, ["model.model_config.num_layers=5", "parallel_config.pipeline_stage=2",
                          "parallel_config.micro_batch_num=2", "parallel_config.offset=[2,0]"])
+
+
+def test_115b_finetune_config_is_the_published_model_and_fits_64gb_per_npu():
+    """The shipped multi-node example: TeleChat2-115B exactly, a valid 64-rank layout, and every rank's
+    estimated training memory under an Atlas 800T A2 NPU's 64 GB."""
+    from mindport import AutoConfig
+    from mindport.parallel.memory import memory_report
+    from mindport.parallel.state import check_layout
+
+    run = load_yaml("configs/telechat2/finetune_115b.yaml")
+    assert run.model == AutoConfig.from_preset("telechat2-115b")
+    check_layout(run.parallel, 64, run.model)
+    peak = max(memory_report(run.model, run.parallel, run.train.batch_size, run.train.seq_length, run.train.amp_level,
+                             run.train.recompute, rank=r)["bytes"]["total"] for r in range(64))
+    assert peak < 64e9
