@@ -31,7 +31,7 @@ LAYOUTS = {
     "pp2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2),
     "cp2": (DENSE, {"context_parallel": 2}, 4),
     "dp2_zero": (DENSE, {"data_parallel": 2, "optimizer_shard": True}, 2),
-    "dp2_ep2_moe": (MOE, {"data_parallel": 2, "expert_parallel": 2}, 2),
+    "dp2_ep2_moe_zero": (MOE, {"data_parallel": 2, "expert_parallel": 2, "optimizer_shard": True}, 2),
 }
 
 
