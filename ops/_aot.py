@@ -17,7 +17,8 @@ import threading
 import warnings
 
 CXX = os.environ.get("MINDPORT_CXX", "g++")
-CXXFLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")  # headers shared by the operators
+CXXFLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", f"-I{INCLUDE_DIR}"]
 
 
 class AotLibrary:
@@ -37,8 +38,12 @@ class AotLibrary:
         return os.environ.get("MINDPORT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mindport", "ops")
 
     def path(self) -> str:
-        with open(self.source, "rb") as f:
-            digest = hashlib.sha256(f.read() + " ".join(self.flags).encode()).hexdigest()[:16]
+        """Named by a hash of the source, the shared headers and the flags."""
+        digest = hashlib.sha256(" ".join(self.flags).encode())
+        for name in [self.source] + sorted(os.path.join(INCLUDE_DIR, h) for h in os.listdir(INCLUDE_DIR)):
+            with open(name, "rb") as f:
+                digest.update(f.read())
+        digest = digest.hexdigest()[:16]
         return os.path.join(self.cache_dir(), f"{self.name}-{digest}.so")
 
     def build(self) -> str:

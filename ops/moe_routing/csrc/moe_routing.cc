@@ -28,6 +28,8 @@
 #include <thread>
 #include <vector>
 
+#include "parallel_for.h"
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #define MR_HAVE_SSE2 1
@@ -248,41 +250,13 @@ inline void StoreRow(void *dst, DType d, const float *acc, int64_t n) {
   }
 }
 
-// ---- threading: a tiny fork-join over [0, n) for large, memory-bound loops ----
-int NumThreads(double bytes) {
-  static int configured = [] {
-    const char *env = std::getenv("MINDPORT_OP_THREADS");
-    int n = env ? std::atoi(env) : 0;
-    if (n <= 0) n = (int)std::thread::hardware_concurrency();
-    return std::max(1, std::min(n, 64));
-  }();
-  if (bytes < (double)(4 << 20)) return 1;  // thread start-up is not worth it below ~4 MB
-  return configured;
-}
+// Threads for a memory-bound loop over `bytes`: starting them is not worth it below ~4 MB.
+int NumThreads(double bytes) { return mindport::ThreadsFor(bytes, (double)(4 << 20)); }
 
-// Workers take chunks of [0, n) from a shared counter, so a thread that the OS deschedules (the
-// machine may be shared) delays only its current chunk, not a fixed half of the work.
+// fn(begin, end) over [0, n) in about 16 chunks per thread.
 template <typename F>
 void ParallelFor(int64_t n, int nthreads, F fn) {
-  if (nthreads <= 1 || n < 2) {
-    fn(0, n);
-    return;
-  }
-  nthreads = (int)std::min<int64_t>(nthreads, n);
-  const int64_t chunk = std::max<int64_t>(1, n / ((int64_t)nthreads * 16));
-  std::atomic<int64_t> next(0);
-  auto worker = [&] {
-    for (;;) {
-      int64_t b = next.fetch_add(chunk);
-      if (b >= n) break;
-      fn(b, std::min(n, b + chunk));
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(nthreads - 1);
-  for (int i = 1; i < nthreads; ++i) pool.emplace_back(worker);
-  worker();
-  for (auto &t : pool) t.join();
+  mindport::ParallelFor(n, nthreads, n / ((int64_t)std::max(1, nthreads) * 16), fn);
 }
 
 // Every slot row must be -1 or a row of the N-row tensor.

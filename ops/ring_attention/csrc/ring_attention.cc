@@ -35,6 +35,8 @@
 #include <thread>
 #include <vector>
 
+#include "parallel_for.h"
+
 namespace {
 
 constexpr int64_t kTileQ = 32;  // query rows per tile
@@ -51,35 +53,15 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 bool IsF32(const char *s) { return std::strcmp(s, "float32") == 0 || std::strcmp(s, "float") == 0; }
 
-int NumThreads(double flops) {
-  static int configured = [] {
-    const char *env = std::getenv("MINDPORT_OP_THREADS");
-    int n = env ? std::atoi(env) : 0;
-    if (n <= 0) n = (int)std::thread::hardware_concurrency();
-    return std::max(1, std::min(n, 64));
-  }();
-  if (flops < 4e6) return 1;  // thread start-up is not worth it for tiny blocks
-  return configured;
-}
+// Threads for `flops` of work: starting them is not worth it for tiny blocks.
+int NumThreads(double flops) { return mindport::ThreadsFor(flops, 4e6); }
 
-// Workers take items of [0, n) from a shared counter (the machine may be shared: a descheduled
-// thread delays only its current item).
+// fn(item) for every item of [0, n), one item at a time from a shared counter.
 template <typename F>
 void ParallelFor(int64_t n, int nthreads, F fn) {
-  if (nthreads <= 1 || n < 2) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  nthreads = (int)std::min<int64_t>(nthreads, n);
-  std::atomic<int64_t> next(0);
-  auto worker = [&] {
-    for (int64_t i; (i = next.fetch_add(1)) < n;) fn(i);
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(nthreads - 1);
-  for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto &t : pool) t.join();
+  mindport::ParallelFor(n, nthreads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) fn(i);
+  });
 }
 
 struct Geometry {
