@@ -117,6 +117,17 @@ class VocabParallelHead(Linear):
         return self.gather_vocab(local_logits)
 
 
+def log_shifted_sum(sum_exp: Tensor) -> Tensor:
+    """log(s) of a sum of exponentials shifted by their maximum (so s >= 1), as log1p(s - 1).
+
+    Exact subtraction below 2**24 and a correctly rounded log1p. MindSpore's fp32 CPU ``Log`` kernel
+    approximates on full SIMD chunks and is exact on the remainder, and its thread split (auto-tuned
+    over the first launches in a process) decides which elements fall where: its last bit would
+    depend on how often the kernel ran before, e.g. differ between a resumed and an uninterrupted run.
+    """
+    return ops.log1p(sum_exp - 1.0)
+
+
 class VocabParallelCrossEntropy(nn.Cell):
     """Per-token -log softmax(logits)[target] from vocab-sharded logits; never gathers V.
 
@@ -143,7 +154,7 @@ class VocabParallelCrossEntropy(nn.Cell):
     def construct(self, logits: Tensor, target: Tensor) -> Tensor:
         shifted, sum_exp, inside, safe_t = self._stats(logits, target)
         picked = ops.gather_elements(shifted, 1, safe_t.reshape(-1, 1)).reshape(-1) * inside.astype(shifted.dtype)
-        return ops.log(sum_exp.reshape(-1)) - self.comm.all_reduce(picked)
+        return log_shifted_sum(sum_exp.reshape(-1)) - self.comm.all_reduce(picked)
 
     def bprop(self, logits, target, out, dout):
         shifted, sum_exp, inside, safe_t = self._stats(logits, target)

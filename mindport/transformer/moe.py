@@ -29,7 +29,7 @@ from mindport import dispatch
 from mindport.config import ModelConfig
 from mindport.ops import moe_routing  # noqa: F401  (registers the routing backends)
 from mindport.parallel.comm import AllToAll, GatherFromGroup, ReduceScatterToGroup, collectives
-from mindport.parallel.layers import Linear, region_entry, region_exit
+from mindport.parallel.layers import Linear, log_shifted_sum, region_entry, region_exit
 from mindport.parallel.state import ParallelGroups
 from mindport.transformer.layers import dtype_of
 from mindport.transformer.mlp import SwiGLU
@@ -48,7 +48,10 @@ class RouterStats:
 
     @staticmethod
     def z_loss(logits: Tensor) -> Tensor:
-        return ops.square(ops.logsumexp(logits.astype(ms.float32), -1)).mean()
+        x = logits.astype(ms.float32)
+        top = ops.stop_gradient(x.max(-1, keepdims=True))
+        lse = top.squeeze(-1) + log_shifted_sum(ops.exp(x - top).sum(-1))  # logsumexp, reproducibly rounded
+        return ops.square(lse).mean()
 
 
 class Experts(nn.Cell):

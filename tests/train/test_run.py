@@ -18,14 +18,12 @@ from train_helpers import SEQ, VOCAB, run_config
 
 @pytest.mark.parametrize("level", ["O0", "O2"])
 def test_resume_continues_exactly(tmp_path, data_dir, level):
-    """2N steps in one run == N steps, stop, resume for N more: the same losses at every step and
-    the same final weights, optimiser moments and data position.
+    """2N steps in one run == N steps, stop, resume for N more: bit for bit the same losses, grad
+    norms and LRs at every step, and the same final weights, optimiser moments and data position.
 
-    Equality is checked to 1e-6 relative rather than bit for bit: MindSpore's CPU kernels pick
-    their thread split by timing their first launches in a process (ParallelLaunchAutoSearch),
-    so a resumed process, whose kernels have launched fewer times, can round a reduction in the
-    forward pass differently in the last bit. Everything training carries over is restored
-    exactly; the test would catch any real divergence (wrong data, LR, moments: >= 1e-3).
+    (This needs the loss's log to be reproducible: MindSpore's fp32 CPU Log kernel rounds an
+    element differently depending on the thread split it auto-tunes over its first launches in a
+    process, so the cross-entropy uses log1p; see mindport.parallel.layers.log_shifted_sum.)
     """
     from mindport.train.checkpoint import CheckpointManager
     from mindport.train.run import train
@@ -43,15 +41,15 @@ def test_resume_continues_exactly(tmp_path, data_dir, level):
     b = read_metrics(str(tmp_path / "split"))
     assert [m["step"] for m in b] == list(range(1, 2 * n + 1))
     for key in ("loss", "grad_norm", "lr"):
-        np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=1e-6, atol=0, err_msg=key)
+        np.testing.assert_array_equal([m[key] for m in b], [m[key] for m in a], err_msg=key)
     wa, oa, sa = CheckpointManager(str(tmp_path)).load(straight.checkpoint)
     wb, ob, sb = CheckpointManager(str(tmp_path)).load(second.checkpoint)
     assert sa["data"] == sb["data"] and sa["step"] == sb["step"] == 2 * n
     for name in wa:
-        np.testing.assert_allclose(wb[name], wa[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_array_equal(wb[name], wa[name], err_msg=name)
     for name in oa:
         if not name.startswith("rng."):
-            np.testing.assert_allclose(ob[name], oa[name], rtol=1e-4, atol=1e-9, err_msg=name)
+            np.testing.assert_array_equal(ob[name], oa[name], err_msg=name)
 
 
 def test_checkpoint_is_a_loadable_model_dir_and_old_ones_are_pruned(tmp_path, data_dir):
