@@ -19,18 +19,7 @@ import os
 import time
 
 import numpy as np
-
-
-def best_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Best wall time of fn() (PYNATIVE ops run synchronously: see launch_blocking in main)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from _timing import best_time
 
 
 def memory_bandwidth(nbytes: int, repeats: int = 3) -> float:

@@ -45,6 +45,7 @@ import tempfile
 import time
 
 import numpy as np
+from _timing import best_time
 
 HERE = os.path.abspath(__file__)
 
@@ -64,15 +65,6 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 # ------------------------------------------------------------------------------ worker (one rank)

@@ -3,14 +3,11 @@
 run, slice by slice."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import llama_tiny, save_hf_dir, telechat_from_llama
-from launch import msrun
+from launch import msrun, tiny_telechat_reference
 from mindport import ConfigError, ParallelConfig
 from mindport.parallel.sharding import shard_slices
 from mindport.parallel.state import check_layout, group_ranks
@@ -30,11 +27,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """HF dir of a tiny GQA TeleChat2 and the single-process step's dump."""
-    hf_config, tensors = telechat_from_llama(llama_tiny(num_kv_heads=2, seed=5), training_seqlen=32)
-    hf_dir = save_hf_dir(str(tmp_path_factory.mktemp("tc_hf")), hf_config, tensors)
-    out = str(tmp_path_factory.mktemp("single"))
-    subprocess.run([sys.executable, WORKER, hf_dir, out], check=True, capture_output=True)
-    return hf_dir, dict(np.load(os.path.join(out, "rank0.npz")))
+    return tiny_telechat_reference(tmp_path_factory, WORKER)
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:

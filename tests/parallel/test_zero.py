@@ -9,16 +9,13 @@ GradientSync; DP2xTP2-SP runs the reduce-scatter form compiled with ``ms.jit``.
 """
 import json
 import os
-import subprocess
-import sys
 
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Parameter, Tensor, nn
 
-from conftest import llama_tiny, save_hf_dir, telechat_from_llama
-from launch import msrun
+from launch import msrun, tiny_telechat_reference
 from test_tensor_data_parallel import assert_close
 from mindport import ParallelConfig
 from mindport.parallel.sharding import shard_slices
@@ -146,11 +143,7 @@ LAYOUTS = {  # name -> (layout, ways of feeding the gradients; see zero_worker.p
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """HF dir of a tiny GQA TeleChat2 and the single-process run (plain nn.AdamWeightDecay)."""
-    hf_config, tensors = telechat_from_llama(llama_tiny(num_kv_heads=2, seed=5), training_seqlen=32)
-    hf_dir = save_hf_dir(str(tmp_path_factory.mktemp("tc_hf")), hf_config, tensors)
-    out = str(tmp_path_factory.mktemp("single"))
-    subprocess.run([sys.executable, WORKER, hf_dir, out], check=True, capture_output=True)
-    return hf_dir, dict(np.load(os.path.join(out, "rank0.npz")))
+    return tiny_telechat_reference(tmp_path_factory, WORKER)
 
 
 def assemble(pieces: list[np.ndarray], shape: tuple) -> np.ndarray:

@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "aot_export.h"
 #include "parallel_for.h"
 
 #if defined(__SSE2__)
@@ -672,22 +673,10 @@ static int MoeCombineBackwardBody(int nparam, void **params, int *ndims, int64_t
   return 0;
 }
 
-// Exported entry points: no C++ exception may cross into MindSpore, so each kernel runs in a
-// try block and a failure (e.g. std::bad_alloc, thread creation) becomes a nonzero return.
-#define MR_EXPORT(name)                                                                              \
-  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, \
-           void *extra) {                                                                            \
-    try {                                                                                            \
-      return name##Body(nparam, params, ndims, shapes, dtypes, stream, extra);                       \
-    } catch (...) {                                                                                  \
-      return 99;                                                                                     \
-    }                                                                                                \
-  }
-
 extern "C" {
-MR_EXPORT(MoeGatingPermute)
-MR_EXPORT(MoeGatingBackward)
-MR_EXPORT(MoePermuteBackward)
-MR_EXPORT(MoeUnpermuteCombine)
-MR_EXPORT(MoeCombineBackward)
+MINDPORT_EXPORT(MoeGatingPermute)
+MINDPORT_EXPORT(MoeGatingBackward)
+MINDPORT_EXPORT(MoePermuteBackward)
+MINDPORT_EXPORT(MoeUnpermuteCombine)
+MINDPORT_EXPORT(MoeCombineBackward)
 }  // extern "C"

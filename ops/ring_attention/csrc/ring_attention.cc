@@ -35,6 +35,7 @@
 #include <thread>
 #include <vector>
 
+#include "aot_export.h"
 #include "parallel_for.h"
 
 namespace {
@@ -374,21 +375,9 @@ int LseMergeBackwardBody(int nparam, void **params, int *ndims, int64_t **shapes
 
 }  // namespace
 
-// Exported entry points: no C++ exception may cross into MindSpore, so each kernel runs in a
-// try block and a failure (e.g. std::bad_alloc, thread creation) becomes a nonzero return.
-#define RA_EXPORT(name)                                                                              \
-  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, \
-           void *extra) {                                                                            \
-    try {                                                                                            \
-      return name##Body(nparam, params, ndims, shapes, dtypes, stream, extra);                       \
-    } catch (...) {                                                                                  \
-      return 99;                                                                                     \
-    }                                                                                                \
-  }
-
 extern "C" {
-RA_EXPORT(RingBlockForward)
-RA_EXPORT(RingBlockBackward)
-RA_EXPORT(LseMerge)
-RA_EXPORT(LseMergeBackward)
+MINDPORT_EXPORT(RingBlockForward)
+MINDPORT_EXPORT(RingBlockBackward)
+MINDPORT_EXPORT(LseMerge)
+MINDPORT_EXPORT(LseMergeBackward)
 }  // extern "C"
