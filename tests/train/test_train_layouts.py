@@ -141,21 +141,41 @@ def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, referenc
         np.testing.assert_allclose(merged[tensor], value, rtol=1e-4, atol=1e-4, err_msg=f"{name}: {tensor}")
 
 
+def launcher(cmd: str, workers: int, log_dir) -> str:
+    """scripts/msrun_launcher.sh in its 6-argument form; worker 0's log."""
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "msrun_launcher.sh"), cmd, str(workers),
+                           str(launch.free_port()), str(log_dir), "True", "600"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    with open(os.path.join(log_dir, "worker_0.log"), errors="replace") as f:
+        log = f.read()
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
 @pytest.mark.slow
-def test_eval_under_msrun_with_tensor_and_data_parallelism(reference, layout_runs, data_dir):
+def test_eval_under_msrun_with_tensor_and_data_parallelism(reference, layout_runs, data_dir, tmp_path):
+    import shutil
+
     from mindport import AutoModelForCausalLM
     from mindport.train.data import PackedDataset
     from mindport.train.evaluate import evaluate
 
     _, ref_ckpt = reference
     expected = evaluate(AutoModelForCausalLM.from_pretrained(ref_ckpt), PackedDataset(data_dir), 2, 7).loss
-    tp_ckpt = os.path.join(layout_runs("tp2_sp"), "checkpoints", f"step_{STEPS:08d}")  # per-rank shards
-    # the same global batch of 2 rows: 2 rows on each of two tensor-parallel ranks, 1 on each data rank
-    for load, flag, rows in ((tp_ckpt, "--model-parallel", "2"), (ref_ckpt, "--data-parallel", "1")):
-        log = msrun_mindport(["eval", "--load", load, "--data", data_dir, "--batch-size", rows, "--max-samples", "7",
-                              flag, "2"], 2, os.path.join(os.path.dirname(load), flag))
-        loss = float(re.search(r"^loss: (\S+)$", log, re.M).group(1))
-        assert loss == pytest.approx(expected, rel=1e-5), flag
+    loss_line = re.compile(r"^loss: (\S+)$", re.M)
+    # TP2 on the TP2 run's per-rank checkpoint, through the launcher (a quoted path with a space)
+    spaced = str(tmp_path / "eval data")
+    shutil.copytree(data_dir, spaced)
+    tp_ckpt = os.path.join(layout_runs("tp2_sp"), "checkpoints", f"step_{STEPS:08d}")
+    log = launcher(f"mindport eval --load {tp_ckpt} --data '{spaced}' --batch-size 2 --max-samples 7 "
+                   f"--model-parallel 2", 2, tmp_path / "tp_log")
+    assert float(loss_line.search(log).group(1)) == pytest.approx(expected, rel=1e-5)
+    # DP2 on the single-process checkpoint: one row per rank, the same global batch of 2
+    log = msrun_mindport(["eval", "--load", ref_ckpt, "--data", data_dir, "--batch-size", "1", "--max-samples", "7",
+                          "--data-parallel", "2"], 2, tmp_path / "dp_log")
+    assert float(loss_line.search(log).group(1)) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow
