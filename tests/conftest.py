@@ -133,3 +133,10 @@ def telechat_pair(request, tmp_path_factory):
     directory = save_hf_dir(str(tmp_path_factory.mktemp(f"telechat_{request.param}")), hf_config, tensors)
     return llama, directory
 
+
+
+@pytest.fixture(scope="session")
+def tiny_telechat_hf(tmp_path_factory) -> str:
+    """HF directory of a tiny GQA TeleChat2 (built from a seeded Llama), shared by the msrun tests."""
+    hf_config, tensors = telechat_from_llama(llama_tiny(num_kv_heads=2, seed=5), training_seqlen=32)
+    return save_hf_dir(str(tmp_path_factory.mktemp("tc_hf")), hf_config, tensors)

@@ -5,17 +5,12 @@ import subprocess
 import sys
 
 
-def tiny_telechat_reference(tmp_path_factory, worker: str) -> tuple[str, dict]:
-    """HF dir of a tiny GQA TeleChat2 and ``worker``'s single-process dump (rank0.npz) on it."""
+def single_process_dump(worker: str, hf_dir: str, out_dir: str) -> dict:
+    """Run ``worker`` on one process (no layout: the reference) and load its rank0.npz."""
     import numpy as np
 
-    from conftest import llama_tiny, save_hf_dir, telechat_from_llama
-
-    hf_config, tensors = telechat_from_llama(llama_tiny(num_kv_heads=2, seed=5), training_seqlen=32)
-    hf_dir = save_hf_dir(str(tmp_path_factory.mktemp("tc_hf")), hf_config, tensors)
-    out = str(tmp_path_factory.mktemp("single"))
-    subprocess.run([sys.executable, worker, hf_dir, out], check=True, capture_output=True)
-    return hf_dir, dict(np.load(os.path.join(out, "rank0.npz")))
+    subprocess.run([sys.executable, worker, hf_dir, out_dir], check=True, capture_output=True)
+    return dict(np.load(os.path.join(out_dir, "rank0.npz")))
 
 
 def free_port() -> int:

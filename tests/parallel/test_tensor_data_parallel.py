@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from launch import msrun, tiny_telechat_reference
+from launch import msrun, single_process_dump
 from mindport import ConfigError, ParallelConfig
 from mindport.parallel.sharding import shard_slices
 from mindport.parallel.state import check_layout, group_ranks
@@ -25,9 +25,9 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tiny_telechat_hf, tmp_path_factory):
     """HF dir of a tiny GQA TeleChat2 and the single-process step's dump."""
-    return tiny_telechat_reference(tmp_path_factory, WORKER)
+    return tiny_telechat_hf, single_process_dump(WORKER, tiny_telechat_hf, str(tmp_path_factory.mktemp("single")))
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:

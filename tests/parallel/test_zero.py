@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mindspore import Parameter, Tensor, nn
 
-from launch import msrun, tiny_telechat_reference
+from launch import msrun, single_process_dump
 from test_tensor_data_parallel import assert_close
 from mindport import ParallelConfig
 from mindport.parallel.sharding import shard_slices
@@ -141,9 +141,9 @@ LAYOUTS = {  # name -> (layout, ways of feeding the gradients; see zero_worker.p
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tiny_telechat_hf, tmp_path_factory):
     """HF dir of a tiny GQA TeleChat2 and the single-process run (plain nn.AdamWeightDecay)."""
-    return tiny_telechat_reference(tmp_path_factory, WORKER)
+    return tiny_telechat_hf, single_process_dump(WORKER, tiny_telechat_hf, str(tmp_path_factory.mktemp("single")))
 
 
 def assemble(pieces: list[np.ndarray], shape: tuple) -> np.ndarray:
