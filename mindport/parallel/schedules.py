@@ -22,6 +22,7 @@ from mindspore import Tensor, ops
 
 from mindport.parallel.comm import collectives
 from mindport.parallel.state import ParallelGroups
+from mindport.transformer.layers import dtype_of
 
 
 class _Link:
@@ -58,8 +59,8 @@ class PipelineSchedule:
 
     def run(self, input_ids: np.ndarray, labels: np.ndarray,
             loss_scale: Tensor | float = 1.0) -> tuple[Tensor | None, tuple]:
-        """(loss on the last stage else None, summed gradients of this stage's parameters of
-        ``loss_scale`` times the loss).
+        """(loss on the last stage else None, fp32 sums of the gradients of this stage's parameters
+        of ``loss_scale`` times the loss).
 
         input_ids, labels (B, S); every stage receives them (RoPE tables and masks come from
         the shapes; only the first stage reads the ids, only the last the labels). The loss is
@@ -70,12 +71,12 @@ class PipelineSchedule:
         if b % m:
             raise ValueError(f"batch size {b}: expected a multiple of micro_batch_num = {m}")
         mb = b // m
-        dtype = ms.float32 if model.config.compute_dtype == "float32" else ms.float16
+        dtype = dtype_of(model.config.compute_dtype)  # of the activations exchanged between stages
         shape = self._activation_shape(mb, s)
         total = Tensor(float((labels[:, 1:] != -100).sum()), ms.float32)
         for reduce in self.count_over:
             total = reduce(total)
-        grads = [ops.zeros(p.shape, p.dtype) for p in self.params]
+        grads = [ops.zeros(p.shape, ms.float32) for p in self.params]  # summed in fp32 whatever the weights
         scale = Tensor(loss_scale, ms.float32) if not isinstance(loss_scale, Tensor) else loss_scale.astype(ms.float32)
         pending: list = []  # (stage function, input) of micro-batches whose backward has not run
         losses = []
@@ -104,7 +105,7 @@ class PipelineSchedule:
             cot = dy if dy is not None else scale
             (dx,), dparams = vjp_fn(cot)
             for i, g in enumerate(dparams):
-                grads[i] = grads[i] + g
+                grads[i] = grads[i] + g.astype(ms.float32)
             return dx
 
         first, last = self.stage == 0, self.stage == self.stages - 1

@@ -152,56 +152,81 @@ class CheckpointManager:
 
         return float(collectives(self.groups.world).all_reduce(Tensor(np.float32(value))).asnumpy())
 
+    def together(self, what: str, fn):
+        """``fn()`` on every rank; when it fails on any rank it fails on all, so no rank is left
+        waiting in a collective: this rank's own error, or one counting the ranks that failed."""
+        if self.groups is None:
+            return fn()
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - raised below, once every rank knows
+            error = exc
+        failed = int(self._collective(1.0 if error is not None else 0.0))
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError(f"{what}: failed on {failed} other rank(s) (see their logs)")
+        return result
+
+    def files(self, path: str) -> tuple[str, str]:
+        """(weights file, optimizer-state file) this rank reads from checkpoint ``path``."""
+        if self.groups is None:
+            return os.path.join(path, "model.safetensors"), os.path.join(path, STATE_DIR, "optimizer.safetensors")
+        from mindport.models.auto import rank_directory
+
+        return (os.path.join(rank_directory(path, self.groups), "model.safetensors"),
+                os.path.join(path, STATE_DIR, f"rank_{self._state_rank():05d}.safetensors"))
+
     # ------------------------------------------------------------------ saving
     def save(self, step: int, model_config, weights: dict[str, np.ndarray], state_arrays: dict[str, np.ndarray],
              state: dict, tokenizer=None) -> str:
         final = self.path(step)
         lead = self.groups is None or self.groups.global_rank == 0
-        if lead:
-            os.makedirs(self.directory, exist_ok=True)
         pid = os.getpid() if lead else 0
         if self.groups is not None:
             pid = int(self._collective(pid))  # rank 0's pid names the shared temporary directory
         tmp = os.path.join(self.directory, f".tmp-step_{step:08d}-{pid}")
         try:
-            if lead:
-                shutil.rmtree(tmp, ignore_errors=True)
-                os.makedirs(os.path.join(tmp, STATE_DIR))
-            if self.groups is None:
-                write_safetensors(os.path.join(tmp, "model.safetensors"), weights)
-                _pause(step)
-                write_safetensors(os.path.join(tmp, STATE_DIR, "optimizer.safetensors"), state_arrays)
-            else:
-                self._collective(0)  # the directory exists
-                self._write_rank_files(tmp, step, weights, state_arrays)
-                self._collective(0)  # every rank's files are written
-            _pause(step)
-            if lead:
-                self._write_shared_files(tmp, model_config, state, tokenizer, weights)
-                self._publish(tmp, final)
+            self.together(f"{tmp}: creating", lambda: lead and self._create(tmp))
+            self.together(f"{tmp}: writing", lambda: self._write_rank_files(tmp, step, weights, state_arrays))
+            self.together(f"{final}: publishing",
+                          lambda: lead and self._finish(tmp, final, pid, model_config, state, tokenizer))
         except BaseException:
             if lead:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if lead:
-            self._prune(pid)
-        if self.groups is not None:
-            self._collective(0)  # no rank goes on (or resumes) before the checkpoint is in place
         return final
 
-    def _write_rank_files(self, tmp: str, step: int, weights: dict, state_arrays: dict) -> None:
-        export = self._export_rank()
-        if export is not None:
-            rank_dir = os.path.join(tmp, f"rank_{export:04d}")
-            os.makedirs(rank_dir, exist_ok=True)
-            write_safetensors(os.path.join(rank_dir, "model.safetensors"), weights)
-            _fsync_dir(rank_dir)
-        _pause(step)
-        if self._state_rank() == self.groups.global_rank:
-            write_safetensors(os.path.join(tmp, STATE_DIR, f"rank_{self.groups.global_rank:05d}.safetensors"),
-                              state_arrays)
+    def _create(self, tmp: str) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, STATE_DIR))
 
-    def _write_shared_files(self, tmp: str, model_config, state: dict, tokenizer, weights: dict) -> None:
+    def _write_rank_files(self, tmp: str, step: int, weights: dict, state_arrays: dict) -> None:
+        if self.groups is None:
+            weights_file, state_file = self.files(tmp)
+        else:
+            export = self._export_rank()
+            weights_file = None if export is None else os.path.join(tmp, f"rank_{export:04d}", "model.safetensors")
+            mine = self._state_rank() == self.groups.global_rank
+            state_file = os.path.join(tmp, STATE_DIR, f"rank_{self.groups.global_rank:05d}.safetensors") if mine \
+                else None
+        if weights_file is not None:
+            os.makedirs(os.path.dirname(weights_file), exist_ok=True)
+            write_safetensors(weights_file, weights)
+            _fsync_dir(os.path.dirname(weights_file))
+        _pause(step)
+        if state_file is not None:
+            write_safetensors(state_file, state_arrays)
+        _pause(step)
+
+    def _finish(self, tmp: str, final: str, pid: int, model_config, state: dict, tokenizer) -> None:
+        self._write_shared_files(tmp, model_config, state, tokenizer)
+        self._publish(tmp, final)
+        self._prune(pid)
+
+    def _write_shared_files(self, tmp: str, model_config, state: dict, tokenizer) -> None:
         config = model_config.replace(param_dtype="float32", compute_dtype="float32")
         _write_json(os.path.join(tmp, "config.json"), {"mindport_config": config.to_dict()})
         if self.groups is not None:
@@ -252,15 +277,8 @@ class CheckpointManager:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
         self._check_layout(state_path, state.get("parallel", {}))
-        if self.groups is None:
-            weights = read_safetensors(os.path.join(path, "model.safetensors"))
-            arrays = read_safetensors(os.path.join(path, STATE_DIR, "optimizer.safetensors"))
-            return weights, arrays, state
-        from mindport.models.auto import rank_directory
-
-        weights = read_safetensors(os.path.join(rank_directory(path, self.groups), "model.safetensors"))
-        arrays = read_safetensors(os.path.join(path, STATE_DIR, f"rank_{self._state_rank():05d}.safetensors"))
-        return weights, arrays, state
+        weights_file, state_file = self.files(path)
+        return read_safetensors(weights_file), read_safetensors(state_file), state
 
     def _check_layout(self, state_path: str, saved: dict) -> None:
         """A checkpoint resumes only under the layout that wrote it."""

@@ -111,7 +111,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         if path is None:
             echo(f"resume: no checkpoint in {ckpts.directory}; starting at step 0")
         else:
-            restore(trainer, loader, ckpts, path)
+            ckpts.together(f"{path}: resuming", lambda: restore(trainer, loader, ckpts, path))
             echo(f"resume: continuing from {path} (step {trainer.step}, {loader.consumed} samples consumed)")
 
     end = cfg.train_steps if stop_after is None else min(stop_after, cfg.train_steps)
@@ -167,12 +167,13 @@ def restore(trainer: Trainer, loader: Loader, ckpts: CheckpointManager, path: st
     from mindport.ckpt_tools.safetensors_io import CheckpointError
 
     weights, arrays, state = ckpts.load(path)
-    trainer.load_fp32_weights(weights, os.path.join(path, "model.safetensors"))
+    weights_file, state_file = ckpts.files(path)
+    trainer.load_fp32_weights(weights, weights_file)
     for name, param in trainer.state_tensors().items():
         if name not in arrays:
             if name == "loss_scale.counter":
                 continue  # a static-scale checkpoint resumed with a dynamic scaler: counter starts at 0
-            raise CheckpointError(f"{path}: training state has no '{name}'")
+            raise CheckpointError(f"{state_file}: missing tensor '{name}'")
         param.set_data(Tensor(arrays[name]).astype(param.dtype))
     if "rng.mindspore" in arrays:
         ms.set_rng_state(Tensor(arrays["rng.mindspore"]))

@@ -106,6 +106,10 @@ class Trainer:
             if groups.cp.size > 1:
                 raise ConfigError(f"parallel_config: key 'context_parallel' = {groups.cp.size}: training with "
                                   f"pipeline_stage > 1 runs without context parallelism")
+            if self.base_config.is_moe:  # the router loss pools every layer's statistics: not split yet
+                raise ConfigError(f"parallel_config: key 'pipeline_stage' = {groups.pp.size}: MoE models "
+                                  f"(num_experts = {self.base_config.num_experts}) train without pipeline stages "
+                                  f"(use expert_parallel / model_parallel)")
             from mindport.parallel.schedules import PipelineSchedule
 
             self.pipeline = PipelineSchedule(model, groups, groups.config.micro_batch_num)
