@@ -163,6 +163,19 @@ def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, referenc
         assert ours == pytest.approx(ref, rel=1e-3), name
 
 
+def launcher(cmd: str, workers: int, log_dir) -> str:
+    """scripts/msrun_launcher.sh in its 6-argument form; worker 0's log."""
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "msrun_launcher.sh"), cmd, str(workers),
+                           str(launch.free_port()), str(log_dir), "True", "600"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    with open(os.path.join(log_dir, "worker_0.log"), errors="replace") as f:
+        log = f.read()
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
 @pytest.mark.slow
 def test_eval_under_msrun_with_tensor_and_data_parallelism(reference, layout_runs, data_dir, tmp_path):
     import shutil
