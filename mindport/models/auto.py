@@ -86,9 +86,6 @@ class AutoModelForCausalLM:
 
 def rank_directory(path: str, groups) -> str:
     """This rank's ``rank_XXXX/`` in a per-rank export, after checking the layout matches."""
-    from mindport.config import ParallelConfig
-    from mindport.parallel.state import rank_of
-
     layout_path = os.path.join(path, LAYOUT_FILE)
     layout = read_json(layout_path)
     run = groups.config
@@ -96,8 +93,16 @@ def rank_directory(path: str, groups) -> str:
         if layout.get(key) != ours:
             raise ConfigError(f"{layout_path}: key '{key}' = {layout.get(key)!r}: expected {ours} to match this "
                               f"run's parallel_config (reshard with `mindport convert merge` + `split`)")
-    c = groups.coords
-    export = ParallelConfig(data_parallel=layout["ep"], pipeline_stage=layout["pp"], model_parallel=layout["tp"],
-                            micro_batch_num=max(layout["pp"], 1))
-    rank = rank_of(export, dp=c["dp"] % layout["ep"], pp=c["pp"], tp=c["tp"])
-    return os.path.join(path, f"rank_{rank:04d}")
+    return os.path.join(path, f"rank_{export_rank(groups):04d}")
+
+
+def export_rank(groups) -> int:
+    """The ``rank_XXXX`` holding this rank's slices in a per-rank export of its layout (tp, pp, ep;
+    the export has dp = ep replicas and no cp: see ckpt_tools.convert)."""
+    from mindport.config import ParallelConfig
+    from mindport.parallel.state import rank_of
+
+    p, c = groups.config, groups.coords
+    export = ParallelConfig(data_parallel=p.expert_parallel, pipeline_stage=p.pipeline_stage,
+                            model_parallel=p.model_parallel, micro_batch_num=p.pipeline_stage)
+    return rank_of(export, dp=c["dp"] % p.expert_parallel, pp=c["pp"], tp=c["tp"])

@@ -124,15 +124,12 @@ class CheckpointManager:
     # ------------------------------------------------------------------ which rank writes what
     def _export_rank(self) -> int | None:
         """This rank's ``rank_XXXX`` in the weight shards, or None for a replica (dp >= ep or cp > 0)."""
-        from mindport.parallel.state import rank_of
+        from mindport.models.auto import export_rank
 
-        g = self.groups
-        c, ep = g.coords, g.config.expert_parallel
-        if c["dp"] >= ep or c["cp"]:
+        c = self.groups.coords
+        if c["dp"] >= self.groups.config.expert_parallel or c["cp"]:
             return None
-        export = ParallelConfig(data_parallel=ep, pipeline_stage=g.config.pipeline_stage,
-                                model_parallel=g.config.model_parallel, micro_batch_num=g.config.pipeline_stage)
-        return rank_of(export, dp=c["dp"], pp=c["pp"], tp=c["tp"])
+        return export_rank(self.groups)
 
     def _state_rank(self) -> int:
         """The global rank whose optimizer-state file this rank writes (itself) or reads."""
