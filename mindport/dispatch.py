@@ -42,6 +42,19 @@ def device_target() -> str:
     return ms.get_context("device_target")
 
 
+def configure_runtime() -> None:
+    """MindSpore runtime settings for this device (a user's own setting wins). MindSpore reads
+    them when it runs its first graph, so :mod:`mindport.models.causal_lm` applies them on import
+    (and :func:`mindport.train.flops.measure_matmul_flops` before it measures).
+
+    On CPU, graphs run on the calling thread (``MS_DEV_HOST_BLOCKING_RUN=1``): by default
+    MindSpore hands each graph to a pipeline thread and the caller spin-waits for it, which on
+    a 2-core host takes a core from the kernels (bench/bench_train.py: a training step 3.0 s by
+    default, 2.2-2.4 s with this)."""
+    if device_target() == "CPU":
+        os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
+
+
 def _usable(op: str, backend: str) -> bool:
     if backend not in _REGISTRY.get(op, {}):
         return False

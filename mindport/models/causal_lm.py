@@ -5,6 +5,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from mindport import dispatch
 from mindport.config import ModelConfig
 from mindport.parallel import state
 from mindport.parallel.comm import collectives
@@ -17,6 +18,8 @@ from mindport.transformer.loss import CausalLMLoss
 from mindport.transformer.rope import logn_scale, rope_tables
 
 MASK_VALUE = float(np.finfo(np.float32).min)
+
+dispatch.configure_runtime()
 
 
 class CausalLM(nn.Cell):

@@ -34,6 +34,9 @@ def measure_matmul_flops(n: int = 1024, seconds: float = 0.6) -> float:
     import numpy as np
     from mindspore import Tensor, ops
 
+    from mindport import dispatch
+
+    dispatch.configure_runtime()  # measured under the runtime settings the model runs with
     a = Tensor(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
     b = Tensor(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32))
 
