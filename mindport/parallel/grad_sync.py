@@ -72,6 +72,13 @@ class GradientSync(nn.Cell):
         return tuple(grads)
 
 
+def sum_of_squares(x: Tensor) -> Tensor:
+    """Sum of x**2 over all elements, reduced along the last axis first: MindSpore's CPU ReduceSum
+    over every axis of a 2-D tensor is about ten times slower than over its last axis."""
+    squares = ops.square(x)
+    return squares.reshape(-1, squares.shape[-1]).sum(-1).sum() if squares.ndim > 1 else squares.sum()
+
+
 class GradNorm(nn.Cell):
     """L2 norm of the whole model's gradient from this rank's pieces of it.
 

@@ -25,7 +25,7 @@ from mindspore import Tensor, ops
 
 from mindport.config import ConfigError
 from mindport.parallel.comm import collectives
-from mindport.parallel.grad_sync import GradientSync, GradNorm
+from mindport.parallel.grad_sync import GradientSync, GradNorm, sum_of_squares
 from mindport.train import amp as amp_lib
 from mindport.train.config import TrainConfig
 from mindport.train.optim import AdamW, lr_at, no_decay_names
@@ -147,7 +147,7 @@ class Trainer:
             if self.zero:
                 pieces = optimizer.scatter_grads(pieces)  # this rank's slices, summed over dp
             coef = inv_micro / scaler.scale_value
-            norm = self.grad_norm(ops.stack([ops.square(g).sum() for g in pieces])) * coef
+            norm = self.grad_norm(ops.stack([sum_of_squares(g) for g in pieces])) * coef
             finite = ops.isfinite(norm)  # an inf/nan anywhere makes the norm non-finite
             if clip > 0:
                 coef = coef * (clip / ops.maximum(norm, clip))
