@@ -8,13 +8,13 @@ pipeline-parallel ranks already hold different local tensors; ZeRO splits each o
 Rank r keeps three fp32 vectors of L elements per parameter (``zero_master.*``, ``zero_m.*``,
 ``zero_v.*``): the master weights and Adam's moments of its slice, i.e. 12 n / parts bytes
 instead of the 8 n (+ 4 n fp32 master under O2) of a replicated AdamW. With fp32 parameters the
-master slice duplicates this rank's slice of the parameter (the fused kernel updates it in place).
+master slice duplicates this rank's slice of the parameter (the update writes it in place).
 
 Communication is bucketed: the parameters of a bucket (``bucket_bytes`` of fp32 gradients)
 travel as one (parts, sum L) matrix whose row r holds rank r's slices, one after the other.
 
     gradients (full, unsynchronised)  --pack-->  (parts, sum L)  --reduce-scatter rows-->  row r
-    row r: L-slices of the summed gradients  --fused AdamW kernel per slice-->  new master slices
+    row r: L-slices of the summed gradients  --AdamW per slice (adamw_step)-->  new master slices
     new master slices (1, sum L)  --all-gather rows-->  (parts, sum L)  --unpack-->  parameters
 
 On CPU the reduce-scatter and all-gather are emulated from sub-group AllReduce(SUM)
@@ -24,12 +24,12 @@ Context-parallel sums and sequence-parallel partial sums (over tp) stay all-redu
 ``grads_synced=True`` accepts gradients already summed by ``GradientSync`` instead; each rank then
 just cuts out its slices (no gradient communication in the optimizer).
 
-Update rule: exactly MindSpore's ``nn.AdamWeightDecay``: its fused ``AdamWeightDecay`` kernel on
-each slice (m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; w -= lr (m / (sqrt(v) + eps) + wd w);
-no bias correction), the same weight-decay selection (ungrouped: parameters without 'beta' or
-'gamma' in their name; groups: each group's ``weight_decay``). ``bias_correction=True`` gives
-:class:`mindport.train.optim.AdamW` instead (torch's AdamW, folded into the same kernel), so the
-trainer can swap it in. The kernel works element by element, so slicing does not change a single
+Update rule: MindSpore's ``nn.AdamWeightDecay`` (m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+w -= lr (m / (sqrt(v) + eps) + wd w); no bias correction), computed per slice by
+:func:`mindport.train.optim.adamw_step`, with the same weight-decay selection (ungrouped:
+parameters without 'beta' or 'gamma' in their name; groups: each group's ``weight_decay``).
+``bias_correction=True`` gives :class:`mindport.train.optim.AdamW` instead (torch's AdamW), so the
+trainer can swap it in. The update works element by element, so slicing does not change a single
 value: the parameters after a step equal the replicated optimizer's on the summed gradients.
 
 Padding elements have zero weight and zero gradient, so their update is 0 / (0 + eps) = 0: they
@@ -48,6 +48,7 @@ from mindport.parallel.comm import collectives
 from mindport.parallel.grad_sync import DEFAULT_BUCKET_BYTES, GradientSync, buckets_by_size
 from mindport.parallel.sharding import rule_for
 from mindport.parallel.state import Group, ParallelGroups
+from mindport.train.optim import adamw_step
 
 
 def shard_length(numel: int, parts: int) -> int:
@@ -169,8 +170,8 @@ class ZeroAdamW(nn.Cell):
 
     ``opt(grads, lr=None)``: one step from this rank's (unsynchronised, or with ``grads_synced``
     summed) gradients, in parameter order; every rank ends with the same full parameters.
-    The trainer's split form: ``shards = opt.scatter_grads(grads)``, optionally
-    ``opt.grad_norm(shards)`` and a rescale of the shards (clipping, loss scale), then
+    The trainer's split form: ``shards = opt.scatter_grads(grads)``, a rescale of the shards
+    (clipping, loss scale; the norm from :class:`mindport.parallel.grad_sync.GradNorm`), then
     ``opt.update(shards, lr)``. ``lr`` (a scalar Tensor) overrides the fixed ``learning_rate``.
 
     ``masters``: optional fp32 tensors (one per parameter) to seed the master slices from, when the
@@ -192,12 +193,10 @@ class ZeroAdamW(nn.Cell):
         self.shapes = [tuple(p.shape) for p in params]
         self.grads_synced, self.bias_correction = grads_synced, bias_correction
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
-        self.learning_rate = Tensor(np.array([learning_rate], np.float32))
-        self.b1 = Tensor(np.array([beta1], np.float32))
-        self.b2 = Tensor(np.array([beta2], np.float32))
-        self.eps_t = Tensor(np.array([eps], np.float32))
-        self.wd = [Tensor(np.array([wd], np.float32)) for wd in wds]
-        self.kernel = ops.AdamWeightDecay()
+        self.learning_rate = Tensor(learning_rate, ms.float32)
+        self.betas = (Tensor(beta1, ms.float32), Tensor(beta2, ms.float32))
+        self.eps_t, self.zero = Tensor(eps, ms.float32), Tensor(0.0, ms.float32)
+        self.wd = [Tensor(wd, ms.float32) if wd else None for wd in wds]
         self.step = Parameter(Tensor(0.0, ms.float32), name="zero.step")  # completed updates
 
         # (collectives, rank, parts, buckets) per replica group: dense weights over dp, experts over ep_dp
@@ -260,35 +259,20 @@ class ZeroAdamW(nn.Cell):
                         out[slot.index] = mine[slot.offset:slot.offset + slot.length]
         return tuple(out)
 
-    def grad_norm(self, shards) -> Tensor:
-        """L2 norm of this rank's full (summed) local gradients, from the slices: the squares are
-        summed over the shard groups."""
-        total = ops.zeros((), ms.float32)
-        for comm, _, _, buckets in self.plans:
-            part = ops.zeros((), ms.float32)
-            for bucket in buckets:
-                for slot in bucket:
-                    part = part + ops.square(shards[slot.index]).sum()
-            total = total + comm.all_reduce(part)
-        return ops.sqrt(total)
-
     def update(self, shards, lr=None):
         """AdamW on this rank's slices, then every parameter gathered from the owners' slices."""
-        lr = self.learning_rate if lr is None else lr.reshape(1).astype(ms.float32)
+        lr = self.learning_rate if lr is None else lr.astype(ms.float32)
         t = self.step + 1.0
         ops.assign(self.step, t)
-        eps = self.eps_t
-        wd_scale = ops.ones((1,), ms.float32)
-        if self.bias_correction:  # torch's AdamW folded into the kernel's inputs (see mindport.train.optim)
-            bc1 = 1.0 - ops.pow(self.beta1, t)
-            root_bc2 = ops.sqrt(1.0 - ops.pow(self.beta2, t))
-            lr = lr * (root_bc2 / bc1).reshape(1)
-            eps = (self.eps * root_bc2).reshape(1)
-            wd_scale = (bc1 / root_bc2).reshape(1)
+        if self.bias_correction:  # torch's AdamW (see mindport.train.optim)
+            powers = (ops.pow(self.beta1, t), ops.pow(self.beta2, t))
+            eps = self.eps * ops.sqrt(1.0 - powers[1])
+        else:  # nn.AdamWeightDecay: no bias correction
+            powers, eps = (self.zero, self.zero), self.eps_t
         done = True
         for i in range(len(self.params)):
-            out = self.kernel(self.master[i], self.moments1[i], self.moments2[i], lr, self.b1, self.b2, eps,
-                              self.wd[i] * wd_scale, shards[i])
+            out = adamw_step(self.master[i], self.moments1[i], self.moments2[i], shards[i], lr, self.wd[i], powers,
+                             self.betas, eps)
             done = ops.depend(done, out)
         for comm, _, parts, buckets in self.plans:
             for bucket in buckets:

@@ -2,13 +2,14 @@
 
 The update is torch.optim.AdamW's:
 
+    p *= 1 - lr * wd
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
-    p -= lr * (wd * p + (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps))
+    p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-computed by MindSpore's fused ``AdamWeightDecay`` kernel (one pass over each tensor), which
-has no bias correction; it is folded into the kernel's inputs:
-lr' = lr sqrt(1 - b2^t) / (1 - b1^t), eps' = eps sqrt(1 - b2^t), wd' = wd / (lr' / lr).
-Norm weights and biases are never decayed.
+:func:`adamw_step` does it per tensor: one multiply for the decay, then MindSpore's fused
+``ApplyAdam`` kernel, which bias-corrects by lr' = lr sqrt(1 - b2^t) / (1 - b1^t) and is given
+eps' = eps sqrt(1 - b2^t). On CPU that pair is about 5x faster than the ``AdamWeightDecay``
+kernel (16.4M parameters: 25 ms vs 116 ms). Norm weights and biases are never decayed.
 """
 from __future__ import annotations
 
@@ -42,6 +43,19 @@ def no_decay_names(model) -> set[str]:
     return names
 
 
+_APPLY_ADAM = ops.Adam()
+
+
+def adamw_step(param, m, v, grad, lr, weight_decay, beta_powers, betas, eps):
+    """One AdamW step on one fp32 tensor, in place: ``param *= 1 - lr * weight_decay`` (skipped
+    when ``weight_decay`` is None), then ApplyAdam. ``beta_powers`` (b1^t, b2^t) set the bias
+    correction (zeros: none, as MindSpore's nn.AdamWeightDecay); ``eps`` is added to sqrt(v) as
+    given. All scalars are fp32 tensors; returns the kernel's output, for ordering."""
+    if weight_decay is not None:
+        ops.assign(param, param * (1.0 - lr * weight_decay))
+    return _APPLY_ADAM(param, m, v, beta_powers[0], beta_powers[1], lr, betas[0], betas[1], eps, grad)
+
+
 class AdamW(nn.Cell):
     """AdamW over ``params``; ``decay[i]`` says whether params[i] is weight-decayed.
 
@@ -60,25 +74,18 @@ class AdamW(nn.Cell):
         self.exp_avg_sq = self.params.clone("exp_avg_sq", "zeros")
         self.decay = tuple(bool(d) for d in decay)
         self.step = Parameter(Tensor(0.0, ms.float32), name="optimizer.step")
-        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self.b1 = Tensor(np.array([beta1], np.float32))
-        self.b2 = Tensor(np.array([beta2], np.float32))
-        self.kernel = ops.AdamWeightDecay()
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.weight_decay = Tensor(weight_decay, ms.float32)
+        self.betas = (Tensor(beta1, ms.float32), Tensor(beta2, ms.float32))
 
     def construct(self, grads, lr):
         t = self.step + 1.0
         ops.assign(self.step, t)
-        bc1 = 1.0 - ops.pow(self.beta1, t)
-        root_bc2 = ops.sqrt(1.0 - ops.pow(self.beta2, t))
-        lr_k = lr * root_bc2 / bc1
-        eps_k = (self.eps * root_bc2).reshape(1)
-        wd_k = (self.weight_decay * bc1 / root_bc2).reshape(1)
-        zero = ops.zeros((1,), ms.float32)
-        lr_k = lr_k.reshape(1)
+        powers = (ops.pow(self.beta1, t), ops.pow(self.beta2, t))
+        eps = self.eps * ops.sqrt(1.0 - powers[1])
         done = True
         for i in range(len(self.params)):
-            wd = wd_k if self.decay[i] else zero
-            out = self.kernel(self.params[i], self.exp_avg[i], self.exp_avg_sq[i], lr_k, self.b1, self.b2, eps_k, wd,
-                              grads[i].astype(ms.float32))
+            out = adamw_step(self.params[i], self.exp_avg[i], self.exp_avg_sq[i], grads[i].astype(ms.float32), lr,
+                             self.weight_decay if self.decay[i] else None, powers, self.betas, eps)
             done = ops.depend(done, out)
         return done
