@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from mindport import dispatch
 from mindport.config import ModelConfig
@@ -45,11 +45,13 @@ class Attention(nn.Cell):
         """k, v of shape (B, Nkv, S, D) before RoPE."""
         b, s, _ = x.shape
         if self.interleaved_kv:
-            kv = self.kv_proj(x).reshape(b, s, self.num_kv_heads, 2, self.head_dim)  # (B, S, Nkv, 2, D)
-            k, v = kv[:, :, :, 0], kv[:, :, :, 1]
-        else:
-            k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-            v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+            # (B, S, Nkv * 2 * D) -> (B, Nkv, S, 2 * D): each head's k then v, split along the last
+            # axis (on CPU about 15x faster than slicing the middle axis of (B, S, Nkv, 2, D))
+            kv = self.kv_proj(x).reshape(b, s, self.num_kv_heads, 2 * self.head_dim).swapaxes(1, 2)
+            k, v = ops.split(kv, self.head_dim, axis=-1)
+            return k, v
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         return k.swapaxes(1, 2), v.swapaxes(1, 2)
 
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale: Tensor | None = None,
