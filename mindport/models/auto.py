@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 
 from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint, read_json
-
-LAYOUT_FILE = "layout.json"
 from mindport.config import ConfigError, ModelConfig
 from mindport.models import registry
 
+LAYOUT_FILE = "layout.json"
 MINDPORT_KEY = "mindport_config"
 
 
