@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 
