@@ -1,35 +1,40 @@
 """Decode speed: mindport KV-cache generation vs transformers' generate and vs our own
-no-cache decoding, on one ~58M-parameter TeleChat2-architecture model, in one run.
+no-cache decoding, on one ~58M-parameter TeleChat2-architecture model, in one run. Each side
+runs in its own process, one after the other (MindSpore's runtime threads slow torch down in a
+shared process).
 
 Prints `name: value` lines; the headline (ours over transformers, batch 1) is last.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 
 
-def build(args):
+def model_config(args):
+    from mindport.config import ModelConfig
+
+    return ModelConfig(family="telechat2", vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                       num_heads=args.heads, ffn_hidden_size=args.ffn, kv_layout="interleaved", o_bias=True,
+                       down_bias=True, rope_scaling="telechat_ntk", training_seqlen=4096, base_seqlen=4096,
+                       max_position_embeddings=4096, rope_fp16_tables=False, eos_token_id=None)
+
+
+def build_theirs(args):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mindport import AutoModelForCausalLM
-    from mindport.config import ModelConfig
-
     torch.manual_seed(0)
-    cfg = ModelConfig(family="telechat2", vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                      num_heads=args.heads, ffn_hidden_size=args.ffn, kv_layout="interleaved", o_bias=True,
-                      down_bias=True, rope_scaling="telechat_ntk", training_seqlen=4096, base_seqlen=4096,
-                      max_position_embeddings=4096, rope_fp16_tables=False, eos_token_id=None)
-    ours = AutoModelForCausalLM.from_config(cfg)
-    theirs = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                          max_position_embeddings=4096, attention_bias=True, mlp_bias=True,
-                                          tie_word_embeddings=False)).eval()
-    return ours, theirs, cfg
+    return LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+                                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                        max_position_embeddings=4096, attention_bias=True, mlp_bias=True,
+                                        tie_word_embeddings=False)).eval()
 
 
 def time_ours(model, prompt, new, use_cache=True):
@@ -54,6 +59,32 @@ def time_theirs(model, prompt, new):
         return time.perf_counter() - start, ttft
 
 
+def run_side(args) -> dict:
+    """This process's side: per batch size, its timings (the other side runs in another process)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    if args.side == "ours":
+        from mindport import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(model_config(args))
+    else:
+        model = build_theirs(args)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompt = rng.integers(3, args.vocab, (batch, args.prompt))
+        if args.side == "ours":
+            compile_s, _ = time_ours(model, prompt, args.new)  # first call of these shapes compiles the graphs
+            time_ours(model, prompt, args.nocache_new)
+            total, ttft = time_ours(model, prompt, args.new)
+            nocache_s, _ = time_ours(model, prompt, args.nocache_new, use_cache=False)
+            cached_short, _ = time_ours(model, prompt, args.nocache_new)
+            out[batch] = {"compile": compile_s, "total": total, "ttft": ttft, "nocache_ratio": nocache_s / cached_short}
+        else:
+            time_theirs(model, prompt, 2)  # warm-up
+            total, ttft = time_theirs(model, prompt, args.new)
+            out[batch] = {"total": total, "ttft": ttft}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--vocab", type=int, default=32000)
@@ -65,28 +96,28 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--nocache-new", type=int, default=16, help="tokens for the (slow) no-cache baseline")
+    p.add_argument("--side", choices=("ours", "theirs"), help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
-    ours, theirs, cfg = build(args)
+    if args.side:
+        print(json.dumps(run_side(args)))
+        return
     print(f"load_average_1min: {os.getloadavg()[0]:.2f}")
-    print(f"parameters_millions: {cfg.num_parameters() / 1e6:.1f}")
-    rng = np.random.default_rng(0)
+    print(f"parameters_millions: {model_config(args).num_parameters() / 1e6:.1f}")
+    sides = {}
+    for side in ("ours", "theirs"):
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True,
+                               stdout=subprocess.PIPE, text=True)
+        sides[side] = json.loads(child.stdout.strip().splitlines()[-1])
     headline = None
-    for batch in [int(b) for b in args.batches.split(",")]:
-        prompt = rng.integers(3, args.vocab, (batch, args.prompt))
-        compile_s, _ = time_ours(ours, prompt, args.new)  # first call of these shapes compiles the graphs
-        time_ours(ours, prompt, args.nocache_new)
-        time_theirs(theirs, prompt, 2)  # torch warm-up
-        ours_s, ours_ttft = time_ours(ours, prompt, args.new)
-        theirs_s, theirs_ttft = time_theirs(theirs, prompt, args.new)
-        nocache_s, _ = time_ours(ours, prompt, args.nocache_new, use_cache=False)
-        cached_short, _ = time_ours(ours, prompt, args.nocache_new)
-        print(f"batch{batch}_ours_first_call_with_compile_s: {compile_s:.2f}")
-        ours_tps, theirs_tps = batch * args.new / ours_s, batch * args.new / theirs_s
+    for batch in args.batches.split(","):
+        ours, theirs = sides["ours"][batch], sides["theirs"][batch]
+        ours_tps, theirs_tps = int(batch) * args.new / ours["total"], int(batch) * args.new / theirs["total"]
+        print(f"batch{batch}_ours_first_call_with_compile_s: {ours['compile']:.2f}")
         print(f"batch{batch}_ours_tokens_per_s: {ours_tps:.1f}")
         print(f"batch{batch}_transformers_tokens_per_s: {theirs_tps:.1f}")
-        print(f"batch{batch}_ours_ttft_s: {ours_ttft:.3f}")
-        print(f"batch{batch}_transformers_ttft_s: {theirs_ttft:.3f}")
-        print(f"batch{batch}_cache_over_nocache_{args.nocache_new}_tokens: {nocache_s / cached_short:.2f}")
+        print(f"batch{batch}_ours_ttft_s: {ours['ttft']:.3f}")
+        print(f"batch{batch}_transformers_ttft_s: {theirs['ttft']:.3f}")
+        print(f"batch{batch}_cache_over_nocache_{args.nocache_new}_tokens: {ours['nocache_ratio']:.2f}")
         print(f"batch{batch}_ours_over_transformers: {ours_tps / theirs_tps:.3f}")
         headline = headline or ours_tps / theirs_tps
     print(f"ours_over_transformers_batch1: {headline:.3f}")
