@@ -145,13 +145,18 @@ def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, referenc
     merge(step_dir, str(tmp_path / "merged"), progress=False)
     merged, single = weights_of(tmp_path / "merged"), weights_of(ref_ckpt)
     assert sorted(merged) == sorted(single)
-    # Three AdamW steps from the same start. An early Adam step moves a weight by ~lr * sign(g), so a
-    # near-zero gradient rounded the other way moves it by up to 2 lr (6e-3) per step: in fp32 no
-    # element differs by 1e-4 (far below the weights' scale, 0.02, so a misplaced shard fails). Under
-    # O2, fp16 rounding flips a few such signs, so the merged model is compared by its loss instead.
+    # Three AdamW steps from the same start. An early Adam step moves a weight by ~lr * g / (|g| + eps),
+    # so a gradient near zero (a sum that nearly cancels) whose last bits depend on the summation order
+    # moves it by anything up to 2 lr (6e-3) per step. In fp32 at most a handful of elements (measured:
+    # 0 or 1 of 32768) differ by more than 1e-4, far below the weights' scale of 0.02; a misplaced shard
+    # would differ in most of its elements. Under O2, fp16 rounding moves many more, so the merged model
+    # is compared by its loss instead.
     if not runner:
         for tensor, value in single.items():
-            np.testing.assert_allclose(merged[tensor], value, rtol=1e-4, atol=1e-4, err_msg=f"{name}: {tensor}")
+            gap = np.abs(merged[tensor] - value)
+            off = int((gap > 1e-4 + 1e-4 * np.abs(value)).sum())
+            assert off <= max(1, value.size // 10000) and gap.max() <= 2 * LR * STEPS, \
+                f"{name}: {tensor}: {off} of {value.size} elements differ by > 1e-4 (max {gap.max():.2e})"
     else:
         from mindport import AutoModelForCausalLM
         from mindport.train.data import PackedDataset
