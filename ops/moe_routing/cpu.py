@@ -30,29 +30,16 @@ from mindspore import ops
 from mindspore.ops import constexpr
 
 from mindport import dispatch
-from mindport.ops._aot import CXX, CXXFLAGS, AotLibrary
+from mindport.ops._aot import CustomKernels, require
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "moe_routing.cc")
-
-
-LIBRARY = AotLibrary("moe_routing", SOURCE, CXXFLAGS, CXX)
-# The Custom primitives, keyed by kernel. They are created at import time, pointing at the library
-# path for the current source (the file itself is built by available()), because MindSpore cannot
-# create a Custom primitive while compiling a jit graph.
-_PRIMS: dict = {}
-_PRIMS_LIB: list = [None]
-
-
-def library_path() -> str:
-    """Where the library for the current source and flags lives (it may not exist yet)."""
-    return LIBRARY.path()
 
 
 def _int_or_unknown(x: int, factor: int = 1) -> int:
     return -1 if x < 0 else x * factor
 
 
-def _make_ops(lib: str) -> dict:
+def _make_prims(lib: str) -> dict:
     f32, i32 = ms.float32, ms.int32
 
     def custom(fn, out_shape, out_dtype, bprop=None):
@@ -107,26 +94,12 @@ def _make_ops(lib: str) -> dict:
     return {"gating_permute": gating_permute, "combine": combine}
 
 
-def _set_prims(lib: str) -> None:
-    if _PRIMS_LIB[0] != lib:
-        _PRIMS.update(_make_ops(lib))
-        _PRIMS_LIB[0] = lib
+KERNELS = CustomKernels("moe_routing", SOURCE, _make_prims)
 
 
 def available() -> bool:
     """True when the C++ library is built (building it on first call) and the primitives exist."""
-    if LIBRARY.available():
-        _set_prims(LIBRARY.lib)
-        return True
-    return False
-
-
-@constexpr(reuse_result=False)
-def _require_library(op_name):
-    """Build the library if needed (runs in Python, also while a jit graph is compiled)."""
-    if not available():
-        raise RuntimeError(f"{op_name}: the moe_routing C++ kernels are not available: {LIBRARY.error}")
-    return True
+    return KERNELS.available()
 
 
 @constexpr(reuse_result=False)
@@ -135,22 +108,16 @@ def _cfg(top_k, norm_topk_prob, norm_eps, capacity):
     return ms.Tensor(np.array([row] * int(top_k), dtype=np.float64))
 
 
-try:
-    _set_prims(library_path())
-except Exception:  # noqa: BLE001 - e.g. MS_CUSTOM_AOT_WHITE_LIST refuses the cache dir; available() retries
-    pass
-
-
 @dispatch.register("moe_gating_permute", "cpu", available=available)
 def moe_gating_permute(router_logits, hidden, top_k: int, norm_topk_prob: bool, norm_eps: float, capacity: int):
     """Fused softmax/top-k gating and token permutation (C++). Same contract as the reference."""
-    _require_library("moe_gating_permute")
+    require(__name__, "moe_gating_permute")
     cfg = _cfg(top_k, norm_topk_prob, norm_eps, capacity)
-    return _PRIMS["gating_permute"](router_logits.astype(ms.float32), hidden, cfg)
+    return KERNELS["gating_permute"](router_logits.astype(ms.float32), hidden, cfg)
 
 
 @dispatch.register("moe_unpermute_combine", "cpu", available=available)
 def moe_unpermute_combine(expert_out, slot_rows, weights):
     """Fused weighted un-permute and combine of expert outputs (C++). Same contract as the reference."""
-    _require_library("moe_unpermute_combine")
-    return _PRIMS["combine"](expert_out, slot_rows, weights.astype(ms.float32))
+    require(__name__, "moe_unpermute_combine")
+    return KERNELS["combine"](expert_out, slot_rows, weights.astype(ms.float32))

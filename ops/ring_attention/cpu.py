@@ -17,7 +17,6 @@ and shared by all shapes; ``scale`` and ``causal`` travel in a float64 [2] tenso
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import mindspore as ms
@@ -25,13 +24,9 @@ from mindspore import ops
 from mindspore.ops import constexpr
 
 from mindport import dispatch
-from mindport.ops._aot import CXX, CXXFLAGS, AotLibrary
+from mindport.ops._aot import CustomKernels, require
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "ring_attention.cc")
-
-
-LIBRARY = AotLibrary("ring_attention", SOURCE, CXXFLAGS, CXX)
-_PRIMS: dict = {}
 
 
 def _make_prims(lib: str) -> dict:
@@ -61,34 +56,12 @@ def _make_prims(lib: str) -> dict:
     return {"block": block, "grad": grad, "merge": merge, "merge_grad": merge_grad}
 
 
-_PRIM_ERRORS: list = []  # why the Custom primitives could not be created at import, if they could not
+KERNELS = CustomKernels("ring_attention", SOURCE, _make_prims)
 
 
 def available() -> bool:
     """True when the C++ library is built (building it on first call) and the primitives exist."""
-    if not LIBRARY.available():
-        return False
-    if not _PRIMS:
-        if not LIBRARY.error:
-            LIBRARY.error = _PRIM_ERRORS[0] if _PRIM_ERRORS else RuntimeError("no Custom primitives")
-            warnings.warn(f"mindport.ops.ring_attention: C++ CPU kernels unavailable ({LIBRARY.error}); "
-                          "falling back to the reference backend", RuntimeWarning, stacklevel=2)
-        return False
-    return True
-
-
-try:
-    _PRIMS.update(_make_prims(LIBRARY.path()))
-except Exception as _exc:  # noqa: BLE001 - e.g. MS_CUSTOM_AOT_WHITE_LIST refuses the cache dir
-    _PRIM_ERRORS.append(_exc)
-
-
-@constexpr(reuse_result=False)
-def _require_library(op_name):
-    """Build the library if needed (runs in Python, also while a jit graph is compiled)."""
-    if not available():
-        raise RuntimeError(f"{op_name}: the ring_attention C++ kernels are not available: {LIBRARY.error}")
-    return True
+    return KERNELS.available()
 
 
 @constexpr(reuse_result=False)
@@ -110,18 +83,18 @@ def _f32(x):
 @dispatch.register("ring_block_attention", "cpu", available=available)
 def block_attention(q, k, v, scale: float, causal: bool):
     """C++ block attention (online softmax over key tiles). Same contract as the reference."""
-    _require_library("ring_block_attention")
+    require(__name__, "ring_block_attention")
     _check_causal(q.shape[2], k.shape[2], causal)
-    out, lse = _PRIMS["block"](_f32(q), _f32(k), _f32(v), _cfg(scale, causal))
+    out, lse = KERNELS["block"](_f32(q), _f32(k), _f32(v), _cfg(scale, causal))
     return (out if q.dtype == ms.float32 else out.astype(q.dtype)), lse
 
 
 @dispatch.register("ring_block_attention_grad", "cpu", available=available)
 def block_attention_grad(q, k, v, out, lse, dout, dlse, scale: float, causal: bool):
     """C++ block backward given (possibly merged) out/lse. Same contract as the reference."""
-    _require_library("ring_block_attention_grad")
+    require(__name__, "ring_block_attention_grad")
     _check_causal(q.shape[2], k.shape[2], causal)
-    dq, dk, dv = _PRIMS["grad"](_f32(q), _f32(k), _f32(v), _f32(out), _f32(lse), _f32(dout), _f32(dlse),
+    dq, dk, dv = KERNELS["grad"](_f32(q), _f32(k), _f32(v), _f32(out), _f32(lse), _f32(dout), _f32(dlse),
                                 _cfg(scale, causal))
     if q.dtype != ms.float32:
         dq, dk, dv = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
@@ -131,16 +104,16 @@ def block_attention_grad(q, k, v, out, lse, dout, dlse, scale: float, causal: bo
 @dispatch.register("lse_merge", "cpu", available=available)
 def lse_merge(out1, lse1, out2, lse2):
     """C++ LSE merge. Same contract as the reference."""
-    _require_library("lse_merge")
-    out, lse = _PRIMS["merge"](_f32(out1), _f32(lse1), _f32(out2), _f32(lse2))
+    require(__name__, "lse_merge")
+    out, lse = KERNELS["merge"](_f32(out1), _f32(lse1), _f32(out2), _f32(lse2))
     return (out if out1.dtype == ms.float32 else out.astype(out1.dtype)), lse
 
 
 @dispatch.register("lse_merge_grad", "cpu", available=available)
 def lse_merge_grad(out1, lse1, out2, lse2, dout, dlse):
     """C++ LSE merge backward. Same contract as the reference."""
-    _require_library("lse_merge_grad")
-    d1, l1, d2, l2 = _PRIMS["merge_grad"](_f32(out1), _f32(lse1), _f32(out2), _f32(lse2), _f32(dout), _f32(dlse))
+    require(__name__, "lse_merge_grad")
+    d1, l1, d2, l2 = KERNELS["merge_grad"](_f32(out1), _f32(lse1), _f32(out2), _f32(lse2), _f32(dout), _f32(dlse))
     if out1.dtype != ms.float32:
         d1, d2 = d1.astype(out1.dtype), d2.astype(out2.dtype)
     return d1, l1, d2, l2

@@ -15,7 +15,7 @@ import pytest
 import mindspore as ms
 
 from mindport import dispatch
-from mindport.ops._aot import AotLibrary
+from mindport.ops._aot import CXX, CustomKernels
 import mindport.ops.moe_routing as mr
 from mindport.ops.moe_routing import cpu as cpu_backend
 
@@ -320,19 +320,17 @@ def test_public_wrappers_dispatch_in_pynative_and_jit(monkeypatch):
 
 
 def test_build_into_fresh_cache(tmp_path, monkeypatch):
-    if shutil.which(cpu_backend.CXX) is None:
+    if shutil.which(CXX) is None:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("MINDPORT_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_backend, "LIBRARY", AotLibrary("moe_routing", cpu_backend.SOURCE, cpu_backend.CXXFLAGS,
-                                                             cpu_backend.CXX))
-    monkeypatch.setattr(cpu_backend, "_PRIMS", dict(cpu_backend._PRIMS))  # primitives of this build
-    monkeypatch.setattr(cpu_backend, "_PRIMS_LIB", list(cpu_backend._PRIMS_LIB))
-    lib = cpu_backend.library_path()
+    monkeypatch.setattr(cpu_backend, "KERNELS", CustomKernels("moe_routing", cpu_backend.SOURCE,
+                                                              cpu_backend._make_prims))
+    lib = cpu_backend.KERNELS.library.path()
     assert os.path.dirname(lib) == str(tmp_path) and not os.path.exists(lib)
     assert cpu_backend.available()
     assert os.path.exists(lib)
     assert os.listdir(tmp_path) == [os.path.basename(lib)], "no temporary files left behind"
-    assert cpu_backend._PRIMS_LIB[0] == lib
+    assert cpu_backend.KERNELS.prims_path == lib
     assert os.path.basename(cpu_backend.SOURCE) == "moe_routing.cc" and os.path.isfile(cpu_backend.SOURCE)
     d = make_inputs("random_nonorm")  # the freshly built library computes
     outs = dispatch.get(GP, backend="cpu")(ms.Tensor(d["logits"]), ms.Tensor(d["hidden"]), 2, False, 0.0, 0)
@@ -341,8 +339,8 @@ def test_build_into_fresh_cache(tmp_path, monkeypatch):
 
 def test_no_compiler_falls_back_to_reference(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDPORT_CACHE", str(tmp_path))  # nothing prebuilt there
-    monkeypatch.setattr(cpu_backend, "LIBRARY", AotLibrary("moe_routing", cpu_backend.SOURCE, cpu_backend.CXXFLAGS,
-                                                             "mindport-no-such-compiler"))
+    monkeypatch.setattr(cpu_backend, "KERNELS", CustomKernels("moe_routing", cpu_backend.SOURCE, cpu_backend._make_prims,
+                                                              compiler="mindport-no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="falling back to the reference backend"):
         assert cpu_backend.available() is False
     with warnings.catch_warnings():

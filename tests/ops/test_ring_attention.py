@@ -15,6 +15,7 @@ import mindspore as ms
 
 from mindport import dispatch
 import mindport.ops.ring_attention as ra
+from mindport.ops._aot import CustomKernels
 from mindport.ops.ring_attention import cpu as cpu_backend
 
 BLOCK, GRAD, MERGE, MERGE_GRAD = ra.BLOCK, ra.BLOCK_GRAD, ra.MERGE, ra.MERGE_GRAD
@@ -87,7 +88,7 @@ NAMES = ["out", "lse", "dq", "dk", "dv", "autodiff dq", "autodiff dk", "autodiff
 @pytest.fixture(scope="module", autouse=True)
 def cpu_kernels():
     if not cpu_backend.available():
-        pytest.skip(f"C++ kernels unavailable: {cpu_backend.LIBRARY.error}")
+        pytest.skip(f"C++ kernels unavailable: {cpu_backend.KERNELS.library.error}")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -211,10 +212,10 @@ def test_causal_block_needs_no_more_queries_than_keys():
 
 
 def test_missing_compiler_falls_back_to_reference(monkeypatch, tmp_path):
-    broken = cpu_backend.AotLibrary("ring_attention_nocxx", cpu_backend.SOURCE, cpu_backend.CXXFLAGS,
-                                    "no-such-compiler-mindport")
+    broken = CustomKernels("ring_attention_nocxx", cpu_backend.SOURCE, cpu_backend._make_prims,
+                           compiler="no-such-compiler-mindport")
     monkeypatch.setenv("MINDPORT_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_backend, "LIBRARY", broken)
+    monkeypatch.setattr(cpu_backend, "KERNELS", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert dispatch.choose(BLOCK) == "reference"
