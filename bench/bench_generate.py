@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
+from _timing import SIDES, each_side_in_own_process
 
 
 def model_config(args):
@@ -96,18 +95,14 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--nocache-new", type=int, default=16, help="tokens for the (slow) no-cache baseline")
-    p.add_argument("--side", choices=("ours", "theirs"), help=argparse.SUPPRESS)  # one side, in a child process
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
     if args.side:
         print(json.dumps(run_side(args)))
         return
     print(f"load_average_1min: {os.getloadavg()[0]:.2f}")
     print(f"parameters_millions: {model_config(args).num_parameters() / 1e6:.1f}")
-    sides = {}
-    for side in ("ours", "theirs"):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True,
-                               stdout=subprocess.PIPE, text=True)
-        sides[side] = json.loads(child.stdout.strip().splitlines()[-1])
+    sides = each_side_in_own_process(__file__)
     headline = None
     for batch in args.batches.split(","):
         ours, theirs = sides["ours"][batch], sides["theirs"][batch]

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
+from _timing import SIDES, each_side_in_own_process
 
 os.environ.setdefault("GLOG_v", "3")
 
@@ -123,7 +122,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--amp", default="O0", choices=("O0", "O1"), help="our precision level (theirs: fp32)")
-    p.add_argument("--side", choices=("ours", "theirs"), help=argparse.SUPPRESS)  # one side, in a child process
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
 
     from mindport import AutoConfig
@@ -133,11 +132,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(run_side(args, config)))
         return
-    sides = {}
-    for side in ("ours", "theirs"):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True,
-                               stdout=subprocess.PIPE, text=True)
-        sides[side] = json.loads(child.stdout.strip().splitlines()[-1])
+    sides = each_side_in_own_process(__file__)
     import torch
 
     tokens = args.batch * args.seq

@@ -48,7 +48,7 @@ from mindport.parallel.comm import collectives
 from mindport.parallel.grad_sync import DEFAULT_BUCKET_BYTES, GradientSync, buckets_by_size
 from mindport.parallel.sharding import rule_for
 from mindport.parallel.state import Group, ParallelGroups
-from mindport.train.optim import adamw_step
+from mindport.train.optim import adamw_step, bias_correction
 
 
 def shard_length(numel: int, parts: int) -> int:
@@ -265,8 +265,7 @@ class ZeroAdamW(nn.Cell):
         t = self.step + 1.0
         ops.assign(self.step, t)
         if self.bias_correction:  # torch's AdamW (see mindport.train.optim)
-            powers = (ops.pow(self.beta1, t), ops.pow(self.beta2, t))
-            eps = self.eps * ops.sqrt(1.0 - powers[1])
+            powers, eps = bias_correction(t, self.beta1, self.beta2, self.eps)
         else:  # nn.AdamWeightDecay: no bias correction
             powers, eps = (self.zero, self.zero), self.eps_t
         done = True

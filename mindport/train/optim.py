@@ -45,6 +45,13 @@ def no_decay_names(model) -> set[str]:
 _APPLY_ADAM = ops.Adam()
 
 
+def bias_correction(step, beta1: float, beta2: float, eps: float):
+    """((b1^t, b2^t), eps sqrt(1 - b2^t)): what :func:`adamw_step` is given for torch's AdamW at
+    step t (1-based, a tensor)."""
+    powers = (ops.pow(beta1, step), ops.pow(beta2, step))
+    return powers, eps * ops.sqrt(1.0 - powers[1])
+
+
 def adamw_step(param, m, v, grad, lr, weight_decay, beta_powers, betas, eps):
     """One AdamW step on one fp32 tensor, in place: ``param *= 1 - lr * weight_decay`` (skipped
     when ``weight_decay`` is None), then ApplyAdam. ``beta_powers`` (b1^t, b2^t) set the bias
@@ -80,8 +87,7 @@ class AdamW(nn.Cell):
     def construct(self, grads, lr):
         t = self.step + 1.0
         ops.assign(self.step, t)
-        powers = (ops.pow(self.beta1, t), ops.pow(self.beta2, t))
-        eps = self.eps * ops.sqrt(1.0 - powers[1])
+        powers, eps = bias_correction(t, self.beta1, self.beta2, self.eps)
         done = True
         for i in range(len(self.params)):
             out = adamw_step(self.params[i], self.exp_avg[i], self.exp_avg_sq[i], grads[i].astype(ms.float32), lr,
