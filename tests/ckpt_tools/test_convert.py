@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from conftest import KINDS, torch_logits
+from testkit.checkpoints import KINDS
+from testkit.hf_models import torch_logits
 from mindport.ckpt_tools import convert
 from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint
 from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsReader, f32_to_bf16_bits

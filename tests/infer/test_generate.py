@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import hf_moe
+from testkit.hf_models import hf_moe
 from mindport import AutoModelForCausalLM
 from mindport.transformer.kv_cache import KVCache
 

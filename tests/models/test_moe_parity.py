@@ -1,6 +1,5 @@
 """MoE families against transformers (Mixtral, Qwen2-MoE), Llama (dense XVERSE) and the numpy
 oracle (XVERSE-MoE, which has no transformers implementation). fp32, CPU."""
-import importlib.util
 import json
 import os
 
@@ -8,13 +7,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import hf_moe, llama_tiny, save_hf_dir, torch_logits
 from mindport import AutoModelForCausalLM
+from testkit import numpy_models as ref
+from testkit.hf_models import hf_moe, llama_tiny, save_hf_dir, torch_logits
 
-_spec = importlib.util.spec_from_file_location(
-    "numpy_models", os.path.join(os.path.dirname(__file__), "..", "reference", "numpy_models.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 TOL = 1e-4
 

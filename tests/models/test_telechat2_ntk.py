@@ -1,5 +1,4 @@
 """TeleChat2's dynamic NTK + mscale RoPE against an independent numpy implementation."""
-import importlib.util
 import json
 import os
 
@@ -9,11 +8,7 @@ from safetensors.numpy import load_file
 
 from mindport import AutoModelForCausalLM
 from mindport.transformer.rope import ntk_scaling, rope_tables
-
-_spec = importlib.util.spec_from_file_location(
-    "numpy_models", os.path.join(os.path.dirname(__file__), "..", "reference", "numpy_models.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+from testkit import numpy_models as ref
 
 
 @pytest.mark.parametrize("total, alpha, mscale", [(16, 1, 1.0), (32, 1, 1.0), (33, 3, 0.1 * np.log(33 / 32) + 1),

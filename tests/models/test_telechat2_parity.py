@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import torch_logits
+from testkit.hf_models import torch_logits
 from mindport import AutoModelForCausalLM
 
 TOL = 1e-4

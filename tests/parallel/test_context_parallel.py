@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import llama_tiny, save_hf_dir, telechat_from_llama
-from launch import msrun
+from testkit.hf_models import llama_tiny, save_hf_dir, telechat_from_llama
+from testkit.launch import msrun
 from mindport import ConfigError
 from mindport.parallel.context import (check_sequence_length, context_parallel_batch, zigzag_merge,
                                        zigzag_positions, zigzag_split)

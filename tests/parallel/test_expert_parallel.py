@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import hf_moe
-from launch import msrun
 from mindport import AutoModelForCausalLM
 from mindport.parallel.sharding import shard_slices
-from test_tensor_data_parallel import WORKER, assert_close
+from testkit.hf_models import hf_moe
+from testkit.launch import assert_close, msrun
 
+WORKER = os.path.join(os.path.dirname(__file__), "step_worker.py")
 
 def xverse_moe_dir(directory: str, capacity_factor: float) -> str:
     """A mindport-format XVERSE-MoE directory (capacity is a mindport setting, not an HF field)."""

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from launch import msrun, single_process_dump
+from testkit.launch import assert_close, msrun, single_process_dump
 from mindport import ConfigError, ParallelConfig
 from mindport.parallel.sharding import shard_slices
 from mindport.parallel.state import check_layout, group_ranks
@@ -28,13 +28,6 @@ LAYOUTS = {
 def reference(tiny_telechat_hf, tmp_path_factory):
     """HF dir of a tiny GQA TeleChat2 and the single-process step's dump."""
     return tiny_telechat_hf, single_process_dump(WORKER, tiny_telechat_hf, str(tmp_path_factory.mktemp("single")))
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
-    scale = max(float(np.abs(ref).max()), 1e-12)
-    err = float(np.abs(ours - ref).max())
-    assert err <= rel * scale, f"{what}: max abs diff {err:.3e} vs scale {scale:.3e}"
 
 
 def run_and_compare(model_dir: str, ref: dict, layout: dict, tmp_path) -> None:

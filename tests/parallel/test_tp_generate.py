@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import llama_tiny, save_hf_dir, telechat_from_llama
-from launch import msrun
+from testkit.hf_models import llama_tiny, save_hf_dir, telechat_from_llama
+from testkit.launch import msrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "generate_worker.py")
 

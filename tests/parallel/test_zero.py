@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from mindspore import Parameter, Tensor, nn
 
-from launch import msrun, single_process_dump
-from test_tensor_data_parallel import assert_close
+from testkit.launch import assert_close, msrun, single_process_dump
 from mindport import ParallelConfig
 from mindport.parallel.sharding import shard_slices
 from mindport.parallel.state import single_process

@@ -1,7 +1,6 @@
 """Self-checks of the numpy reference against tiny random transformers models (CPU, fp32)."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import tempfile
@@ -12,11 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
+from testkit import numpy_models as ref
 
-_spec = importlib.util.spec_from_file_location(
-    "mindport_tests_reference_numpy_models", os.path.join(os.path.dirname(__file__), "numpy_models.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 TOL = 1e-4
 V, H, L = 128, 64, 2

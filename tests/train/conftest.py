@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from train_helpers import SEQ, VOCAB
+from testkit.train import SEQ, VOCAB
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 
 from mindport.tokenizer import Tokenizer
 from mindport.train.data import DataError, Loader, PackedDataset, prepare
-from train_helpers import SEQ
+from testkit.train import SEQ
 
 
 def test_prepare_packs_documents_with_eos(tmp_path, tok_dir):

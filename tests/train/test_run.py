@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from mindport.train.logger import read_metrics
-from train_helpers import SEQ, VOCAB, run_config
+from testkit.train import SEQ, VOCAB, run_config
 
 
 @pytest.mark.parametrize("level", ["O0", "O2"])
@@ -149,7 +149,7 @@ def test_eval_perplexity_is_exp_of_mean_loss(tmp_path, data_dir):
     from mindport import AutoModelForCausalLM
     from mindport.train.data import PackedDataset
     from mindport.train.evaluate import evaluate
-    from train_helpers import tiny_model
+    from testkit.train import tiny_model
 
     model = tiny_model()
     ds = PackedDataset(data_dir)

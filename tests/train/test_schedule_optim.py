@@ -61,7 +61,7 @@ def test_adamw_matches_torch_with_and_without_decay():
 
 
 def test_norms_and_biases_are_not_decayed():
-    from train_helpers import tiny_model
+    from testkit.train import tiny_model
 
     from mindport.train.optim import no_decay_names
 

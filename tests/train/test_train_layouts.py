@@ -4,7 +4,6 @@ Every layout trains the same model (weights drawn per parameter name from the se
 sliced) on the same global batches as one process, so per-step losses and gradient norms
 agree, and the per-rank checkpoint merges back into the single-process weights.
 """
-import importlib.util
 import json
 import os
 import re
@@ -15,12 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from train_helpers import SEQ, tiny_model_config
+from testkit.train import SEQ, tiny_model_config
+from testkit import launch
 
-_spec = importlib.util.spec_from_file_location("launch", os.path.join(os.path.dirname(__file__), "..", "parallel",
-                                                                      "launch.py"))
-launch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(launch)
 
 STEPS = 3
 GLOBAL_BATCH = 4

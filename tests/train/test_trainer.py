@@ -6,7 +6,7 @@ from mindspore import ops
 
 from mindport.train.config import TrainConfig
 from mindport.train.data import Loader, PackedDataset
-from train_helpers import SEQ, tiny_model
+from testkit.train import SEQ, tiny_model
 
 
 def _config(**changes):

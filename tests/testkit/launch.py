@@ -1,14 +1,14 @@
-"""Launch a script on N CPU processes with msrun, as tests do."""
+"""Launch a script on N CPU processes with msrun, as tests do, and compare what the ranks dumped."""
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
+
 
 def single_process_dump(worker: str, hf_dir: str, out_dir: str) -> dict:
     """Run ``worker`` on one process (no layout: the reference) and load its rank0.npz."""
-    import numpy as np
-
     subprocess.run([sys.executable, worker, hf_dir, out_dir], check=True, capture_output=True)
     return dict(np.load(os.path.join(out_dir, "rank0.npz")))
 
@@ -33,3 +33,10 @@ def msrun(script: str, args: list[str], workers: int, log_dir: str, timeout: int
                 lines = [l for l in f.read().splitlines() if "WARNING" not in l]
             tails.append(f"--- {name}\n" + "\n".join(lines[-15:]))
         raise AssertionError(f"msrun failed ({proc.returncode}):\n" + "\n".join(tails))
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
+    scale = max(float(np.abs(ref).max()), 1e-12)
+    err = float(np.abs(ours - ref).max())
+    assert err <= rel * scale, f"{what}: max abs diff {err:.3e} vs scale {scale:.3e}"

@@ -1,4 +1,4 @@
-"""Helpers for the training tests (imported by name: pytest puts this folder on sys.path)."""
+"""The tiny training setup shared by the training tests: sizes, a 2-layer TeleChat2 config, run configs."""
 from __future__ import annotations
 
 SEQ = 32
