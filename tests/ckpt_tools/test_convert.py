@@ -64,7 +64,8 @@ def test_parameter_shapes_count_every_preset():
 # ----------------------------------------------------------------------------- round trips
 
 ROUND_TRIPS = [(k, "fp32", "single") for k in KINDS] + [(k, "bf16", "sharded") for k in KINDS] + [
-    ("telechat", "fp32", "bin"), ("mixtral", "bf16", "bin")]
+    ("telechat", "fp32", "bin"), ("mixtral", "bf16", "bin"), ("xverse", "fp32", "legacy_bin"),
+    ("qwen2_moe", "bf16", "legacy_bin")]
 
 
 @pytest.mark.parametrize("kind, dtype, fmt", ROUND_TRIPS)
