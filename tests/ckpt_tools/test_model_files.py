@@ -127,3 +127,16 @@ def test_export_of_a_fine_tuned_checkpoint_loads_in_transformers(hf_dirs, tmp_pa
     original = torch_logits(HFModel.from_pretrained(src, trust_remote_code=True).eval(), ids)
     np.testing.assert_allclose(torch_logits(exported, ids), tuned(ids).asnumpy(), atol=1e-4, rtol=1e-4)
     assert np.abs(torch_logits(exported, ids) - original).max() > 1e-3  # the export holds the fine-tuned weights
+
+
+def test_hf_config_changes_only_what_the_config_changes(hf_dirs):
+    """Keys whose value the mindport config now implies differently are rewritten, nothing else."""
+    from mindport.ckpt_tools.model_files import hf_config
+    from mindport.models.registry import family
+
+    source = config_json(hf_dirs.with_model_files("xverse"))
+    fam = family("xverse")
+    config = fam.config_from_hf(source, "config.json")
+    assert hf_config(source, fam, config, "float32") == source  # no dtype key in the source: none added
+    deeper = hf_config(source, fam, config.replace(num_layers=3), "bfloat16")
+    assert deeper == {**source, "num_hidden_layers": 3}
