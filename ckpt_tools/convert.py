@@ -12,13 +12,17 @@ copied file to file by the kernel (``copy_file_range``); stacking experts writes
 tensors one after another; splitting a stacked tensor (ms2hf) copies byte ranges; dtype
 changes and strided slices (tensor-parallel row splits, merges) go through buffers of at
 most ``CHUNK_BYTES``. ``dtype="keep"`` copies bytes verbatim, so hf2ms -> ms2hf is
-bit-exact, bf16 included. (``pytorch_model*.bin`` sources are read through torch's mmap, so
-their pages do count towards resident memory.)
+bit-exact, bf16 included. (``pytorch_model*.bin`` sources are read through torch's mmap, or whole
+for old-style non-zip files, so their pages do count towards resident memory.)
+
+Every direction carries the source's non-weight files (tokenizer, generation_config.json, remote
+code) and its HF config.json (:mod:`mindport.ckpt_tools.model_files`).
 
 Formats
   mindport dir   config.json ``{"mindport_config": {...}}`` + safetensors with mindport
                  parameter names (metadata ``{"format": "ms"}``) + ``model.safetensors.index.json``
-                 when there is more than one shard. ``AutoModelForCausalLM.from_pretrained`` and
+                 when there is more than one shard, + ``hf_config.json`` (the source's config.json,
+                 verbatim) and the carried files. ``AutoModelForCausalLM.from_pretrained`` and
                  ``mindspore.load_checkpoint(shard, format="safetensors")`` read it.
   rank shards    ``--tp/--pp/--ep``: config.json + layout.json at the top, and one mindport-named
                  safetensors set per rank in ``rank_XXXX/``, holding only that rank's slices
