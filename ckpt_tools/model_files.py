@@ -20,7 +20,6 @@ import shutil
 from mindport.ckpt_tools.hf_checkpoint import read_json
 
 SOURCE_CONFIG = "hf_config.json"
-MINDPORT_KEY = "mindport_config"
 # written by the directory's own writer, never carried: its config, layout, weights, training state
 _OWN_FILES = {"config.json", "layout.json"}
 _OWN_DIRS = re.compile(r"^(rank_\d+|train_state)$")
@@ -29,6 +28,8 @@ _DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers 5 writes "dtype", 4.x "to
 
 
 def _is_hf_config(path: str) -> bool:
+    from mindport.models.auto import MINDPORT_KEY
+
     return os.path.isfile(path) and MINDPORT_KEY not in read_json(path)
 
 
@@ -58,8 +59,8 @@ def carry_files(src: str | None, dst: str, to_hf: bool = False) -> list[str]:
         top = root == src
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and _OWN_DIRS.match(d)))
         for name in sorted(files):
-            if name.startswith(".") or _WEIGHTS.search(name) or top and (
-                    name in _OWN_FILES or to_hf and name == SOURCE_CONFIG):
+            if name.startswith(".") or _WEIGHTS.search(name) or (
+                    top and (name in _OWN_FILES or (to_hf and name == SOURCE_CONFIG))):
                 continue
             rel = os.path.relpath(os.path.join(root, name), src)
             os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
