@@ -188,13 +188,19 @@ from .configuration_xverse import XverseConfig
 class XverseForCausalLM(LlamaForCausalLM):
     config_class = XverseConfig
 """
-REMOTE_CODE = {  # kind -> (auto_map, {file: text}); TeleChat2's files are stand-ins, never imported here
+TELECHAT_CONFIGURATION = """from transformers import PretrainedConfig
+
+
+class Telechat2Config(PretrainedConfig):
+    model_type = "telechat"
+"""
+REMOTE_CODE = {  # kind -> (auto_map, {file: text}); TeleChat2's modeling file is a stand-in, never imported
     "xverse": ({"AutoConfig": "configuration_xverse.XverseConfig",
                 "AutoModelForCausalLM": "modeling_xverse.XverseForCausalLM"},
                {"configuration_xverse.py": XVERSE_CONFIGURATION, "modeling_xverse.py": XVERSE_MODELING}),
     "telechat": ({"AutoConfig": "configuration_telechat2.Telechat2Config",
                   "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM"},
-                 {"configuration_telechat2.py": "# TeleChat2 configuration (stand-in)\n",
+                 {"configuration_telechat2.py": TELECHAT_CONFIGURATION,
                   "modeling_telechat2.py": "# TeleChat2 modeling (stand-in)\n"}),
 }
 
