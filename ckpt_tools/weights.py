@@ -180,8 +180,9 @@ def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str |
     params = dict(model.parameters_and_names())
     entries, source, dtypes = [], {}, set()
     for our_name, param in params.items():
-        dtypes.add(dtype or str(param.dtype).lower())
-        code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype or str(param.dtype).lower()]
+        dtype_name = dtype or str(param.dtype).lower()
+        dtypes.add(dtype_name)
+        code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype_name]
         for hf_name, expert in name_map.to_hf(our_name, config.num_experts):
             shape = tuple(param.shape if expert is None else param.shape[1:])
             entries.append((hf_name, code, shape, int(np.prod(shape)) * (2 if code != "F32" else 4)))
