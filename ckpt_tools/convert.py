@@ -12,13 +12,17 @@ copied file to file by the kernel (``copy_file_range``); stacking experts writes
 tensors one after another; splitting a stacked tensor (ms2hf) copies byte ranges; dtype
 changes and strided slices (tensor-parallel row splits, merges) go through buffers of at
 most ``CHUNK_BYTES``. ``dtype="keep"`` copies bytes verbatim, so hf2ms -> ms2hf is
-bit-exact, bf16 included. (``pytorch_model*.bin`` sources are read through torch's mmap, so
-their pages do count towards resident memory.)
+bit-exact, bf16 included. (``pytorch_model*.bin`` sources are read through torch's mmap, or whole
+for old-style non-zip files, so their pages do count towards resident memory.)
+
+Every direction carries the source's non-weight files (tokenizer, generation_config.json, remote
+code) and its HF config.json (:mod:`mindport.ckpt_tools.model_files`).
 
 Formats
   mindport dir   config.json ``{"mindport_config": {...}}`` + safetensors with mindport
                  parameter names (metadata ``{"format": "ms"}``) + ``model.safetensors.index.json``
-                 when there is more than one shard. ``AutoModelForCausalLM.from_pretrained`` and
+                 when there is more than one shard, + ``hf_config.json`` (the source's config.json,
+                 verbatim) and the carried files. ``AutoModelForCausalLM.from_pretrained`` and
                  ``mindspore.load_checkpoint(shard, format="safetensors")`` read it.
   rank shards    ``--tp/--pp/--ep``: config.json + layout.json at the top, and one mindport-named
                  safetensors set per rank in ``rank_XXXX/``, holding only that rank's slices
@@ -48,6 +52,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint, read_json
+from mindport.ckpt_tools.model_files import carry_files, hf_config, source_hf_config
 from mindport.ckpt_tools.safetensors_io import (NUMPY_DTYPES, CheckpointError, FileRange, ITEMSIZE,
                                                 SafetensorsReader, SafetensorsWriter, bf16_bits_to_f32,
                                                 f32_to_bf16_bits)
@@ -494,14 +499,16 @@ def _write_files(directory: str, outs: list[_Out], max_bytes: int, metadata: dic
     return total
 
 
-def _write_mindport(outs: list[_Out], config: ModelConfig, dst: str, overwrite: bool, tp: int, pp: int, ep: int,
-                    max_bytes: int, progress: bool, start: float, offset=None) -> Summary:
+def _write_mindport(outs: list[_Out], config: ModelConfig, src: str, dst: str, overwrite: bool, tp: int, pp: int,
+                    ep: int, max_bytes: int, progress: bool, start: float, offset=None) -> Summary:
+    """Write ``outs`` as a mindport directory (or per-rank shards), with ``src``'s non-weight files."""
     from mindport.ckpt_tools.weights import StagingDir  # imports MindSpore: only once the input is known good
 
     if (tp, pp, ep) == (1, 1, 1):
         with StagingDir(dst, overwrite) as tmp, _progress(len(outs), progress) as bar:
             nbytes = _write_files(tmp, outs, max_bytes, {"format": "ms"}, bar)
             config.save(os.path.join(tmp, "config.json"))
+            carry_files(src, tmp)
         return Summary(len(outs), nbytes, time.perf_counter() - start, dst)
     plans, layout = _plan_ranks(outs, config, tp, pp, ep, offset)  # fails before anything is written
     count = sum(len(p.outs) for p in plans)
@@ -514,6 +521,7 @@ def _write_mindport(outs: list[_Out], config: ModelConfig, dst: str, overwrite: 
         config.save(os.path.join(tmp, "config.json"))
         with open(os.path.join(tmp, LAYOUT_FILE), "w", encoding="utf-8") as f:
             f.write(layout_text(layout))
+        carry_files(src, tmp)
     return Summary(count, nbytes, time.perf_counter() - start, dst)
 
 
@@ -568,8 +576,8 @@ def hf_to_mindport(src: str, dst: str, dtype: str = "keep", overwrite: bool = Fa
     config = _read_model_config(src, want_hf=True)
     with _Source(src) as source:
         outs = _plan_from_hf(source, family(config.family).name_map, config, code)
-        return _write_mindport(outs, config, dst, overwrite, tp, pp, ep, max_shard_bytes or DEFAULT_SHARD_BYTES,
-                               progress, start, pp_offset)
+        return _write_mindport(outs, config, src, dst, overwrite, tp, pp, ep,
+                               max_shard_bytes or DEFAULT_SHARD_BYTES, progress, start, pp_offset)
 
 
 def split(src: str, dst: str, tp: int = 1, pp: int = 1, ep: int = 1, overwrite: bool = False,
@@ -580,13 +588,14 @@ def split(src: str, dst: str, tp: int = 1, pp: int = 1, ep: int = 1, overwrite: 
     config = _read_model_config(src, want_hf=False)
     with _Source(src) as source:
         outs = _plan_from_mindport(source, config, None)
-        return _write_mindport(outs, config, dst, overwrite, tp, pp, ep, max_shard_bytes or DEFAULT_SHARD_BYTES,
-                               progress, start, pp_offset)
+        return _write_mindport(outs, config, src, dst, overwrite, tp, pp, ep,
+                               max_shard_bytes or DEFAULT_SHARD_BYTES, progress, start, pp_offset)
 
 
 def mindport_to_hf(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int | None = None,
                    dtype: str = "keep", progress: bool = True) -> Summary:
-    """Export a mindport directory with HF names and layouts: shards + index + config.json + generation_config.json."""
+    """Export a mindport directory with HF names and layouts: shards + index, config.json (the source's,
+    :mod:`~mindport.ckpt_tools.model_files`), generation_config.json and every other non-weight file."""
     from mindport.ckpt_tools.weights import StagingDir, write_hf_configs
     from mindport.models.registry import family
 
@@ -597,13 +606,13 @@ def mindport_to_hf(src: str, dst: str, overwrite: bool = False, max_shard_bytes:
     fam = family(config.family)
     with _Source(src) as source:
         outs = _hf_outputs(_plan_from_mindport(source, config, code), fam.name_map, config.num_experts)
-        hf_config = fam.config_to_hf(config)
         dtypes = {o.dtype for o in outs}
-        if len(dtypes) == 1 and next(iter(dtypes)) in _TORCH_NAMES:
-            hf_config["torch_dtype"] = _TORCH_NAMES[dtypes.pop()]  # what the files hold
+        files_dtype = _TORCH_NAMES.get(dtypes.pop()) if len(dtypes) == 1 else None  # what the files hold
+        doc = hf_config(source_hf_config(src), fam, config, files_dtype)
         with StagingDir(dst, overwrite) as tmp, _progress(len(outs), progress) as bar:
             nbytes = _write_files(tmp, outs, max_shard_bytes or DEFAULT_SHARD_BYTES, {"format": "pt"}, bar)
-            write_hf_configs(tmp, hf_config, config)
+            carry_files(src, tmp, to_hf=True)
+            write_hf_configs(tmp, doc, config)
     return Summary(len(outs), nbytes, time.perf_counter() - start, dst)
 
 
@@ -665,7 +674,7 @@ def merge(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int | No
             boxes = pieces[name]
             _check_tiling(layout_path, name, shape, boxes)
             outs.append(_Out(name, tensors[name]["dtype"], shape, pieces=[(s, off) for off, s in boxes.items()]))
-        return _write_mindport(outs, config, dst, overwrite, 1, 1, 1, max_shard_bytes or DEFAULT_SHARD_BYTES,
+        return _write_mindport(outs, config, src, dst, overwrite, 1, 1, 1, max_shard_bytes or DEFAULT_SHARD_BYTES,
                                progress, start)
     finally:
         for source in sources:

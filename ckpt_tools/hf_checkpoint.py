@@ -2,13 +2,15 @@
 
 Weights may be one ``model.safetensors``, safetensors shards with
 ``model.safetensors.index.json``, or ``pytorch_model*.bin`` (loaded with torch,
-``weights_only=True`` and mmap: never arbitrary unpickling; torch is needed only then).
+``weights_only=True``: never arbitrary unpickling; mmap for the zip format, whole for old-style
+files; torch is needed only then).
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import zipfile
 from typing import Iterator
 
 import numpy as np
@@ -41,7 +43,8 @@ class _BinFile:
         except ImportError:
             raise CheckpointError(f"{path}: reading .bin checkpoints needs torch (pip install 'mindport[test]')") from None
         try:
-            self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs the zip format (torch >= 1.6); an old-style pickle file is read whole
+            self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as err:  # torch raises many types for corrupt files
             raise CheckpointError(f"{path}: cannot load as a torch checkpoint ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0][:200]})") from None

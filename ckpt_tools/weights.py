@@ -15,6 +15,7 @@ import tempfile
 import numpy as np
 
 from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint
+from mindport.ckpt_tools.model_files import carry_files, hf_config, source_hf_config
 from mindport.ckpt_tools.name_map import NameMap, Target
 from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsWriter, f32_to_bf16_bits
 from mindport.parallel.sharding import global_shape, shard_slices
@@ -172,13 +173,16 @@ class StagingDir:
 
 def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Save a live model as an HF directory: config.json, generation_config.json, safetensors."""
+    """Save a live model as an HF directory: config.json, generation_config.json, safetensors, and the
+    non-weight files of the directory it was loaded from (:mod:`~mindport.ckpt_tools.model_files`)."""
     config = model.config
     name_map = family.name_map
     params = dict(model.parameters_and_names())
-    entries, source = [], {}
+    entries, source, dtypes = [], {}, set()
     for our_name, param in params.items():
-        code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype or str(param.dtype).lower()]
+        dtype_name = dtype or str(param.dtype).lower()
+        dtypes.add(dtype_name)
+        code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype_name]
         for hf_name, expert in name_map.to_hf(our_name, config.num_experts):
             shape = tuple(param.shape if expert is None else param.shape[1:])
             entries.append((hf_name, code, shape, int(np.prod(shape)) * (2 if code != "F32" else 4)))
@@ -189,17 +193,20 @@ def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str |
         data = tensor_bytes(param, code)
         return data if expert is None else data[expert]
 
-    hf_config = family.config_to_hf(config)
-    if dtype:
-        hf_config["torch_dtype"] = dtype
+    source_dir = getattr(model, "source_dir", None)  # set by from_pretrained: its directory's files come along
+    doc = hf_config(source_hf_config(source_dir), family, config, dtypes.pop() if len(dtypes) == 1 else None)
     with StagingDir(out_dir, overwrite) as tmp:
         write_sharded(tmp, entries, fetch, max_shard_bytes)
-        write_hf_configs(tmp, hf_config, config)
+        carry_files(source_dir, tmp, to_hf=True)
+        write_hf_configs(tmp, doc, config)
 
 
 def write_hf_configs(directory: str, hf_config: dict, config) -> None:
+    """config.json, and generation_config.json (special token ids) unless one was carried from the source."""
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2)
+    if os.path.isfile(os.path.join(directory, "generation_config.json")):
+        return
     generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
                                     ("pad_token_id", config.pad_token_id)) if v is not None}
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:

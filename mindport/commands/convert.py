@@ -32,7 +32,9 @@ def _parallel(p) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert checkpoints: hf2ms, ms2hf, split, merge",
                        description="Streaming checkpoint conversion, one tensor in memory at a time. Output is "
-                                   "written to a temporary directory renamed into place at the end.")
+                                   "written to a temporary directory renamed into place at the end. Every "
+                                   "non-weight file (tokenizer, generation_config.json, remote code) comes along, "
+                                   "and ms2hf writes back the source's config.json.")
     csub = p.add_subparsers(dest="convert_command", required=True, metavar="ACTION")
 
     hf2ms = csub.add_parser("hf2ms", help="HF directory -> mindport directory (or per-rank shards with --tp/--pp/--ep)")

@@ -39,6 +39,7 @@ import time
 
 import numpy as np
 
+from mindport.ckpt_tools.model_files import carry_files
 from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter, numpy_dtype_code
 from mindport.config import ConfigError, ParallelConfig
 
@@ -237,6 +238,7 @@ class CheckpointManager:
                 f.write(layout_text(layout))
                 f.flush()
                 os.fsync(f.fileno())
+        carry_files(state["train_config"].get("load_checkpoint"), tmp)  # its tokenizer, remote code, HF config
         if tokenizer is not None:
             tokenizer.save(tmp)
             for name in os.listdir(tmp):

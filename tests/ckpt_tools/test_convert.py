@@ -64,7 +64,8 @@ def test_parameter_shapes_count_every_preset():
 # ----------------------------------------------------------------------------- round trips
 
 ROUND_TRIPS = [(k, "fp32", "single") for k in KINDS] + [(k, "bf16", "sharded") for k in KINDS] + [
-    ("telechat", "fp32", "bin"), ("mixtral", "bf16", "bin")]
+    ("telechat", "fp32", "bin"), ("mixtral", "bf16", "bin"), ("xverse", "fp32", "legacy_bin"),
+    ("qwen2_moe", "bf16", "legacy_bin")]
 
 
 @pytest.mark.parametrize("kind, dtype, fmt", ROUND_TRIPS)
@@ -84,8 +85,11 @@ def test_hf2ms_ms2hf_round_trip_is_bit_exact(hf_dirs, tmp_path, kind, dtype, fmt
     assert all(metadata(os.path.join(ms_dir, f)) == {"format": "ms"} for f in files)
     assert (len(files) > 1) == os.path.exists(os.path.join(ms_dir, "model.safetensors.index.json"))
     assert (fmt == "sharded") == os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json"))
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        assert json.load(f)["torch_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    with open(os.path.join(src, "config.json")) as f:
+        source = json.load(f)
+    with open(os.path.join(hf_dir, "config.json")) as f:  # the source's, its dtype key saying what the files hold
+        dtype_name = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+        assert json.load(f) == {**source, **{k: dtype_name for k in ("dtype", "torch_dtype") if k in source}}
     assert os.path.isfile(os.path.join(hf_dir, "generation_config.json"))
 
 

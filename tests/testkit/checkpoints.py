@@ -71,9 +71,9 @@ def _xverse_moe(directory: str, seed: int) -> None:
     _save_safetensors(os.path.join(directory, "model.safetensors"), t)
 
 
-def _write_config(directory: str, config: dict) -> None:
+def _write_config(directory: str, config: dict, name: str = "config.json") -> None:
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
+    with open(os.path.join(directory, name), "w") as f:
         json.dump(config, f, indent=2)
 
 
@@ -105,7 +105,8 @@ def _base(kind: str, directory: str, seed: int = 0):
 
 
 def rewrite(base: str, directory: str, dtype: str = "fp32", fmt: str = "single", shards: int = 3) -> str:
-    """Copy HF dir ``base`` as ``dtype`` (fp32/bf16) in ``fmt``: single safetensors, sharded + index, or .bin."""
+    """Copy HF dir ``base`` as ``dtype`` (fp32/bf16) in ``fmt``: single safetensors, sharded + index, .bin
+    or old-style (non-zip) .bin."""
     import torch
     from safetensors.torch import load_file
 
@@ -118,6 +119,8 @@ def rewrite(base: str, directory: str, dtype: str = "fp32", fmt: str = "single",
         _save_safetensors(os.path.join(directory, "model.safetensors"), tensors)
     elif fmt == "bin":
         torch.save(tensors, os.path.join(directory, "pytorch_model.bin"))
+    elif fmt == "legacy_bin":  # the pickle format before torch 1.6, which torch cannot mmap
+        torch.save(tensors, os.path.join(directory, "pytorch_model.bin"), _use_new_zipfile_serialization=False)
     else:
         names = list(tensors)
         groups = [names[k::shards] for k in range(shards)]
@@ -152,7 +155,94 @@ class HFDirs:
                 self._dirs[key] = rewrite(self._dirs[base_key], os.path.join(self.root, "_".join(key)), dtype, fmt)
         return self._dirs[key]
 
+    def with_model_files(self, kind: str) -> str:
+        """The fp32 single-file directory of ``kind`` plus what a published model carries besides weights
+        (:func:`add_model_files`)."""
+        key = (kind, "fp32", "model_files")
+        if key not in self._dirs:
+            path = os.path.join(self.root, "_".join(key))
+            shutil.copytree(self.get(kind), path)
+            add_model_files(path, kind)
+            self._dirs[key] = path
+        return self._dirs[key]
+
     def copy(self, kind: str, destination: str, dtype: str = "fp32", fmt: str = "single") -> str:
         """A private copy to damage."""
         shutil.copytree(self.get(kind, dtype, fmt), destination)
         return destination
+
+
+# Test-only remote code: XVERSE's published checkpoints ship their own modeling code (auto_map);
+# here it is transformers' Llama under XVERSE's names, which is what dense XVERSE computes.
+XVERSE_CONFIGURATION = """from transformers import LlamaConfig
+
+
+class XverseConfig(LlamaConfig):
+    model_type = "xverse"
+"""
+XVERSE_MODELING = """from transformers import LlamaForCausalLM
+
+from .configuration_xverse import XverseConfig
+
+
+class XverseForCausalLM(LlamaForCausalLM):
+    config_class = XverseConfig
+"""
+TELECHAT_CONFIGURATION = """from transformers import PretrainedConfig
+
+
+class Telechat2Config(PretrainedConfig):
+    model_type = "telechat"
+"""
+REMOTE_CODE = {  # kind -> (auto_map, {file: text}); TeleChat2's modeling file is a stand-in, never imported
+    "xverse": ({"AutoConfig": "configuration_xverse.XverseConfig",
+                "AutoModelForCausalLM": "modeling_xverse.XverseForCausalLM"},
+               {"configuration_xverse.py": XVERSE_CONFIGURATION, "modeling_xverse.py": XVERSE_MODELING}),
+    "telechat": ({"AutoConfig": "configuration_telechat2.Telechat2Config",
+                  "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM"},
+                 {"configuration_telechat2.py": TELECHAT_CONFIGURATION,
+                  "modeling_telechat2.py": "# TeleChat2 modeling (stand-in)\n"}),
+}
+
+
+def save_tokenizer(directory: str, vocab_size: int = 200) -> None:
+    """A small Metaspace BPE tokenizer (tokenizer.json + tokenizer_config.json) saved by transformers;
+    ``vocab_size`` stays below the tiny models' 256."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mindport.corpus import pydoc_topics
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(pydoc_topics()[:4], trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=vocab_size // 2))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)
+
+
+def add_model_files(directory: str, kind: str) -> None:
+    """What a published HF model directory holds besides weights: a tokenizer, generation_config.json,
+    a README in a sub-directory, and for XVERSE and TeleChat2 remote code named by config.json's auto_map
+    (with XVERSE's ``hidden_act``)."""
+    save_tokenizer(directory)
+    generation = {}
+    if os.path.isfile(os.path.join(directory, "generation_config.json")):
+        with open(os.path.join(directory, "generation_config.json")) as f:
+            generation = json.load(f)
+    generation.update(do_sample=True, top_p=0.85, temperature=0.3, max_new_tokens=7)
+    _write_config(directory, generation, "generation_config.json")
+    os.makedirs(os.path.join(directory, "docs"), exist_ok=True)
+    with open(os.path.join(directory, "docs", "README.md"), "w") as f:
+        f.write(f"# tiny {kind}\n")
+    family = "xverse" if kind.startswith("xverse") else kind
+    if family in REMOTE_CODE:
+        auto_map, files = REMOTE_CODE[family]
+        for name, text in files.items():
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(text)
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+        config.update(auto_map=auto_map, hidden_act="silu", transformers_version="4.38.2")
+        _write_config(directory, config)
