@@ -46,6 +46,22 @@ def test_prepare_encodes_documents_as_transformers(tmp_path):
     np.testing.assert_array_equal(np.concatenate([ds[i] for i in range(len(ds))]), stream[:len(ds) * 4])
 
 
+def test_prepare_adds_no_second_eos(tmp_path, tok_dir):
+    """A tokenizer that already ends each document with EOS (add_eos_token) gets no second one."""
+    import shutil
+
+    shutil.copytree(tok_dir, tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(dict(config, add_eos_token=True)))
+    tok = Tokenizer.load(str(tmp_path / "tok"))
+    docs = ["first document " * 20, "second one " * 15]
+    prepare(docs, tok, str(tmp_path / "packed"), 8)
+    stream = sum((tok.encode(d) for d in docs), [])
+    assert stream.count(tok.eos_id) == 2 and stream[-1] == tok.eos_id
+    ds = PackedDataset(str(tmp_path / "packed"))
+    np.testing.assert_array_equal(np.concatenate([ds[i] for i in range(len(ds))]), stream[:len(ds) * 8])
+
+
 def test_empty_inputs_and_data_are_named(tmp_path, tok_dir, data_dir):
     with pytest.raises(DataError, match=r"^docs.txt: 1 documents, \d+ tokens, fewer than one sample of seq_length = 16"):
         prepare(["hi"], Tokenizer.load(tok_dir), str(tmp_path / "p"), 16, source="docs.txt")
