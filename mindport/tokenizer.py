@@ -177,8 +177,8 @@ class Tokenizer:
             return "telechat2"
         if self.token_to_id("<|im_start|>") is not None:
             return "chatml"
-        raise TokenizerError(f"{self.source}: no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json, and the "
-                             "vocabulary has neither <_user>/<_bot> nor <|im_start|>)")
+        raise TokenizerError(f"{self.source}: no chat template (no chat_template.jinja, no chat_template in "
+                             "tokenizer_config.json, and the vocabulary has neither <_user>/<_bot> nor <|im_start|>)")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` ([{"role": "user", "content": "..."}, ...])."""
@@ -274,7 +274,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, see
 
     Ids 0-3 are unk, bos ``<s>``, eos ``</s>``, pad ``<pad>`` (TeleChat2's bos 1 / eos 2 / pad 3),
     then TeleChat2's chat tokens. Text round-trips exactly (no normalisation, whitespace kept).
-    ``encode`` prepends BOS (``add_bos_token``, the default of TeleChat2's published tokenizer).
+    ``encode`` prepends BOS (``add_bos_token``, the default of TeleChat2's published tokenizer class).
     """
     import sentencepiece as spm
 

@@ -72,8 +72,9 @@ def test_bad_inputs_give_one_line_errors(capsys, tmp_path, tiny_saved):
         assert f"--repetition-penalty {float(penalty)}: expected a positive number" in _error(
             capsys, ["generate", "--load", tiny_saved, "--prompt", "x", "--repetition-penalty", penalty])
     (tmp_path / "empty.txt").write_text("")
-    assert f"{tmp_path / 'empty.txt'}: empty" in _error(capsys, ["data", "prepare", "--input", str(tmp_path / "empty.txt"),
-                                                                 "--tokenizer", tiny_saved, "--out", str(tmp_path / "d")])
+    assert f"{tmp_path / 'empty.txt'}: empty" in _error(
+        capsys, ["data", "prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer", tiny_saved,
+                 "--out", str(tmp_path / "d")])
     (tmp_path / "short.txt").write_text("hi")
     assert f"{tmp_path / 'short.txt'}: 1 documents" in _error(
         capsys, ["data", "prepare", "--input", str(tmp_path / "short.txt"), "--tokenizer", tiny_saved,

@@ -63,7 +63,7 @@ def test_prepare_adds_no_second_eos(tmp_path, tok_dir):
 
 
 def test_empty_inputs_and_data_are_named(tmp_path, tok_dir, data_dir):
-    with pytest.raises(DataError, match=r"^docs.txt: 1 documents, \d+ tokens, fewer than one sample of seq_length = 16"):
+    with pytest.raises(DataError, match=r"^docs.txt: 1 documents, \d+ tokens, fewer than one sample of seq_length"):
         prepare(["hi"], Tokenizer.load(tok_dir), str(tmp_path / "p"), 16, source="docs.txt")
     empty = tmp_path / "empty"
     empty.mkdir()
