@@ -1,8 +1,15 @@
 """One tokenizer interface over a sentencepiece ``tokenizer.model`` and an HF ``tokenizer.json``.
 
 A tokenizer directory holds either file, plus an optional ``tokenizer_config.json`` (special
-tokens and ``chat_template``). HF ``tokenizer.json`` files are read with the ``tokenizers``
-package when it is installed (it comes with transformers); sentencepiece is a core dependency.
+tokens, ``add_bos_token``/``add_eos_token``, ``chat_template``) and ``chat_template.jinja`` (where
+transformers 5 saves the template; it wins over the config's). HF ``tokenizer.json`` files are read
+with the ``tokenizers`` package when it is installed (it comes with transformers); sentencepiece
+is a core dependency.
+
+``encode`` adds special tokens as transformers' ``tokenizer(text).input_ids`` does (transformers 5):
+a ``tokenizer.json`` through its own post-processor (e.g. Llama/Mixtral's ``<s> $A``; the config's
+add_*_token flags are not consulted), a ``tokenizer.model`` by the config's ``add_bos_token`` /
+``add_eos_token`` (default off). :class:`StreamDecoder` turns a growing id sequence into text deltas.
 
 Chat templates are recognised, not executed: TeleChat2's (``<_user>``/``<_bot>``/``<_end>``)
 and ChatML (``<|im_start|>role ... <|im_end|>``, Qwen). Any other template is refused with
@@ -18,6 +25,7 @@ from typing import Iterable, Sequence
 SPM_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # TeleChat2's special tokens, reserved right after unk/bos/eos/pad in the tokenizers we train.
 TELECHAT_SPECIALS = ("<_user>", "<_bot>", "<_end>", "<_system>")
@@ -50,11 +58,18 @@ def _token_text(value) -> str | None:
 class Tokenizer:
     """``encode(text) -> list[int]``, ``decode(ids) -> str``, special ids and chat formatting."""
 
-    def __init__(self, backend, kind: str, config: dict | None = None, source: str = ""):
+    def __init__(self, backend, kind: str, config: dict | None = None, source: str = "",
+                 chat_template_file: str | None = None):
         self._b = backend
         self.kind = kind  # "sentencepiece" | "hf"
         self.config = config or {}
         self.source = source
+        self.chat_template_file = chat_template_file
+        if chat_template_file is not None:
+            with open(chat_template_file, encoding="utf-8") as f:
+                self.chat_template = f.read()
+        else:
+            self.chat_template = self.config.get("chat_template")
         self.bos_id = self._special("bos_token", 1)
         self.eos_id = self._special("eos_token", 2)
         self.pad_id = self._special("pad_token", None)
@@ -75,6 +90,8 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: no such tokenizer file")
         config_path = os.path.join(directory, CONFIG_FILE)
         config = _read_json(config_path) if os.path.isfile(config_path) else {}
+        template_path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+        template_file = template_path if os.path.isfile(template_path) else None
         if file.endswith(".json"):
             try:
                 from tokenizers import Tokenizer as HFTokenizer
@@ -85,7 +102,7 @@ class Tokenizer:
                 backend = HFTokenizer.from_file(file)
             except Exception as err:  # the Rust side raises its own exception type
                 raise TokenizerError(f"{file}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
-            return cls(backend, "hf", config, file)
+            return cls(backend, "hf", config, file, template_file)
         import sentencepiece as spm
 
         backend = spm.SentencePieceProcessor()
@@ -93,7 +110,7 @@ class Tokenizer:
             backend.Load(file)
         except (OSError, RuntimeError) as err:
             raise TokenizerError(f"{file}: not a valid sentencepiece model ({str(err).splitlines()[0]})") from None
-        return cls(backend, "sentencepiece", config, file)
+        return cls(backend, "sentencepiece", config, file, template_file)
 
     def _special(self, key: str, default: int | None) -> int | None:
         text = _token_text(self.config.get(key))
@@ -118,21 +135,19 @@ class Tokenizer:
             return None if i == self._b.unk_id() and token != self._b.id_to_piece(i) else i
         return self._b.token_to_id(token)
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        if self.kind == "sentencepiece":
-            ids = list(self._b.encode(text))
-        else:
-            ids = list(self._b.encode(text, add_special_tokens=False).ids)
-        if add_bos and self.bos_id is not None:
-            ids.insert(0, self.bos_id)
-        if add_eos and self.eos_id is not None:
-            ids.append(self.eos_id)
-        return ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` those transformers adds (BOS for Llama-style)."""
+        return self.encode_batch([text], add_special_tokens)[0]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        if self.kind == "sentencepiece":
-            return [list(x) for x in self._b.encode(list(texts))]
-        return [list(e.ids) for e in self._b.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        if self.kind == "hf":
+            return [list(e.ids) for e in self._b.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        ids = [list(x) for x in self._b.encode(list(texts))]
+        if not add_special_tokens:
+            return ids
+        bos = [self.bos_id] if self.config.get("add_bos_token") and self.bos_id is not None else []
+        eos = [self.eos_id] if self.config.get("add_eos_token") and self.eos_id is not None else []
+        return [bos + x + eos for x in ids]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
@@ -144,8 +159,9 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def chat_format(self) -> str:
-        """"telechat2" or "chatml", from tokenizer_config.json's chat_template or the vocabulary."""
-        template = self.config.get("chat_template")
+        """"telechat2" or "chatml", from the chat template (chat_template.jinja or tokenizer_config.json's
+        chat_template) or else the vocabulary."""
+        template = self.chat_template
         if isinstance(template, list):  # HF allows named templates; use the default one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
@@ -161,8 +177,8 @@ class Tokenizer:
             return "telechat2"
         if self.token_to_id("<|im_start|>") is not None:
             return "chatml"
-        raise TokenizerError(f"{self.source}: no chat template (tokenizer_config.json has no chat_template and the "
-                             "vocabulary has neither <_user>/<_bot> nor <|im_start|>)")
+        raise TokenizerError(f"{self.source}: no chat template (no chat_template.jinja, no chat_template in "
+                             "tokenizer_config.json, and the vocabulary has neither <_user>/<_bot> nor <|im_start|>)")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` ([{"role": "user", "content": "..."}, ...])."""
@@ -193,15 +209,56 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ saving
     def save(self, directory: str) -> None:
-        """Copy the tokenizer file and its tokenizer_config.json into ``directory``."""
+        """Copy the tokenizer file, its tokenizer_config.json and chat_template.jinja into ``directory``."""
         import shutil
 
         os.makedirs(directory, exist_ok=True)
         name = SPM_FILE if self.kind == "sentencepiece" else HF_FILE
-        if os.path.abspath(self.source) != os.path.abspath(os.path.join(directory, name)):
-            shutil.copyfile(self.source, os.path.join(directory, name))
+        for src, dst in ((self.source, name), (self.chat_template_file, CHAT_TEMPLATE_FILE)):
+            if src is not None and os.path.abspath(src) != os.path.abspath(os.path.join(directory, dst)):
+                shutil.copyfile(src, os.path.join(directory, dst))
         with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(self.config, f, indent=2, ensure_ascii=False)
+
+
+class StreamDecoder:
+    """Text deltas of ids arriving one at a time; the deltas concatenate to ``decode(prompt + ids)``
+    minus ``decode(prompt)``, so a reply keeps the space a Metaspace/sentencepiece tokenizer puts in
+    its first token ("Hello world" + "▁On" -> " On").
+
+    Each ``push`` decodes the whole sequence and emits what follows the text already emitted; a
+    decode ending in U+FFFD (a character whose UTF-8 bytes are split over tokens) is held back until
+    the character completes or ``flush`` is called.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self.tok = tokenizer
+        self.ids = [int(i) for i in prompt_ids]
+        self.prompt_text = tokenizer.decode(self.ids)
+        self._emitted = self.prompt_text  # the prompt's text counts as emitted
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._advance(text)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        return self._advance(self.tok.decode(self.ids))
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self._emitted):  # an earlier piece changed; wait until it settles
+            return ""
+        delta, self._emitted = text[len(self._emitted):], text
+        return delta
+
+    @property
+    def reply(self) -> str:
+        """The text after the prompt: ``decode(prompt + ids)`` without ``decode(prompt)``."""
+        text = self.tok.decode(self.ids)
+        return text[len(self.prompt_text):] if text.startswith(self.prompt_text) else text
 
 
 def paragraphs(texts: Iterable[str]) -> Iterable[str]:
@@ -217,6 +274,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, see
 
     Ids 0-3 are unk, bos ``<s>``, eos ``</s>``, pad ``<pad>`` (TeleChat2's bos 1 / eos 2 / pad 3),
     then TeleChat2's chat tokens. Text round-trips exactly (no normalisation, whitespace kept).
+    ``encode`` prepends BOS (``add_bos_token``, the default of TeleChat2's published tokenizer class).
     """
     import sentencepiece as spm
 
@@ -241,18 +299,20 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, see
     with open(path, "wb") as f:
         f.write(proto.getvalue())
     config = {"tokenizer_class": "SentencePiece", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-              "unk_token": "<unk>", "chat_template": TELECHAT_TEMPLATE}
+              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "chat_template": TELECHAT_TEMPLATE}
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return Tokenizer.load(out_dir)
 
 
 def read_texts(paths: Sequence[str], field: str = "text") -> Iterable[str]:
-    """Documents from .txt files (one document per file) and .jsonl files (one per line, ``field``)."""
+    """Documents from .txt files (one document per file) and .jsonl files (one per line, ``field``);
+    a file holding no text fails, named."""
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such input file")
         if path.endswith(".jsonl"):
+            docs = 0
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
@@ -263,9 +323,15 @@ def read_texts(paths: Sequence[str], field: str = "text") -> Iterable[str]:
                         raise TokenizerError(f"{path}:{n}: not a JSON object") from None
                     if not isinstance(doc, dict) or not isinstance(doc.get(field), str):
                         raise TokenizerError(f"{path}:{n}: expected a JSON object with a string '{field}' field")
+                    docs += 1
                     yield doc[field]
+            if not docs:
+                raise TokenizerError(f"{path}: empty (no JSON lines): expected one document per line")
         elif path.endswith(".txt"):
             with open(path, encoding="utf-8") as f:
-                yield f.read()
+                text = f.read()
+            if not text.strip():
+                raise TokenizerError(f"{path}: empty (no text): expected a document")
+            yield text
         else:
             raise TokenizerError(f"{path}: unsupported input (expected .txt or .jsonl)")

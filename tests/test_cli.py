@@ -16,26 +16,39 @@ def _error(capsys, argv) -> str:
     return lines[0]
 
 
+def _save_tiny_model(out: str, vocab_size: int) -> str:
+    """A seeded tiny TeleChat2 in mindport format in ``out`` (beside its tokenizer)."""
+    import mindspore as ms
+
+    from mindport import AutoConfig, AutoModelForCausalLM
+    from mindport.train.checkpoint import write_safetensors
+
+    ms.set_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_preset("telechat2-tiny-gqa", vocab_size=vocab_size))
+    model.config.save(os.path.join(out, "config.json"))
+    write_safetensors(os.path.join(out, "model.safetensors"), {n: p.asnumpy() for n, p in model.parameters_and_names()})
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_saved(tmp_path_factory):
     """A tiny model saved in mindport format beside a trained sentencepiece tokenizer."""
-    import mindspore as ms
-
-    from mindport import AutoModelForCausalLM
     from mindport.corpus import pydoc_topics
     from mindport.tokenizer import train_sentencepiece
 
     out = str(tmp_path_factory.mktemp("tiny_saved"))
     tok = train_sentencepiece(pydoc_topics()[:8], 400, out)
-    ms.set_seed(0)
-    from mindport import AutoConfig
+    return _save_tiny_model(out, tok.vocab_size)
 
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_preset("telechat2-tiny-gqa", vocab_size=tok.vocab_size))
-    model.config.save(os.path.join(out, "config.json"))
-    from mindport.train.checkpoint import write_safetensors
 
-    write_safetensors(os.path.join(out, "model.safetensors"), {n: p.asnumpy() for n, p in model.parameters_and_names()})
-    return out
+@pytest.fixture(scope="module")
+def llama_style_saved(tmp_path_factory):
+    """A tiny model beside a Llama-style tokenizer.json (Metaspace, byte fallback, post-processor adding <s>)."""
+    from mindport.tokenizer import Tokenizer
+    from testkit.tokenizers import metaspace_bos
+
+    out = metaspace_bos(str(tmp_path_factory.mktemp("llama_style")))
+    return _save_tiny_model(out, Tokenizer.load(out).vocab_size)
 
 
 def test_bad_inputs_give_one_line_errors(capsys, tmp_path, tiny_saved):
@@ -55,6 +68,17 @@ def test_bad_inputs_give_one_line_errors(capsys, tmp_path, tiny_saved):
     assert "--prompt: empty" in _error(capsys, ["generate", "--load", tiny_saved, "--prompt", "  "])
     assert "no such model directory" in _error(capsys, ["generate", "--load", str(tmp_path / "nope"), "--prompt", "x"])
     assert "--temperature" in _error(capsys, ["generate", "--load", tiny_saved, "--prompt", "x", "--temperature", "0"])
+    for penalty in ("0", "-1"):
+        assert f"--repetition-penalty {float(penalty)}: expected a positive number" in _error(
+            capsys, ["generate", "--load", tiny_saved, "--prompt", "x", "--repetition-penalty", penalty])
+    (tmp_path / "empty.txt").write_text("")
+    assert f"{tmp_path / 'empty.txt'}: empty" in _error(
+        capsys, ["data", "prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer", tiny_saved,
+                 "--out", str(tmp_path / "d")])
+    (tmp_path / "short.txt").write_text("hi")
+    assert f"{tmp_path / 'short.txt'}: 1 documents" in _error(
+        capsys, ["data", "prepare", "--input", str(tmp_path / "short.txt"), "--tokenizer", tiny_saved,
+                 "--out", str(tmp_path / "d")])
 
 
 def test_unknown_chat_template_is_a_one_line_error(capsys, tmp_path, tiny_saved):
@@ -78,17 +102,39 @@ def test_generate_streams_text(capsys, tiny_saved):
                  "--top-k", "5", "--top-p", "0.9", "--seed", "3"]) == 0
 
 
-def test_streamer_holds_back_incomplete_characters(tiny_saved):
+@pytest.mark.parametrize("stream", [False, True])
+def test_generate_prints_transformers_decode_of_the_full_ids(capsys, llama_style_saved, stream):
+    """Prompt ids are transformers' (with <s>); the printed text is transformers' decode of prompt + reply."""
+    from transformers import AutoTokenizer
+
+    from mindport import AutoModelForCausalLM
+
+    theirs = AutoTokenizer.from_pretrained(llama_style_saved)
+    prompt = theirs("Hello world").input_ids
+    assert prompt[0] == theirs.bos_token_id
+    ids = AutoModelForCausalLM.from_pretrained(llama_style_saved).generate(
+        [prompt], max_new_tokens=8, eos_token_id=theirs.eos_token_id)[0]
+    assert main(["generate", "--load", llama_style_saved, "--prompt", "Hello world", "--max-new-tokens", "8",
+                 "--greedy"] + (["--stream"] if stream else [])) == 0
+    assert capsys.readouterr().out == theirs.decode(ids, skip_special_tokens=True) + "\n"
+
+
+def test_streamer_pieces_add_up_to_the_decoded_reply(llama_style_saved):
+    """A reply starting a new word keeps its space; 龘's byte tokens are written as one character."""
+    from transformers import AutoTokenizer
+
     from mindport.commands.generate import TextStreamer
     from mindport.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(tiny_saved)
-    ids = tok.encode("naïve ✓ done")
+    tok, theirs = Tokenizer.load(llama_style_saved), AutoTokenizer.from_pretrained(llama_style_saved)
+    prompt = tok.encode("Hello world")
+    reply = tok.encode(" On 龘 done", add_special_tokens=False)
     pieces = []
-    streamer = TextStreamer(tok, [tok.eos_id], pieces.append)
-    for i in ids + [tok.eos_id, ids[0]]:
+    streamer = TextStreamer(tok, [tok.eos_id], pieces.append, prompt)
+    for i in reply + [tok.eos_id, reply[0]]:
         streamer([i])
-    assert "".join(pieces) == "naïve ✓ done" and all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == streamer.text() == " On 龘 done" and all("\ufffd" not in p for p in pieces)
+    assert theirs.decode(prompt + reply, skip_special_tokens=True) == "Hello world" + "".join(pieces)
 
 
 def test_tokenizer_data_train_eval_commands(capsys, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="prepare training data (tokenize + pack)")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    d = dsub.add_parser("prepare", help="tokenize .txt/.jsonl files, append EOS, pack into fixed-length samples",
+    d = dsub.add_parser("prepare", help="tokenize .txt/.jsonl files (BOS where the tokenizer adds it, EOS after each "
+                        "document), pack into fixed-length samples",
                         description="Writes OUT/tokens.bin (memory-mapped token ids), OUT/index.json and a copy "
                                     "of the tokenizer in OUT/tokenizer/.")
     d.add_argument("--input", nargs="+", default=None, metavar="FILE",
@@ -25,7 +26,8 @@ def run_prepare(args) -> int:
 
     tok = Tokenizer.load(args.tokenizer)
     texts = read_texts(args.input, args.field) if args.input else pydoc_topics()
-    index = prepare(texts, tok, args.out, args.seq_length, overwrite=args.overwrite)
+    source = ", ".join(args.input) if args.input else "the embedded corpus"
+    index = prepare(texts, tok, args.out, args.seq_length, overwrite=args.overwrite, source=source)
     print(f"data: {args.out}: {index['num_documents']} documents, {index['num_tokens']:,} tokens -> "
           f"{index['num_samples']} samples of {index['seq_length']} ({index['dropped_tail_tokens']} tail tokens dropped)")
     return 0

@@ -95,11 +95,13 @@ def run(args) -> int:
     _say("      sample (temperature 0.7, top-k 40, repetition penalty 1.3) from the reloaded checkpoint:\n")
     sys.stdout.write("      " + args.prompt)
     sys.stdout.flush()
+    prompt_ids = ckpt_tok.encode(args.prompt)
     streamer = TextStreamer(ckpt_tok, ckpt_tok.stop_ids(),
-                            lambda s: (sys.stdout.write(s.replace("\n", "\n      ")), sys.stdout.flush()))
-    model.generate(np.asarray([ckpt_tok.encode(args.prompt)]), args.max_new_tokens, do_sample=True,
+                            lambda s: (sys.stdout.write(s.replace("\n", "\n      ")), sys.stdout.flush()), prompt_ids)
+    model.generate(np.asarray([prompt_ids]), args.max_new_tokens, do_sample=True,
                    temperature=0.7, top_k=40, repetition_penalty=1.3, eos_token_id=ckpt_tok.stop_ids(), seed=0,
                    streamer=streamer)
+    streamer.end()
     _say("\n")
 
     hf_dir = os.path.join(out, "hf")

@@ -27,35 +27,36 @@ def add_parser(sub) -> None:
 
 
 class TextStreamer:
-    """Turns the per-step token ids from ``model.generate`` into text deltas.
+    """Writes the text of the per-step token ids from ``model.generate`` as it becomes final
+    (:class:`mindport.tokenizer.StreamDecoder`), up to the first stop id; ``end()`` writes what is
+    held back. The pieces add up to ``tokenizer.decode(prompt_ids + reply)`` after the prompt's text."""
 
-    The whole reply is decoded each time and only the new suffix is written, so multi-token
-    characters (byte fallback) and sentencepiece's leading-space rule come out right; a
-    suffix ending in an incomplete character is held back until it completes.
-    """
+    def __init__(self, tokenizer, stop_ids, write=None, prompt_ids=()):
+        from mindport.tokenizer import StreamDecoder
 
-    def __init__(self, tokenizer, stop_ids, write=None):
-        self.tok, self.stop = tokenizer, set(stop_ids)
+        self.decoder = StreamDecoder(tokenizer, prompt_ids)
+        self.stop = set(stop_ids)
         self.write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        self.ids: list[int] = []
-        self.printed = ""
         self.finished = False
 
     def __call__(self, tokens) -> None:
         token = int(tokens[0])
         if self.finished or token in self.stop:
+            self.end()
+            return
+        piece = self.decoder.push(token)
+        if piece:
+            self.write(piece)
+
+    def end(self) -> None:
+        if not self.finished:
             self.finished = True
-            return
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        if text.startswith(self.printed):
-            self.write(text[len(self.printed):])
-            self.printed = text
+            piece = self.decoder.flush()
+            if piece:
+                self.write(piece)
 
     def text(self) -> str:
-        return self.tok.decode(self.ids)
+        return self.decoder.reply
 
 
 def _check(args) -> None:
@@ -69,6 +70,8 @@ def _check(args) -> None:
         raise ValueError(f"--top-p {args.top_p}: expected a number in (0, 1]")
     if args.top_k < 0:
         raise ValueError(f"--top-k {args.top_k}: expected 0 (off) or a positive integer")
+    if not args.repetition_penalty > 0:
+        raise ValueError(f"--repetition-penalty {args.repetition_penalty}: expected a positive number (1.0: off)")
     if not os.path.isdir(args.load):
         raise FileNotFoundError(f"{args.load}: no such model directory")
 
@@ -82,7 +85,7 @@ def run(args) -> int:
     _check(args)
     tok = Tokenizer.load(args.tokenizer or args.load)
     prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    ids = tok.encode(prompt)
+    ids = tok.encode(prompt, add_special_tokens=not args.chat)  # a chat template holds its own special tokens
     if not ids:
         raise ValueError("--prompt: encodes to no tokens")
     rank = 0
@@ -96,17 +99,19 @@ def run(args) -> int:
         raise ValueError(f"{args.load}: the tokenizer produced id {max(ids)}, outside the model's vocabulary "
                          f"({model.config.vocab_size}); pass the model's own tokenizer with --tokenizer")
     stop = tok.stop_ids()
-    streamer = TextStreamer(tok, stop, None if args.stream and rank == 0 else (lambda s: None))
+    streamer = TextStreamer(tok, stop, None if args.stream and rank == 0 else (lambda s: None), ids)
+    prompt_text = "" if args.chat else streamer.decoder.prompt_text  # printed text = decode(prompt ids + reply)
     if rank:
         args.stream = True  # other ranks compute the same tokens silently
-    elif args.stream and not args.chat:
-        sys.stdout.write(args.prompt)
+    elif args.stream:
+        sys.stdout.write(prompt_text)
         sys.stdout.flush()
     model.generate(np.asarray([ids]), args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                    eos_token_id=stop or None, seed=args.seed, streamer=streamer)
+    streamer.end()
     if args.stream:
         sys.stdout.write("\n" if rank == 0 else "")
     else:
-        print(("" if args.chat else args.prompt) + streamer.text())
+        print(prompt_text + streamer.text())
     return 0

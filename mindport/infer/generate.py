@@ -112,6 +112,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, do_sample: bool = False
 
     ``streamer`` is called with the (B,) tokens of every step as they are produced.
     """
+    if not repetition_penalty > 0:  # the CTRL rule divides by it; 0 gives NaN probabilities, < 0 flips signs
+        raise ValueError(f"repetition_penalty = {repetition_penalty}: expected a positive number (1.0: off)")
     config = model.config
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None
                                                           else config.eos_token_id or 0)

@@ -2,8 +2,12 @@
 
 On disk (one directory): ``tokens.bin``, a flat array of token ids (uint16 when the vocabulary
 fits, else uint32) holding ``num_samples`` samples of ``seq_length`` tokens back to back, and
-``index.json`` describing it. Documents are tokenized, each followed by EOS, concatenated and
-cut into samples; the tail that does not fill a sample is dropped.
+``index.json`` describing it. Documents are tokenized as transformers tokenizes them (with the
+tokenizer's special tokens: BOS first where it adds one, as Llama/Mixtral's and TeleChat2's do,
+none for Qwen's), each followed by EOS (unless the tokenizer already ended it with EOS),
+concatenated and cut into samples; the tail that does not fill a sample is dropped. This is the
+published pretraining layout of these families: ``<s> doc </s><s> doc </s>...`` packed
+across sample boundaries.
 
 The loader visits samples in a seeded random order, one permutation per epoch; its whole state
 is the number of samples consumed, so a resumed run continues with the next unseen sample.
@@ -25,8 +29,10 @@ class DataError(ValueError):
     """A data directory or its use does not fit."""
 
 
-def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, overwrite: bool = True) -> dict:
-    """Tokenize ``texts``, append EOS to each, pack into ``seq_length`` samples; returns the index."""
+def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, overwrite: bool = True,
+            source: str = "input") -> dict:
+    """Tokenize ``texts`` (special tokens added), end each with EOS, pack into ``seq_length`` samples;
+    returns the index. ``source`` names the input in errors."""
     from mindport.ckpt_tools.weights import StagingDir
 
     if seq_length < 2:
@@ -42,7 +48,8 @@ def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, over
             def flush() -> int:
                 written = 0
                 for ids in tokenizer.encode_batch(batch):
-                    arr = np.asarray(ids + [tokenizer.eos_id], dtype=dtype)
+                    eos = [] if ids and ids[-1] == tokenizer.eos_id else [tokenizer.eos_id]
+                    arr = np.asarray(ids + eos, dtype=dtype)
                     f.write(arr.tobytes())
                     written += arr.size
                 batch.clear()
@@ -59,7 +66,8 @@ def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, over
             f.flush()
             os.fsync(f.fileno())
         if samples == 0:
-            raise DataError(f"input has {total} tokens, fewer than one sample of seq_length = {seq_length}")
+            raise DataError(f"{source}: {docs} documents, {total} tokens, fewer than one sample of "
+                            f"seq_length = {seq_length}")
         index = {"format": FORMAT, "seq_length": seq_length, "num_samples": samples, "dtype": np.dtype(dtype).name,
                  "num_documents": docs, "num_tokens": total, "dropped_tail_tokens": total - samples * seq_length,
                  "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id,
@@ -90,6 +98,9 @@ class PackedDataset:
         size = os.path.getsize(path) if os.path.isfile(path) else -1
         if size != expected:
             raise DataError(f"{path}: {size} bytes, index.json implies {expected}")
+        if self.num_samples <= 0:
+            raise DataError(f"{path}: empty ({index_path} has num_samples = {self.num_samples}); "
+                            "run `mindport data prepare` again")
         self.tokens = np.memmap(path, dtype=self.index["dtype"], mode="r",
                                 shape=(self.num_samples, self.seq_length))
 

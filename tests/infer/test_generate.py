@@ -71,3 +71,9 @@ def test_greedy_matches_transformers_generate(tmp_path, kind):
 def test_bad_prompts(tiny, prompt, message):
     with pytest.raises(ValueError, match=message):
         tiny.generate(prompt, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("penalty", [0.0, -1.0])
+def test_repetition_penalty_must_be_positive(tiny, penalty):
+    with pytest.raises(ValueError, match=f"repetition_penalty = {penalty}: expected a positive number"):
+        tiny.generate([[1, 2, 3]], max_new_tokens=2, repetition_penalty=penalty)

@@ -10,7 +10,7 @@ from mindport.train.data import DataError, Loader, PackedDataset, prepare
 from testkit.train import SEQ
 
 
-def test_prepare_packs_documents_with_eos(tmp_path, tok_dir):
+def test_prepare_packs_documents_with_bos_and_eos(tmp_path, tok_dir):
     tok = Tokenizer.load(tok_dir)
     docs = ["first document " * 20, "second one " * 15, "third"]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:2]) + "\n")
@@ -20,6 +20,7 @@ def test_prepare_packs_documents_with_eos(tmp_path, tok_dir):
     out = str(tmp_path / "packed")
     index = prepare(read_texts([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]), tok, out, 16)
     stream = sum((tok.encode(d) + [tok.eos_id] for d in docs), [])
+    assert stream[0] == tok.bos_id  # <s> doc </s> <s> doc </s> ...
     ds = PackedDataset(out)
     assert index["num_documents"] == 3 and index["num_tokens"] == len(stream)
     assert len(ds) == len(stream) // 16 and ds.tokens.dtype == np.uint16
@@ -27,6 +28,50 @@ def test_prepare_packs_documents_with_eos(tmp_path, tok_dir):
     assert Tokenizer.load(ds.tokenizer_dir).vocab_size == tok.vocab_size
     with pytest.raises(ValueError, match="destination exists"):
         prepare(docs, tok, out, 16, overwrite=False)
+
+
+def test_prepare_encodes_documents_as_transformers(tmp_path):
+    """A tokenizer.json whose post-processor adds <s>: each document is transformers' input_ids + EOS."""
+    from transformers import AutoTokenizer
+
+    from testkit.tokenizers import metaspace_bos
+
+    directory = metaspace_bos(str(tmp_path / "tok"))
+    docs = ["the quick brown fox " * 3, "你好世界 On the other hand", "lazy dog"]
+    index = prepare(docs, Tokenizer.load(directory), str(tmp_path / "packed"), 4)
+    theirs = AutoTokenizer.from_pretrained(directory)
+    stream = sum((theirs(d).input_ids + [theirs.eos_token_id] for d in docs), [])
+    assert stream[0] == theirs.bos_token_id and index["num_tokens"] == len(stream)
+    ds = PackedDataset(str(tmp_path / "packed"))
+    np.testing.assert_array_equal(np.concatenate([ds[i] for i in range(len(ds))]), stream[:len(ds) * 4])
+
+
+def test_prepare_adds_no_second_eos(tmp_path, tok_dir):
+    """A tokenizer that already ends each document with EOS (add_eos_token) gets no second one."""
+    import shutil
+
+    shutil.copytree(tok_dir, tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(dict(config, add_eos_token=True)))
+    tok = Tokenizer.load(str(tmp_path / "tok"))
+    docs = ["first document " * 20, "second one " * 15]
+    prepare(docs, tok, str(tmp_path / "packed"), 8)
+    stream = sum((tok.encode(d) for d in docs), [])
+    assert stream.count(tok.eos_id) == 2 and stream[-1] == tok.eos_id
+    ds = PackedDataset(str(tmp_path / "packed"))
+    np.testing.assert_array_equal(np.concatenate([ds[i] for i in range(len(ds))]), stream[:len(ds) * 8])
+
+
+def test_empty_inputs_and_data_are_named(tmp_path, tok_dir, data_dir):
+    with pytest.raises(DataError, match=r"^docs.txt: 1 documents, \d+ tokens, fewer than one sample of seq_length"):
+        prepare(["hi"], Tokenizer.load(tok_dir), str(tmp_path / "p"), 16, source="docs.txt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    index = json.loads(open(os.path.join(data_dir, "index.json")).read())
+    (empty / "index.json").write_text(json.dumps(dict(index, num_samples=0)))
+    (empty / "tokens.bin").write_bytes(b"")
+    with pytest.raises(DataError, match=f"{empty / 'tokens.bin'}: empty"):
+        PackedDataset(str(empty))
 
 
 def test_dataset_checks(data_dir):

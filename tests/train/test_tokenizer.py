@@ -1,10 +1,12 @@
-"""Tokenizer training, encode/decode, special ids and chat templates (sentencepiece and HF json)."""
+"""Tokenizer training, encode/decode, special ids and chat templates (sentencepiece and HF json);
+encoding, decoding and streamed decoding against transformers' AutoTokenizer."""
 import json
 import os
 
 import pytest
 
-from mindport.tokenizer import Tokenizer, TokenizerError, train_sentencepiece
+from mindport.tokenizer import StreamDecoder, Tokenizer, TokenizerError, train_sentencepiece
+from testkit import tokenizers
 
 
 def test_trained_sentencepiece_round_trips_and_has_telechat_ids(tok_dir):
@@ -13,8 +15,8 @@ def test_trained_sentencepiece_round_trips_and_has_telechat_ids(tok_dir):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)  # TeleChat2's bos / eos / pad
     for text in ["The for statement\n    x = [1, 2]  # ok", "naïve — ünïcödé ✓", "  two  spaces\n\n"]:
         assert tok.decode(tok.encode(text)) == text
-    assert tok.encode("x", add_bos=True, add_eos=True)[::len(tok.encode("x")) + 1] == [1, 2]
-    assert tok.decode([1] + tok.encode("hi") + [2]) == "hi"  # control tokens skipped
+    assert tok.encode("x")[0] == 1 and tok.encode("x", add_special_tokens=False)[0] != 1  # add_bos_token
+    assert tok.decode(tok.encode("hi") + [2]) == "hi"  # control tokens skipped
 
 
 def test_telechat_chat_template(tok_dir):
@@ -23,7 +25,7 @@ def test_telechat_chat_template(tok_dir):
     text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                                     {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"}])
     assert text == "<_system>S<_user>Q<_bot>A<_end><_user>Q2<_bot>"
-    ids = tok.encode("<_user>hi<_bot>")
+    ids = tok.encode("<_user>hi<_bot>", add_special_tokens=False)  # as a chat prompt is encoded
     assert ids[0] == tok.token_to_id("<_user>") and ids[-1] == tok.token_to_id("<_bot>")
     assert tok.token_to_id("<_end>") in tok.stop_ids() and tok.eos_id in tok.stop_ids()
 
@@ -76,3 +78,70 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"garbage")
     with pytest.raises(TokenizerError, match="not a valid sentencepiece model"):
         Tokenizer.load(str(tmp_path))
+
+
+PROMPTS = ["Hello world", "你好世界 the fox 龘", "The for statement\n  x = 1", "On the"]
+
+
+@pytest.fixture(scope="module", params=tokenizers.KINDS)
+def built(request, tmp_path_factory):
+    """(kind, our Tokenizer, transformers' AutoTokenizer) over one locally built tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    directory = tokenizers.build(request.param, str(tmp_path_factory.mktemp(request.param)))
+    return request.param, Tokenizer.load(directory), AutoTokenizer.from_pretrained(directory)
+
+
+def test_encode_and_decode_equal_transformers(built):
+    kind, ours, theirs = built
+    for prompt in PROMPTS:
+        ids = ours.encode(prompt)
+        assert ids == theirs(prompt).input_ids, (kind, prompt)
+        assert ours.encode_batch([prompt, prompt], add_special_tokens=False)[1] == \
+            theirs(prompt, add_special_tokens=False).input_ids
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    if kind != "byte_level":  # Llama-style and TeleChat2-style prompts start with BOS
+        assert ours.encode("Hello")[0] == ours.bos_id == theirs.bos_token_id
+
+
+def test_streamed_reply_concatenates_to_decode_of_the_full_ids(built):
+    """A continuation starting a new word keeps its space after the prompt (Metaspace), and a Chinese
+    character whose bytes are split over tokens is never written half (no U+FFFD piece)."""
+    kind, ours, theirs = built
+    prompt = ours.encode("Hello world")
+    reply = ours.encode(" On the 龘 你好", add_special_tokens=False)
+    split = [k for k in range(len(reply)) if ours.decode(prompt + reply[:k + 1]).endswith("\ufffd")]
+    assert split, "龘 should be split over byte tokens"
+    stream = StreamDecoder(ours, prompt)
+    pieces = [stream.push(i) for i in reply] + [stream.flush()]
+    full = theirs.decode(prompt + reply, skip_special_tokens=True)
+    assert full == "Hello world On the 龘 你好", kind
+    assert stream.prompt_text + "".join(pieces) == full and stream.reply == " On the 龘 你好"
+    assert all("\ufffd" not in p for p in pieces)
+    cut = StreamDecoder(ours, prompt)  # generation stopped inside 龘: flush writes what its bytes decode to
+    pieces = [cut.push(i) for i in reply[:split[0] + 1]] + [cut.flush()]
+    assert cut.prompt_text + "".join(pieces) == theirs.decode(cut.ids, skip_special_tokens=True)
+
+
+def test_chat_template_jinja_is_read_and_saved(tmp_path):
+    """transformers 5 saves the template as chat_template.jinja; it wins over tokenizer_config.json's."""
+    from transformers import AutoTokenizer
+
+    (tmp_path / "src").mkdir()
+    directory = _hf_tokenizer_dir(tmp_path / "src", "{{ bos }}[INST] {{ m }} [/INST]")
+    (tmp_path / "src" / "chat_template.jinja").write_text(CHATML)
+    tok = Tokenizer.load(directory)
+    assert tok.chat_template == AutoTokenizer.from_pretrained(directory).chat_template == CHATML
+    assert tok.chat_format() == "chatml"
+    tok.save(str(tmp_path / "copy"))
+    assert (tmp_path / "copy" / "chat_template.jinja").read_text() == CHATML
+    assert Tokenizer.load(str(tmp_path / "copy")).chat_format() == "chatml"
+
+
+def test_empty_input_files_are_named(tmp_path):
+    from mindport.tokenizer import read_texts
+
+    for name, text in [("empty.txt", " \n"), ("empty.jsonl", "\n")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TokenizerError, match=f"{tmp_path / name}: empty"):
+            list(read_texts([str(tmp_path / name)]))

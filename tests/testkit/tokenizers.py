@@ -1,0 +1,63 @@
+"""Tokenizer directories built locally with the ``tokenizers`` library, in the shapes the families
+publish, for parity tests against transformers' ``AutoTokenizer``.
+
+metaspace_bos: Llama/Mixtral-style BPE with Metaspace, byte fallback and a ``<s> $A`` post-processor;
+byte_level: Qwen-style byte-level BPE without BOS; sentencepiece: mindport's own trained model.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+TEXTS = ["Hello world, the quick brown fox jumps over the lazy dog. On the other hand",
+         "The for statement iterates; 你好世界，快速的棕色狐狸跳过了懒狗"] * 20
+KINDS = ("metaspace_bos", "byte_level", "sentencepiece")
+
+
+def metaspace_bos(directory: str) -> str:
+    """BPE over Metaspace pieces; unseen characters fall back to ``<0xNN>`` byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # ordinary (non-special) tokens, as in Llama's vocabulary
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return _save(tok, directory, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+def byte_level(directory: str) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return _save(tok, directory, {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None})
+
+
+def sentencepiece(directory: str) -> str:
+    from mindport.tokenizer import train_sentencepiece
+
+    train_sentencepiece(TEXTS, 400, directory)
+    return directory
+
+
+def build(kind: str, directory: str) -> str:
+    return {"metaspace_bos": metaspace_bos, "byte_level": byte_level, "sentencepiece": sentencepiece}[kind](directory)
+
+
+def _save(tok, directory: str, config: dict) -> str:
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return directory
