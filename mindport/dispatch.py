@@ -49,7 +49,7 @@ def check_dtype(dtype: str, what: str) -> None:
         from mindport.config import ConfigError
 
         raise ConfigError(f"{what} = 'bfloat16': bf16 matmul does not exist on CPU: expected float32 or "
-                          f"float16 (bfloat16 runs on Ascend)")
+                          "float16 (bfloat16 runs on Ascend)")
 
 
 def configure_runtime() -> None:
