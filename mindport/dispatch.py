@@ -42,6 +42,16 @@ def device_target() -> str:
     return ms.get_context("device_target")
 
 
+def check_dtype(dtype: str, what: str) -> None:
+    """Fail in one line if this device cannot compute in ``dtype`` (``what`` names the setting):
+    MindSpore's CPU kernels (MatMul, Gather) have no bfloat16."""
+    if dtype == "bfloat16" and device_target() == "CPU":
+        from mindport.config import ConfigError
+
+        raise ConfigError(f"{what} = 'bfloat16': bf16 matmul does not exist on CPU: expected float32 or "
+                          "float16 (bfloat16 runs on Ascend)")
+
+
 def configure_runtime() -> None:
     """MindSpore runtime settings for this device (a user's own setting wins). MindSpore reads
     them when it runs its first graph, so :mod:`mindport.models.causal_lm` applies them on import

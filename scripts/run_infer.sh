@@ -4,7 +4,8 @@
 #   run_infer.sh MODEL_DIR "PROMPT" [MODEL_PARALLEL] [extra `mindport generate` options...]
 #
 # MODEL_PARALLEL 1 (default) runs `mindport generate` directly; N > 1 launches N processes with
-# msrun (scripts/msrun_launcher.sh), each holding 1/N of every layer, and rank 0 prints the text.
+# msrun (scripts/msrun_launcher.sh: port 8128 or a free one, logs in output/infer_log), each
+# holding 1/N of every layer; rank 0 prints the text. Either way the exit code is generate's.
 # Example (one Atlas 800T A2 node, TeleChat2-115B in bf16):
 #   scripts/run_infer.sh /data/TeleChat2-115B "你好" 8 --dtype bfloat16 --chat --stream
 set -euo pipefail

@@ -53,6 +53,7 @@ class AutoModelForCausalLM:
     def from_config(config: ModelConfig):
         from mindport.models.causal_lm import CausalLM
 
+        check_device_dtypes(config)
         return CausalLM(config)
 
     @staticmethod
@@ -64,13 +65,16 @@ class AutoModelForCausalLM:
         """Build the model of a directory and load its weights (HF or mindport names).
 
         ``dtype`` ("float32", "float16", "bfloat16") sets parameter and compute dtype;
-        default float32, since bf16 matmul is unavailable on CPU.
+        default float32, since bf16 matmul is unavailable on CPU (asking for it there fails).
         """
+        from mindport import dispatch
         from mindport.ckpt_tools.weights import load_into_model
 
         if dtype:
+            dispatch.check_dtype(dtype, "dtype")
             overrides.update(param_dtype=dtype, compute_dtype=dtype)
         config, is_hf = read_config(path, **overrides)
+        check_device_dtypes(config, _config_path(path))
         model = AutoModelForCausalLM.from_config(config)
         weights_dir, presliced = path, False
         if os.path.isfile(os.path.join(path, LAYOUT_FILE)):  # per-rank shards from `mindport convert`
@@ -82,6 +86,15 @@ class AutoModelForCausalLM:
             ckpt.close()
         model.source_dir = path  # save_pretrained carries this directory's non-weight files
         return model
+
+
+def check_device_dtypes(config: ModelConfig, source: str | None = None) -> None:
+    """Fail in one line (naming ``source``, the config's file) if this device cannot compute in the
+    config's parameter or compute dtype (bfloat16 on CPU)."""
+    from mindport import dispatch
+
+    for key in ("param_dtype", "compute_dtype"):
+        dispatch.check_dtype(getattr(config, key), f"{source}: key '{key}'" if source else f"key '{key}'")
 
 
 def rank_directory(path: str, groups) -> str:

@@ -14,12 +14,35 @@ from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.state import ParallelGroups
 from mindport.transformer.block import DecoderLayer
 from mindport.transformer.layers import RMSNorm, as_tensor
-from mindport.transformer.loss import CausalLMLoss
+from mindport.transformer.loss import IGNORE_INDEX, CausalLMLoss
 from mindport.transformer.rope import logn_scale, rope_tables
 
 MASK_VALUE = float(np.finfo(np.float32).min)
 
 dispatch.configure_runtime()
+
+
+def check_token_ids(input_ids, labels, vocab_size: int) -> None:
+    """One-line errors, on the host before any graph runs, for an id outside [0, vocab_size) in
+    ``input_ids`` (B, S), and for ``labels`` not shaped like ``input_ids`` or holding an id that is
+    neither ``IGNORE_INDEX`` nor in range (numpy arrays, lists or Tensors)."""
+    ids = _host(input_ids)
+    named = [("input_ids", ids, (ids < 0) | (ids >= vocab_size))]
+    if labels is not None:
+        target = _host(labels)
+        if target.shape != ids.shape:
+            raise ValueError(f"labels: shape {target.shape}: expected the shape of input_ids {ids.shape}")
+        named.append(("labels", target, ((target < 0) & (target != IGNORE_INDEX)) | (target >= vocab_size)))
+    for name, values, bad in named:
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            allowed = f"{IGNORE_INDEX} (ignored) or " if name == "labels" else ""
+            raise ValueError(f"{name}: id {int(values[where])} at position {where}: expected {allowed}"
+                             f"0 <= id < vocab_size = {vocab_size}")
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x)
 
 
 class CausalLM(nn.Cell):
@@ -176,6 +199,7 @@ class CausalLM(nn.Cell):
         return self.lm_head.full_logits(local_logits)
 
     def construct(self, input_ids, labels=None, attention_mask=None):
+        check_token_ids(input_ids, labels, self.config.vocab_size)
         ids, cos, sin, mask, q_scale = self.prepare(input_ids, attention_mask)
         logits, router_loss, _ = self.forward(ids, cos, sin, mask, q_scale)
         if labels is None:

@@ -1,0 +1,88 @@
+"""scripts/msrun_launcher.sh: the single-node forms wait for the job and return its exit code (with the
+failing worker's log), a busy port is replaced by a free one there and fails at once in the multi-node form."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from testkit.launch import free_port
+
+LAUNCHER = os.path.join(os.path.dirname(__file__), "..", "scripts", "msrun_launcher.sh")
+DEFAULT_PORT = 8118
+
+JOB = """\
+import os, sys
+from mindspore.communication import get_rank, init
+
+init()
+rank = get_rank()
+with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as f:
+    f.write("ran")
+print(f"rank {rank} wrote its file", flush=True)
+sys.exit(int(sys.argv[2]) if rank == 1 else 0)
+"""
+
+
+def launch(tmp_path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the launcher from ``tmp_path`` (its default LOG_DIR output/msrun_log lands there)."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3")
+    return subprocess.run(["bash", LAUNCHER, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def job(tmp_path, rank1_exit_code: int) -> str:
+    """The launcher's CMD: 2 ranks join the cluster, each writes ``rank{r}.txt``, rank 1 exits with the code."""
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    return f"{script} {tmp_path} {rank1_exit_code}"
+
+
+def listening_socket(port: int) -> socket.socket | None:
+    """Hold ``port`` busy (None if it is busy already: another listener, or TIME_WAIT after an earlier job)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
+@pytest.mark.slow
+def test_failing_job_returns_its_exit_code_and_the_failing_workers_log(tmp_path):
+    proc = launch(tmp_path, job(tmp_path, 3), "2")
+    assert proc.returncode == 3, proc.stderr
+    assert "worker 1 exited with code 3; the end of output/msrun_log/worker_1.log:" in proc.stderr
+    assert "rank 1 wrote its file" in proc.stderr
+
+
+@pytest.mark.slow
+def test_succeeding_job_is_joined_and_a_busy_default_port_is_replaced(tmp_path):
+    held = listening_socket(DEFAULT_PORT)
+    try:
+        proc = launch(tmp_path, job(tmp_path, 0), "2")
+    finally:
+        if held:
+            held.close()
+    assert proc.returncode == 0, proc.stderr
+    assert f"port {DEFAULT_PORT} is in use; using " in proc.stderr
+    for rank in (0, 1):  # the job had finished when the launcher returned
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "ran"
+
+
+def test_multi_node_form_with_a_busy_port_fails_at_once_in_one_line(tmp_path):
+    port = free_port()
+    held = listening_socket(port)
+    try:
+        proc = launch(tmp_path, job(tmp_path, 0), "4", "2", "127.0.0.1", str(port), "0", "logs", "True", "60",
+                      timeout=30)  # msrun would have waited up to 60 s
+    finally:
+        held.close()
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"msrun_launcher.sh: error: MASTER_PORT = {port}: in use on 127.0.0.1 (or in TIME_WAIT "
+                                        "after an earlier job): expected a free port (the same on every node)"]
+    assert not (tmp_path / "logs").exists()  # nothing was started
