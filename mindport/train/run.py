@@ -19,7 +19,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from mindport.config import ConfigError, RunConfig
+from mindport.config import TRAINING_MODEL_KEYS, ConfigError, RunConfig
 from mindport.train.checkpoint import CheckpointManager
 from mindport.train.data import Loader, PackedDataset
 from mindport.train.flops import measure_matmul_flops, train_flops_per_token
@@ -60,16 +60,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 def build_model(run: RunConfig):
-    """The model of this rank under the registered layout: ``load_checkpoint``'s weights (its slices),
-    else weights drawn from ``seed`` (the same model under any layout)."""
+    """The model of this rank under the registered layout: ``load_checkpoint``'s weights (its slices)
+    with ``run.model``'s training keys, else weights drawn from ``seed`` (the same model under any layout)."""
     from mindport.models.auto import AutoModelForCausalLM
 
     path = run.train.load_checkpoint
     if path:
-        model = AutoModelForCausalLM.from_pretrained(path)
-        if model.config.vocab_size != run.model.vocab_size or model.config.hidden_size != run.model.hidden_size:
-            raise ConfigError(f"load_checkpoint = {path!r}: its model (vocab {model.config.vocab_size}, hidden "
-                              f"{model.config.hidden_size}) differs from model.model_config")
+        model = AutoModelForCausalLM.from_pretrained(path, **{k: getattr(run.model, k) for k in TRAINING_MODEL_KEYS})
+        for key, value in dataclasses.asdict(run.model).items():  # load_yaml takes the architecture from there
+            if getattr(model.config, key) != value:
+                raise ConfigError(f"load_checkpoint = {path!r}: key '{key}' = {getattr(model.config, key)!r}, the "
+                                  f"run's model config has {value!r}")
         return model
     model = AutoModelForCausalLM.from_config(run.model)
     model.init_weights(run.train.seed)
