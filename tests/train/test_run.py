@@ -294,6 +294,35 @@ def test_second_run_at_once_fails_and_sigterm_stops_with_a_checkpoint_that_resum
         np.testing.assert_array_equal([m[key] for m in b], [m[key] for m in a], err_msg=key)
 
 
+def test_fine_tuning_takes_the_architecture_and_reported_size_from_the_checkpoint(tmp_path, data_dir):
+    """With load_checkpoint and no model_config the checkpoint's model trains, and the parameter count
+    and MFU reported are its own."""
+    from mindport import AutoModelForCausalLM
+    from mindport.config import load_yaml
+    from mindport.train.flops import train_flops_per_token
+    from mindport.train.run import train
+    from testkit.train import tiny_model_config
+
+    base = tiny_model_config(num_layers=3)
+    model = AutoModelForCausalLM.from_config(base)
+    model.init_weights(0)
+    model.save_pretrained(str(tmp_path / "base"))
+    doc = yaml.safe_load(open(_yaml(tmp_path, data_dir, str(tmp_path / "run"))))
+    del doc["model"]
+    doc["load_checkpoint"] = str(tmp_path / "base")
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(doc))
+    run = load_yaml(str(tmp_path / "finetune.yaml"))
+    assert run.model == base
+    lines = []
+    result = train(run, stop_after=1, progress=False, echo=lines.append)
+    assert f"training: {base.num_parameters() / 1e6:.2f}M parameters" in "\n".join(lines)
+    tuned = AutoModelForCausalLM.from_pretrained(result.checkpoint)
+    assert tuned.config.num_layers == 3
+    metrics = read_metrics(str(tmp_path / "run"))[0]
+    assert metrics["flops_per_s"] / metrics["tokens_per_s"] == pytest.approx(train_flops_per_token(base, SEQ))
+    assert metrics["mfu"] == pytest.approx(metrics["flops_per_s"] / 1e12)  # peak_tflops 1.0
+
+
 def test_eval_perplexity_is_exp_of_mean_loss(tmp_path, data_dir):
     import math
 
