@@ -294,6 +294,46 @@ def test_second_run_at_once_fails_and_sigterm_stops_with_a_checkpoint_that_resum
         np.testing.assert_array_equal([m[key] for m in b], [m[key] for m in a], err_msg=key)
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, data_dir):
+    """DP2 + ZeRO under msrun, SIGTERM to rank 0 only, no periodic saves: the one checkpoint, written
+    after the stop, holds both ranks' optimizer slices, so rank 1 stopped after the same step and
+    saved with rank 0 (a rank running on would leave rank 0 waiting in the save's collectives)."""
+    from mindport import cli
+    from mindport.train.checkpoint import CheckpointManager
+    from testkit.launch import free_port
+
+    out = str(tmp_path / "run")
+    config = _yaml(tmp_path, data_dir, out, steps=1000)
+    doc = yaml.safe_load(open(config))
+    doc["parallel_config"].update(data_parallel=2, optimizer_shard=True)
+    with open(config, "w") as f:
+        yaml.safe_dump(doc, f)
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3")
+    log_dir = tmp_path / "log"
+    job = subprocess.Popen([os.path.join(bin_dir, "msrun"), "--worker_num=2", "--local_worker_num=2",
+                            f"--master_port={free_port()}", f"--log_dir={log_dir}", "--join=True", cli.__file__,
+                            "train", "--config", config, "--no-progress"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    lock = os.path.join(out, ".mindport-train.lock")
+    try:
+        _wait_for(lambda: len(read_metrics(out)) >= 2, job, "two steps", seconds=400)
+        rank0 = int(open(lock).read())
+        os.kill(rank0, signal.SIGTERM)
+        job.wait(300)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    log = open(log_dir / "worker_0.log", errors="replace").read()
+    stopped = read_metrics(out)[-1]["step"]
+    ckpts = CheckpointManager(os.path.join(out, "checkpoints"))
+    assert ckpts.steps() == [stopped], log[-3000:]
+    assert f"SIGTERM: stopped after step {stopped}; checkpoint {ckpts.path(stopped)}" in log
+    assert sorted(os.listdir(os.path.join(ckpts.path(stopped), "train_state"))) == [
+        "rank_00000.safetensors", "rank_00001.safetensors", "state.json"]
+
+
 def test_fine_tuning_takes_the_architecture_and_reported_size_from_the_checkpoint(tmp_path, data_dir):
     """With load_checkpoint and no model_config the checkpoint's model trains, and the parameter count
     and MFU reported are its own."""
