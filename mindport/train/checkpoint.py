@@ -111,18 +111,18 @@ def is_complete(path: str) -> bool:
         os.path.isfile(os.path.join(path, STATE_DIR, "state.json"))
 
 
-def remove_leftovers(directory: str) -> list[str]:
-    """Remove what killed saves and deletions left in a checkpoints directory (temporary and trash
-    directories, and incomplete ``step_*`` directories written by older versions); returns the names.
-    Only while no run writes there (the run directory's lock is held)."""
+def remove_leftovers(directory: str, checkpoints: bool = True) -> list[str]:
+    """Remove what killed deletions (``.trash-*``) and, in a checkpoints directory, killed saves
+    (``.tmp-step_*``, and incomplete ``step_*`` directories older versions left) left in ``directory``;
+    returns their names. Only while no run writes there (the run directory's lock is held)."""
     if not os.path.isdir(directory):
         return []
     removed = []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+        if name.startswith(TRASH_PREFIX) or (checkpoints and name.startswith(TMP_PREFIX)):
             shutil.rmtree(path, ignore_errors=True)
-        elif _STEP_DIR.match(name) and not is_complete(path):
+        elif checkpoints and _STEP_DIR.match(name) and not is_complete(path):
             remove_tree(path)
         else:
             continue
@@ -308,7 +308,7 @@ class CheckpointManager:
         _fsync_dir(tmp)
 
     def _publish(self, tmp: str, final: str) -> None:
-        if os.path.exists(final):  # the same step saved again
+        if os.path.exists(final):  # the same step saved again (a run never does: it saves past its start)
             remove_tree(final)
         os.replace(tmp, final)
         _fsync_dir(self.directory)

@@ -8,8 +8,8 @@
 * A new run (no ``resume``) refuses a directory that holds a previous run's files, unless
   ``overwrite``: then those files (and only those) are deleted first, so nothing of the old run
   mixes with the new one. ``resume`` continues the run that is there.
-* On taking the directory, leftovers of killed saves and deletions in ``checkpoints/`` are
-  removed (:func:`~mindport.train.checkpoint.remove_leftovers`).
+* On taking the directory, leftovers of killed saves and deletions (``.tmp-step_*``,
+  ``.trash-*``) are removed (:func:`~mindport.train.checkpoint.remove_leftovers`).
 """
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ class RunDirectory:
                     else:
                         os.remove(path)
                 echo(f"overwrite: deleted the previous run's {', '.join(previous)} in {self.path}")
-            remove_leftovers(self.checkpoints)
+            leftovers = remove_leftovers(self.path, checkpoints=False) + remove_leftovers(self.checkpoints)
+            if leftovers:
+                echo(f"removed what an interrupted run left in {self.path}: {', '.join(leftovers)}")
         except BaseException:
             self.close()
             raise

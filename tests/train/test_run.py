@@ -197,10 +197,14 @@ def test_a_start_removes_half_checkpoints_and_leftovers(tmp_path):
     (ckpt_dir / "step_00000002/train_state/state.json").write_text("{}")
     (ckpt_dir / "step_00000004/train_state/state.json").write_text("{}")
     (ckpt_dir / "step_00000004/config.json").write_text("{}")
+    (tmp_path / ".trash-tensorboard-9-9").mkdir()  # an --overwrite killed while deleting
     assert CheckpointManager(str(ckpt_dir)).steps() == [4]
+    lines = []
     with RunDirectory(str(tmp_path)) as run_dir:
-        run_dir.open(resume=True, overwrite=False)
-    assert os.listdir(ckpt_dir) == ["step_00000004"]
+        run_dir.open(resume=True, overwrite=False, echo=lines.append)
+    assert os.listdir(ckpt_dir) == ["step_00000004"] and not (tmp_path / ".trash-tensorboard-9-9").exists()
+    assert lines == [f"removed what an interrupted run left in {tmp_path}: .trash-tensorboard-9-9, "
+                     f".tmp-step_00000005-123, .trash-step_00000001-9-9, step_00000002"]
 
 
 def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
