@@ -41,6 +41,7 @@ class RunDirectory:
         return found
 
     def open(self, resume: bool, overwrite: bool, echo=print) -> None:
+        """Lock the directory, refuse or delete a previous run (module docstring), remove leftovers."""
         if resume and overwrite:
             raise ConfigError(f"{self.path}: resume and overwrite both asked for: pick one")
         os.makedirs(self.path, exist_ok=True)

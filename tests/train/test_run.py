@@ -161,7 +161,6 @@ def test_kill_during_pruning_leaves_only_complete_checkpoints(tmp_path, data_dir
     half there (eval --load works on every one), and the next start removes the leftover."""
     from mindport import AutoModelForCausalLM
     from mindport.config import load_yaml
-    from mindport.train.checkpoint import CheckpointManager
     from mindport.train.run import train
 
     out = str(tmp_path / "run")
@@ -296,6 +295,19 @@ def test_second_run_at_once_fails_and_sigterm_stops_with_a_checkpoint_that_resum
     assert [m["step"] for m in b] == list(range(1, stopped + 3))
     for key in ("loss", "grad_norm", "lr"):
         np.testing.assert_array_equal([m[key] for m in b], [m[key] for m in a], err_msg=key)
+
+
+def test_first_sigint_asks_to_stop_and_the_handlers_are_restored_after_the_run():
+    from mindport.train.run import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    lines = []
+    with StopRequest(lines.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, a request
+        time.sleep(0.1)
+        assert stop.signum == signal.SIGINT
+    assert lines == ["SIGINT: stopping after this step with a checkpoint (again to stop now)"]
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.slow
