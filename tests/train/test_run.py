@@ -382,7 +382,6 @@ def test_fine_tuning_takes_the_architecture_and_reported_size_from_the_checkpoin
 def test_eval_perplexity_is_exp_of_mean_loss(tmp_path, data_dir):
     import math
 
-    from mindport import AutoModelForCausalLM
     from mindport.train.data import PackedDataset
     from mindport.train.evaluate import evaluate
     from testkit.train import tiny_model
