@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -261,35 +264,105 @@ class RunConfig:
             self.train = TrainConfig()
 
 
+# model_config keys that are not the architecture: with load_checkpoint they still come from the YAML
+# (everything else comes from the checkpoint, and a YAML value must agree with it)
+TRAINING_MODEL_KEYS = ("param_dtype", "compute_dtype", "initializer_range", "router_aux_loss_coef",
+                       "router_z_loss_coef", "capacity_factor")
+
+
 def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
-    """Build a :class:`RunConfig` from a mindformers-shaped mapping."""
-    if not isinstance(doc, Mapping) or "model" not in doc:
+    """Build a :class:`RunConfig` from a mindformers-shaped mapping. With ``load_checkpoint`` the
+    architecture is the checkpoint's (``model.model_config`` may be omitted)."""
+    if not isinstance(doc, Mapping):
         raise ConfigError(f"{source}: expected a mapping with a 'model: model_config:' section")
-    model_section = doc["model"]
-    if not isinstance(model_section, Mapping) or not isinstance(model_section.get("model_config"), Mapping):
-        raise ConfigError(f"{source}: key 'model.model_config' missing: expected the model's settings there")
-    extra = set(model_section) - {"model_config", "arch"}
-    if extra:
-        raise ConfigError(f"{source}: unknown key 'model.{sorted(extra)[0]}' (known: model_config, arch)")
-    model_values = {k: v for k, v in model_section["model_config"].items() if k != "type"}
-    model = ModelConfig.from_dict(model_values, f"{source}: model.model_config")
-    parallel = ParallelConfig.from_dict(doc.get("parallel_config") or {}, f"{source}: parallel_config")
     from mindport.train.config import train_config_from_sections
 
     rest = {k: v for k, v in doc.items() if k not in ("model", "parallel_config")}
     train = train_config_from_sections(rest, source)
+    model_section = doc.get("model", {} if train.load_checkpoint else None)
+    if not isinstance(model_section, Mapping):
+        raise ConfigError(f"{source}: key 'model' missing: expected a 'model: model_config:' section (or "
+                          f"load_checkpoint)")
+    extra = set(model_section) - {"model_config", "arch"}
+    if extra:
+        raise ConfigError(f"{source}: unknown key 'model.{sorted(extra)[0]}' (known: model_config, arch)")
+    model_values = model_section.get("model_config", {} if train.load_checkpoint else None)
+    if not isinstance(model_values, Mapping):
+        raise ConfigError(f"{source}: key 'model.model_config' missing: expected the model's settings there")
+    model_values = {k: v for k, v in model_values.items() if k != "type"}
+    if train.load_checkpoint:
+        model = _checkpoint_model_config(train.load_checkpoint, model_values, source)
+    else:
+        model = ModelConfig.from_dict(model_values, f"{source}: model.model_config")
+    parallel = ParallelConfig.from_dict(doc.get("parallel_config") or {}, f"{source}: parallel_config")
     parallel.check_model(model, f"{source}: parallel_config")
     return RunConfig(model, parallel, train)
 
 
-def _coerce(text: str) -> Any:
-    import yaml
+def _checkpoint_model_config(path: str, yaml_values: Mapping[str, Any], source: str) -> ModelConfig:
+    """``load_checkpoint``'s architecture with the YAML's :data:`TRAINING_MODEL_KEYS`; any other key the
+    YAML states must equal the checkpoint's."""
+    from mindport.models.auto import AutoConfig
 
-    return yaml.safe_load(text)
+    if not os.path.exists(path):
+        raise ConfigError(f"{source}: key 'load_checkpoint' = {path!r}: no such checkpoint directory")
+    checkpoint = AutoConfig.from_pretrained(path)
+    known = {f.name for f in fields(ModelConfig)}
+    changes = {}
+    for key, value in yaml_values.items():
+        name = ModelConfig.ALIASES.get(key, key)
+        if name not in known:
+            raise ConfigError(f"{source}: unknown key 'model.model_config.{key}' (known keys: "
+                              f"{', '.join(sorted(known))})")
+        if name in TRAINING_MODEL_KEYS:
+            changes[name] = value
+        elif value != getattr(checkpoint, name) and not (name == "num_kv_heads" and value is None):
+            raise ConfigError(f"{source}: key 'model.model_config.{key}' = {value!r}, but load_checkpoint "
+                              f"{path!r} has {getattr(checkpoint, name)!r}: the architecture comes from the "
+                              f"checkpoint (drop the key or make it agree)")
+    try:
+        return checkpoint.replace(**changes)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: model.model_config: {err}") from None
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), plus numbers in exponent form without a dot (``5e-3``,
+    ``1E6``) read as floats, as YAML 1.2 and Python read them (YAML 1.1 makes them strings)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml_error(where: str, err: yaml.YAMLError, position: bool = True) -> ConfigError:
+    """One line: ``FILE:LINE:COLUMN: not valid YAML: the parser's problem``."""
+    mark = getattr(err, "problem_mark", None)
+    if position and mark is not None:
+        where = f"{where}:{mark.line + 1}:{mark.column + 1}"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return ConfigError(f"{where}: not valid YAML: {f'{context}: ' if context else ''}{problem}")
+
+
+def _coerce(text: str, source: str) -> Any:
+    """An override's value: a YAML scalar or flow collection; a string Python's ``float`` reads
+    (``5e-3``, ``inf``) is that float."""
+    try:
+        value = yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        raise _yaml_error(source, err, position=False) from None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars) to a nested mapping."""
+    """Apply ``a.b.c=value`` overrides (values parsed by :func:`_coerce`) to a nested mapping."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{source}: '{item}' is not of the form key.path=value")
@@ -300,21 +373,19 @@ def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> d
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: key '{path}' crosses a non-mapping value at '{key}'")
-        node[keys[-1]] = _coerce(text)
+        node[keys[-1]] = _coerce(text, f"{source} {item}")
     return doc
 
 
 def load_yaml(path: str, overrides: list[str] | None = None) -> RunConfig:
     """Load a mindformers-shaped YAML run config, with optional ``key=value`` overrides."""
-    import yaml
-
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
     with open(path, encoding="utf-8") as f:
         try:
-            doc = yaml.safe_load(f)
+            doc = yaml.load(f, Loader=_YamlLoader)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise _yaml_error(path, err) from None
     return run_config_from_dict(apply_overrides(doc or {}, overrides or []), path)
 
 

@@ -104,16 +104,48 @@ def test_pipeline_offset_from_parallel_config():
                          "parallel_config.micro_batch_num=2", "parallel_config.offset=[2,0]"])
 
 
-def test_115b_finetune_config_is_the_published_model_and_fits_64gb_per_npu():
-    """The shipped multi-node example: TeleChat2-115B exactly, a valid 64-rank layout, and every rank's
-    estimated training memory under an Atlas 800T A2 NPU's 64 GB."""
+def test_115b_finetune_config_is_the_published_model_and_fits_64gb_per_npu(tmp_path):
+    """The shipped multi-node example: TeleChat2-115B exactly (its model_config agrees with the
+    checkpoint's config.json), a valid 64-rank layout, and every rank's estimated training memory under
+    an Atlas 800T A2 NPU's 64 GB."""
     from mindport import AutoConfig
     from mindport.parallel.memory import memory_report
     from mindport.parallel.state import check_layout
 
-    run = load_yaml("configs/telechat2/finetune_115b.yaml")
+    AutoConfig.from_preset("telechat2-115b").save(str(tmp_path / "config.json"))  # the checkpoint's architecture
+    run = load_yaml("configs/telechat2/finetune_115b.yaml", [f"load_checkpoint={tmp_path}"])
     assert run.model == AutoConfig.from_preset("telechat2-115b")
     check_layout(run.parallel, 64, run.model)
     peak = max(memory_report(run.model, run.parallel, run.train.batch_size, run.train.seq_length, run.train.amp_level,
                              run.train.recompute, rank=r)["bytes"]["total"] for r in range(64))
     assert peak < 64e9
+
+
+@pytest.mark.parametrize("text, value", [("5e-3", 5e-3), ("1E-4", 1e-4), ("+2.5e-3", 2.5e-3), ("1e3", 1000.0)])
+def test_exponent_floats_without_a_dot_are_numbers_in_overrides_and_files(tmp_path, text, value):
+    """YAML 1.1 reads ``5e-3`` as a string; Python's float (and YAML 1.2) read a number."""
+    run = load_yaml(YAML, [f"optimizer.weight_decay={text}"])
+    assert run.train.weight_decay == value and isinstance(run.train.weight_decay, float)
+    path = tmp_path / "e.yaml"
+    path.write_text(open(YAML).read().replace("weight_decay: 0.1", f"weight_decay: {text}"))
+    assert load_yaml(str(path)).train.weight_decay == value
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ("model:\n  model_config:\n    vocab_size: 8\n   hidden_size: 4\n", ":4:4: ", "expected <block end>"),
+    ("optimizer: {beta1: 0.9\nseed: 0\n", ":2:5: ", "expected ',' or '}'"),
+    ("a: b\n\tc: d\n", ":2:1: ", "found character '\\t'"),
+])
+def test_malformed_yaml_names_file_line_and_column(tmp_path, text, where, problem):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_yaml(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}{where}not valid YAML: ") and problem in message and "\n" not in message
+
+
+def test_malformed_override_is_one_line():
+    with pytest.raises(ConfigError, match=r"^--set parallel_config.offset=\[1,: not valid YAML: .*expected") as err:
+        load_yaml(YAML, ["parallel_config.offset=[1,"])
+    assert "\n" not in str(err.value)

@@ -9,7 +9,11 @@ def add_parser(sub) -> None:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. runner_config.batch_size=8 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
+    start.add_argument("--overwrite", action="store_true",
+                       help="delete a previous run's checkpoints, metrics, tensorboard/ and loss curve in OUTPUT_DIR "
+                            "first (without it, a new run refuses an OUTPUT_DIR that holds them)")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="stop after this many total steps (the LR schedule still spans train_steps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -24,7 +28,8 @@ def run(args) -> int:
     run_config = load_yaml(args.config, args.overrides)
     init_parallel(run_config.parallel, run_config.model)  # under msrun: every rank, before any work
     result = train(run_config, resume=args.resume, stop_after=args.stop_after,
-                   progress=False if args.no_progress else None)
-    print(f"done: step {result.steps}, loss {result.last_loss if result.last_loss is not None else float('nan'):.4f}, "
-          f"{result.seconds:.1f} s; checkpoint {result.checkpoint}; curve {result.plot}")
-    return 0
+                   progress=False if args.no_progress else None, overwrite=args.overwrite)
+    print(f"{'stopped' if result.stopped_by else 'done'}: step {result.steps}, loss "
+          f"{result.last_loss if result.last_loss is not None else float('nan'):.4f}, {result.seconds:.1f} s; "
+          f"checkpoint {result.checkpoint}; curve {result.plot}")
+    return 128 + result.stopped_by if result.stopped_by else 0  # 130 SIGINT, 143 SIGTERM, as the shell reports

@@ -24,9 +24,10 @@ Every rank must see OUTPUT_DIR (one node, or a shared file system). All ranks wr
 temporary directory (rank 0's, named with its pid, broadcast); after a barrier rank 0 renames it.
 
 Everything is written into a temporary sibling directory, each file fsynced, then the
-directory is renamed into place and the parent fsynced; a kill at any moment leaves either
-the previous checkpoints or the new one complete, never a partial ``step_*`` directory.
-Only the last ``keep`` checkpoints are kept.
+directory is renamed into place and the parent fsynced; a checkpoint is deleted by renaming it
+to a hidden ``.trash-*`` sibling first. A kill at any moment leaves every ``step_*`` directory
+complete; the hidden leftovers are removed by :func:`remove_leftovers` when the next run starts.
+Only the last ``keep`` checkpoints up to the one just written are kept.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -45,9 +47,12 @@ from mindport.config import ConfigError, ParallelConfig
 
 STATE_DIR = "train_state"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# Test hook: "SECONDS" or "STEP:SECONDS" sleeps between the files of a save (of that step only),
-# so a test can kill the process in the middle of writing a checkpoint.
+TMP_PREFIX, TRASH_PREFIX = ".tmp-step_", ".trash-"
+# Test hooks: "SECONDS" or "STEP:SECONDS" sleeps between the files of a save (of that step only);
+# "SECONDS" sleeps in a deletion between renaming the directory away and deleting it; so a test
+# can kill the process in the middle of writing or pruning a checkpoint.
 SLOW_SAVE_ENV = "MINDPORT_TEST_SLOW_SAVE"
+SLOW_PRUNE_ENV = "MINDPORT_TEST_SLOW_PRUNE"
 
 
 def _fsync_dir(path: str) -> None:
@@ -80,14 +85,90 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         return {name: np.array(reader.get(name)) for name in reader.keys()}
 
 
-def _pause(step: int) -> None:
-    value = os.environ.get(SLOW_SAVE_ENV, "")
+def _pause(env: str, step: int | None = None) -> None:
+    value = os.environ.get(env, "")
     if not value:
         return
     only, _, seconds = value.rpartition(":")
     if only and int(only) != step:
         return
     time.sleep(float(seconds))
+
+
+def remove_tree(path: str) -> None:
+    """Delete directory ``path`` so that it is whole or absent at every moment: rename it to a hidden
+    ``.trash-*`` sibling (atomic), then delete that."""
+    parent, name = os.path.split(path)
+    trash = os.path.join(parent, f"{TRASH_PREFIX}{name}-{os.getpid()}-{time.time_ns()}")
+    os.replace(path, trash)
+    _fsync_dir(parent)
+    _pause(SLOW_PRUNE_ENV)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def is_complete(path: str) -> bool:
+    """A checkpoint directory holds config.json and its train state (written last, before the rename)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and \
+        os.path.isfile(os.path.join(path, STATE_DIR, "state.json"))
+
+
+def remove_leftovers(directory: str, checkpoints: bool = True) -> list[str]:
+    """Remove what killed deletions (``.trash-*``) and, in a checkpoints directory, killed saves
+    (``.tmp-step_*``, and incomplete ``step_*`` directories older versions left) left in ``directory``;
+    returns their names. Only while no run writes there (the run directory's lock is held)."""
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith(TRASH_PREFIX) or (checkpoints and name.startswith(TMP_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)
+        elif checkpoints and _STEP_DIR.match(name) and not is_complete(path):
+            remove_tree(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def all_ranks_sum(groups, values) -> np.ndarray:
+    """Sum of ``values`` (float32 array) over every rank of ``groups``; doubles as a barrier."""
+    from mindspore import Tensor
+
+    from mindport.parallel.comm import collectives
+
+    values = np.asarray(values, np.float32)
+    if len(groups.world.ranks) == 1:
+        return values
+    return collectives(groups.world).all_reduce(Tensor(values)).asnumpy()
+
+
+def together(groups, what: str, fn):
+    """``fn()`` on every rank; when it fails on any rank it fails on all, so no rank is left waiting
+    in a collective: this rank's own error, or one counting the ranks that failed."""
+    if groups is None or len(groups.world.ranks) == 1:
+        return fn()
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - raised below, once every rank knows
+        error = exc
+    failed = int(all_ranks_sum(groups, 1.0 if error is not None else 0.0))
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"{what}: failed on {failed} other rank(s) (see their logs)")
+    return result
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def agreed_stop(groups, signum: int | None) -> int | None:
+    """The stop signal every rank acts on: SIGINT if any rank received it, else SIGTERM if any did,
+    else None (a collective: all ranks call it at the same step, so all stop after the same step)."""
+    received = all_ranks_sum(groups, [float(signum == s) for s in STOP_SIGNALS])
+    return next((s for s, count in zip(STOP_SIGNALS, received) if count), None)
 
 
 class CheckpointManager:
@@ -108,13 +189,13 @@ class CheckpointManager:
         return os.path.join(self.directory, f"step_{step:08d}")
 
     def steps(self) -> list[int]:
-        """Steps of the complete checkpoints, oldest first (temporary directories are ignored)."""
+        """Steps of the complete checkpoints, oldest first (hidden directories are ignored)."""
         if not os.path.isdir(self.directory):
             return []
         found = []
         for name in os.listdir(self.directory):
             m = _STEP_DIR.match(name)
-            if m and os.path.isfile(os.path.join(self.directory, name, STATE_DIR, "state.json")):
+            if m and is_complete(os.path.join(self.directory, name)):
                 found.append(int(m.group(1)))
         return sorted(found)
 
@@ -142,30 +223,9 @@ class CheckpointManager:
         c = g.coords
         return rank_of(g.config, dp=c["dp"] % g.config.expert_parallel, pp=c["pp"], cp=0, tp=c["tp"])
 
-    def _collective(self, value: float) -> float:
-        """Sum of ``value`` over all ranks; doubles as a barrier."""
-        from mindspore import Tensor
-
-        from mindport.parallel.comm import collectives
-
-        return float(collectives(self.groups.world).all_reduce(Tensor(np.float32(value))).asnumpy())
-
     def together(self, what: str, fn):
-        """``fn()`` on every rank; when it fails on any rank it fails on all, so no rank is left
-        waiting in a collective: this rank's own error, or one counting the ranks that failed."""
-        if self.groups is None:
-            return fn()
-        result, error = None, None
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - raised below, once every rank knows
-            error = exc
-        failed = int(self._collective(1.0 if error is not None else 0.0))
-        if error is not None:
-            raise error
-        if failed:
-            raise CheckpointError(f"{what}: failed on {failed} other rank(s) (see their logs)")
-        return result
+        """:func:`together` over this run's ranks."""
+        return together(self.groups, what, fn)
 
     def files(self, path: str) -> tuple[str, str]:
         """(weights file, optimizer-state file) this rank reads from checkpoint ``path``."""
@@ -183,13 +243,13 @@ class CheckpointManager:
         lead = self.groups is None or self.groups.global_rank == 0
         pid = os.getpid() if lead else 0
         if self.groups is not None:
-            pid = int(self._collective(pid))  # rank 0's pid names the shared temporary directory
-        tmp = os.path.join(self.directory, f".tmp-step_{step:08d}-{pid}")
+            pid = int(all_ranks_sum(self.groups, pid))  # rank 0's pid names the shared temporary directory
+        tmp = os.path.join(self.directory, f"{TMP_PREFIX}{step:08d}-{pid}")
         try:
             self.together(f"{tmp}: creating", lambda: lead and self._create(tmp))
             self.together(f"{tmp}: writing", lambda: self._write_rank_files(tmp, step, weights, state_arrays))
             self.together(f"{final}: publishing",
-                          lambda: lead and self._finish(tmp, final, pid, model_config, state, tokenizer))
+                          lambda: lead and self._finish(tmp, final, step, model_config, state, tokenizer))
         except BaseException:
             if lead:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -214,15 +274,15 @@ class CheckpointManager:
             os.makedirs(os.path.dirname(weights_file), exist_ok=True)
             write_safetensors(weights_file, weights)
             _fsync_dir(os.path.dirname(weights_file))
-        _pause(step)
+        _pause(SLOW_SAVE_ENV, step)
         if state_file is not None:
             write_safetensors(state_file, state_arrays)
-        _pause(step)
+        _pause(SLOW_SAVE_ENV, step)
 
-    def _finish(self, tmp: str, final: str, pid: int, model_config, state: dict, tokenizer) -> None:
+    def _finish(self, tmp: str, final: str, step: int, model_config, state: dict, tokenizer) -> None:
         self._write_shared_files(tmp, model_config, state, tokenizer)
         self._publish(tmp, final)
-        self._prune(pid)
+        self._prune(step)
 
     def _write_shared_files(self, tmp: str, model_config, state: dict, tokenizer) -> None:
         config = model_config.replace(param_dtype="float32", compute_dtype="float32")
@@ -250,22 +310,16 @@ class CheckpointManager:
         _fsync_dir(tmp)
 
     def _publish(self, tmp: str, final: str) -> None:
-        if os.path.exists(final):  # the same step saved again (e.g. after a resume): swap
-            old = f"{final}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        if os.path.exists(final):  # the same step saved again (a run never does: it saves past its start)
+            remove_tree(final)
+        os.replace(tmp, final)
         _fsync_dir(self.directory)
 
-    def _prune(self, pid: int) -> None:
-        steps = self.steps()
-        for step in steps[:-self.keep]:
-            shutil.rmtree(self.path(step), ignore_errors=True)
-        for name in os.listdir(self.directory):  # leftovers of killed saves
-            if name.startswith(".tmp-step_") and not name.endswith(f"-{pid}"):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    def _prune(self, step: int) -> None:
+        """Keep the last ``keep`` checkpoints up to ``step`` (just written); never one past it."""
+        older = [s for s in self.steps() if s < step]
+        for old in older[:max(0, len(older) - (self.keep - 1))]:
+            remove_tree(self.path(old))
 
     # ------------------------------------------------------------------ loading
     def load(self, path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:

@@ -9,6 +9,15 @@ from typing import Any, Mapping
 from mindport.config import ConfigError, _Loadable, _fail, _one_of, _positive
 
 
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (YAML reads ``yes``/``on`` as True, and True == 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class TrainConfig(_Loadable):
     """Optimiser, schedule and run settings (mindformers' optimizer/lr_schedule/runner_config).
@@ -52,29 +61,33 @@ class TrainConfig(_Loadable):
         _one_of("amp_dtype", self.amp_dtype, ("float16", "bfloat16"))
         _one_of("loss_scale_type", self.loss_scale_type, ("static", "dynamic"))
         for key in ("learning_rate", "loss_scale", "eps"):
-            if not isinstance(getattr(self, key), (int, float)) or not getattr(self, key) > 0:
+            if not _is_number(getattr(self, key)) or not getattr(self, key) > 0:
                 _fail(key, getattr(self, key), "a positive number")
         for key in ("min_learning_rate", "weight_decay", "grad_clip"):
-            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
+            if not _is_number(getattr(self, key)) or not getattr(self, key) >= 0:
                 _fail(key, getattr(self, key), "a non-negative number")
         if self.min_learning_rate > self.learning_rate:
             _fail("min_learning_rate", self.min_learning_rate, f"at most learning_rate = {self.learning_rate}")
         for key in ("beta1", "beta2"):
-            if not 0 <= getattr(self, key) < 1:
+            if not _is_number(getattr(self, key)) or not 0 <= getattr(self, key) < 1:
                 _fail(key, getattr(self, key), "a number in [0, 1)")
-        if not isinstance(self.loss_scale_factor, int) or isinstance(self.loss_scale_factor, bool) \
-                or self.loss_scale_factor < 2:
+        if not _is_integer(self.loss_scale_factor) or self.loss_scale_factor < 2:
             _fail("loss_scale_factor", self.loss_scale_factor, "an integer >= 2")
-        for key in ("warmup_steps", "save_steps"):
+        for key in ("seed", "warmup_steps", "save_steps"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not _is_integer(value) or value < 0:
                 _fail(key, value, "a non-negative integer")
         if not isinstance(self.recompute, (bool, int)) or self.recompute < 0:
             _fail("recompute", self.recompute, "true, false or a number of layers")
-        if not isinstance(self.peak_tflops, (int, float)) or self.peak_tflops < 0:
+        if not _is_number(self.peak_tflops) or not self.peak_tflops >= 0:
             _fail("peak_tflops", self.peak_tflops, "a non-negative number (0: measure)")
         if not isinstance(self.jit, bool):
             _fail("jit", self.jit, "true or false")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            _fail("output_dir", self.output_dir, "a directory path")
+        for key in ("data_dir", "load_checkpoint"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                _fail(key, getattr(self, key), "a directory path")
 
     @property
     def tokens_per_step(self) -> int:
@@ -108,8 +121,8 @@ _IGNORED_TOP_LEVEL = {"run_mode", "trainer", "context", "use_parallel", "src_str
 
 
 def _put(values: dict[str, Any], origin: dict[str, str], field: str, value: Any, key: str, source: str) -> None:
-    """Set a TrainConfig field, refusing two YAML keys that give it different values."""
-    if field in values and values[field] != value:
+    """Set a TrainConfig field, refusing two YAML keys that give it different values (True is not 1)."""
+    if field in values and (values[field] != value or isinstance(values[field], bool) != isinstance(value, bool)):
         raise ConfigError(f"{source}: keys '{origin[field]}' = {values[field]!r} and '{key}' = {value!r} both set "
                           f"'{field}': keep one")
     values[field], origin[field] = value, key

@@ -10,6 +10,7 @@ from mindport.train.tensorboard import EventWriter
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def read_metrics(output_dir: str) -> list[dict]:
@@ -40,7 +41,7 @@ class RunLogger:
             f.writelines(json.dumps(m) + "\n" for m in kept)
         self._f = open(self.path, "a", encoding="utf-8")
         self.history = [(m["step"], m["loss"]) for m in kept]
-        self.tb = EventWriter(os.path.join(output_dir, "tensorboard")) if tensorboard else None
+        self.tb = EventWriter(os.path.join(output_dir, TENSORBOARD_DIR)) if tensorboard else None
         self._window: list[float] = []
         self.bar = None
         if progress is None:

@@ -5,13 +5,19 @@
 
 ``resume=True`` continues from the newest complete checkpoint in ``OUTPUT_DIR/checkpoints``:
 weights, AdamW moments and step, loss scale, LR step and data position are restored, so the
-steps that follow are the ones an uninterrupted run would have taken.
+steps that follow are the ones an uninterrupted run would have taken. The output directory's
+rules (one run at a time, ``overwrite``) are :mod:`mindport.train.run_dir`'s.
+
+SIGINT or SIGTERM stops the run after the current step (every rank after the same one) with a
+checkpoint; a second signal stops it at once.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -19,11 +25,12 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from mindport.config import ConfigError, RunConfig
-from mindport.train.checkpoint import CheckpointManager
+from mindport.config import TRAINING_MODEL_KEYS, ConfigError, RunConfig
+from mindport.train.checkpoint import STOP_SIGNALS, CheckpointManager, agreed_stop, together
 from mindport.train.data import Loader, PackedDataset
 from mindport.train.flops import measure_matmul_flops, train_flops_per_token
 from mindport.train.logger import RunLogger
+from mindport.train.run_dir import RunDirectory
 from mindport.train.trainer import Trainer
 
 
@@ -36,6 +43,33 @@ class TrainResult:
     seconds: float
     plot: str | None
     output_dir: str
+    stopped_by: int | None = None  # the signal (SIGINT/SIGTERM) that stopped the run early
+
+
+class StopRequest:
+    """Catches SIGINT/SIGTERM while the run lasts (main thread only): the first sets ``signum``, for
+    the training loop to stop after the current step; a second gets the signal's default action."""
+
+    def __init__(self, echo=print):
+        self.signum: int | None = None
+        self.echo = echo
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        self.signum = signum
+        self.echo(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop now)")
 
 
 def seed_everything(seed: int) -> None:
@@ -60,16 +94,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 def build_model(run: RunConfig):
-    """The model of this rank under the registered layout: ``load_checkpoint``'s weights (its slices),
-    else weights drawn from ``seed`` (the same model under any layout)."""
+    """The model of this rank under the registered layout: ``load_checkpoint``'s weights (its slices)
+    with ``run.model``'s training keys, else weights drawn from ``seed`` (the same model under any layout)."""
     from mindport.models.auto import AutoModelForCausalLM
 
     path = run.train.load_checkpoint
     if path:
-        model = AutoModelForCausalLM.from_pretrained(path)
-        if model.config.vocab_size != run.model.vocab_size or model.config.hidden_size != run.model.hidden_size:
-            raise ConfigError(f"load_checkpoint = {path!r}: its model (vocab {model.config.vocab_size}, hidden "
-                              f"{model.config.hidden_size}) differs from model.model_config")
+        model = AutoModelForCausalLM.from_pretrained(path, **{k: getattr(run.model, k) for k in TRAINING_MODEL_KEYS})
+        for key, value in dataclasses.asdict(run.model).items():  # load_yaml takes the architecture from there
+            if getattr(model.config, key) != value:
+                raise ConfigError(f"load_checkpoint = {path!r}: key '{key}' = {getattr(model.config, key)!r}, the "
+                                  f"run's model config has {value!r}")
         return model
     model = AutoModelForCausalLM.from_config(run.model)
     model.init_weights(run.train.seed)
@@ -77,80 +112,92 @@ def build_model(run: RunConfig):
 
 
 def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, model=None,
-          progress: bool | None = None, echo=print) -> TrainResult:
+          progress: bool | None = None, echo=print, overwrite: bool = False) -> TrainResult:
     """Train ``run`` under the registered process groups (:func:`mindport.parallel.state.init_parallel`);
     ``stop_after`` ends this call after that many total steps (the LR schedule still spans
-    ``train_steps``), e.g. to resume later. Rank 0 logs and writes the run directory's files."""
+    ``train_steps``), e.g. to resume later; ``overwrite`` deletes a previous run's files in the
+    output directory first. Rank 0 locks the output directory, logs and writes the run's files."""
+    from mindport.parallel.state import current
+
     cfg = run.train
     if not cfg.data_dir:
         raise ConfigError("train_dataset.data_dir: not set (point it at a `mindport data prepare` output, "
                           "e.g. --set train_dataset.data_dir=DIR)")
     start_time = time.perf_counter()
-    seed_everything(cfg.seed)
-    dataset = PackedDataset(cfg.data_dir)
-    dataset.check(cfg.seq_length, run.model.vocab_size)
-    tokenizer = None
-    if dataset.tokenizer_dir:
-        from mindport.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(dataset.tokenizer_dir)
-    model = model if model is not None else build_model(run)
-    groups = model.groups
+    groups = model.groups if model is not None else current()
     lead = groups.global_rank == 0
     if not lead:
         echo, progress = (lambda *_: None), False
-    trainer = Trainer(model, cfg)
-    # data parallel: every rank draws the same global batch and keeps its own rows of it
-    per_rank, dp = trainer.rows_per_step, groups.dp.size
-    loader = Loader(dataset, per_rank * dp, cfg.seed)
-    rows = slice(groups.dp.rank * per_rank, (groups.dp.rank + 1) * per_rank)
-    ckpts = CheckpointManager(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints, groups, trainer.zero)
+    run_dir = RunDirectory(cfg.output_dir)
+    together(groups, f"{cfg.output_dir}: taking the output directory",
+             lambda: lead and run_dir.open(resume, overwrite, echo))
+    with run_dir, StopRequest(echo) as stop:
+        seed_everything(cfg.seed)
+        dataset = PackedDataset(cfg.data_dir)
+        dataset.check(cfg.seq_length, run.model.vocab_size)
+        tokenizer = None
+        if dataset.tokenizer_dir:
+            from mindport.tokenizer import Tokenizer
 
-    if resume:
-        path = ckpts.latest()
-        if path is None:
-            echo(f"resume: no checkpoint in {ckpts.directory}; starting at step 0")
-        else:
-            ckpts.together(f"{path}: resuming", lambda: restore(trainer, loader, ckpts, path))
-            echo(f"resume: continuing from {path} (step {trainer.step}, {loader.consumed} samples consumed)")
+            tokenizer = Tokenizer.load(dataset.tokenizer_dir)
+        model = model if model is not None else build_model(run)
+        trainer = Trainer(model, cfg)
+        # data parallel: every rank draws the same global batch and keeps its own rows of it
+        per_rank, dp = trainer.rows_per_step, groups.dp.size
+        loader = Loader(dataset, per_rank * dp, cfg.seed)
+        rows = slice(groups.dp.rank * per_rank, (groups.dp.rank + 1) * per_rank)
+        ckpts = CheckpointManager(run_dir.checkpoints, cfg.keep_checkpoints, groups, trainer.zero)
 
-    end = cfg.train_steps if stop_after is None else min(stop_after, cfg.train_steps)
-    fpt = train_flops_per_token(run.model, cfg.seq_length)
-    world = len(groups.world.ranks)
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_flops()
-    tokens_per_step = per_rank * dp * cfg.grad_accumulation * cfg.seq_length  # the global batch
-    logger = RunLogger(cfg.output_dir, cfg.train_steps, trainer.step, cfg.log_steps, fpt, peak * world, progress,
-                       echo=echo) if lead else None
-    from mindport.parallel.memory import format_memory_report, memory_report
+        if resume:
+            path = ckpts.latest()
+            if path is None:
+                echo(f"resume: no checkpoint in {ckpts.directory}; starting at step 0")
+            else:
+                ckpts.together(f"{path}: resuming", lambda: restore(trainer, loader, ckpts, path))
+                echo(f"resume: continuing from {path} (step {trainer.step}, {loader.consumed} samples consumed)")
 
-    echo(format_memory_report(memory_report(model.config, groups.config, cfg.batch_size, cfg.seq_length,
-                                            cfg.amp_level, cfg.recompute, rank=groups.global_rank,
-                                            pipeline_offset=groups.config.offset)))
-    echo(f"training: {run.model.num_parameters() / 1e6:.2f}M parameters, {cfg.amp_level}, {world} process(es), "
-         f"{per_rank * dp}x{cfg.grad_accumulation} x {cfg.seq_length} tokens/step, steps {trainer.step}->{end} "
-         f"of {cfg.train_steps}, {'compiled' if trainer.compiled else 'eager'}; MFU vs "
-         f"{'stated' if cfg.peak_tflops else 'measured MindSpore fp32 matmul'} peak {peak / 1e9:.1f} GFLOP/s")
+        start, end = trainer.step, cfg.train_steps if stop_after is None else min(stop_after, cfg.train_steps)
+        fpt = train_flops_per_token(run.model, cfg.seq_length)
+        world = len(groups.world.ranks)
+        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_flops()
+        tokens_per_step = per_rank * dp * cfg.grad_accumulation * cfg.seq_length  # the global batch
+        logger = RunLogger(cfg.output_dir, cfg.train_steps, trainer.step, cfg.log_steps, fpt, peak * world, progress,
+                           echo=echo) if lead else None
+        from mindport.parallel.memory import format_memory_report, memory_report
 
-    first = last = None
-    saved = None
-    try:
-        while trainer.step < end:
-            t0 = time.perf_counter()
-            micro = [loader.next_batch()[rows] for _ in range(cfg.grad_accumulation)]
-            metrics = trainer.train_step(micro)
-            metrics["epoch"] = round(loader.epoch, 4)
-            if logger:
-                logger.log(metrics, tokens_per_step, time.perf_counter() - t0)
-            first = metrics["loss"] if first is None else first
-            last = metrics["loss"]
-            if cfg.save_steps and trainer.step % cfg.save_steps == 0:
+        echo(format_memory_report(memory_report(model.config, groups.config, cfg.batch_size, cfg.seq_length,
+                                                cfg.amp_level, cfg.recompute, rank=groups.global_rank,
+                                                pipeline_offset=groups.config.offset)))
+        echo(f"training: {run.model.num_parameters() / 1e6:.2f}M parameters, {cfg.amp_level}, {world} process(es), "
+             f"{per_rank * dp}x{cfg.grad_accumulation} x {cfg.seq_length} tokens/step, steps {trainer.step}->{end} "
+             f"of {cfg.train_steps}, {'compiled' if trainer.compiled else 'eager'}; MFU vs "
+             f"{'stated' if cfg.peak_tflops else 'measured MindSpore fp32 matmul'} peak {peak / 1e9:.1f} GFLOP/s")
+
+        first = last = saved = None
+        stopped = agreed_stop(groups, stop.signum)
+        try:
+            while trainer.step < end and stopped is None:
+                t0 = time.perf_counter()
+                micro = [loader.next_batch()[rows] for _ in range(cfg.grad_accumulation)]
+                metrics = trainer.train_step(micro)
+                metrics["epoch"] = round(loader.epoch, 4)
+                if logger:
+                    logger.log(metrics, tokens_per_step, time.perf_counter() - t0)
+                first = metrics["loss"] if first is None else first
+                last = metrics["loss"]
+                if cfg.save_steps and trainer.step % cfg.save_steps == 0:
+                    saved = save(trainer, loader, ckpts, tokenizer, last)
+                stopped = agreed_stop(groups, stop.signum)
+            if trainer.step > start and saved != ckpts.path(trainer.step):
                 saved = save(trainer, loader, ckpts, tokenizer, last)
-        if trainer.step and (saved is None or not saved.endswith(f"{trainer.step:08d}")):
-            saved = save(trainer, loader, ckpts, tokenizer, last)
-    finally:
-        plot = logger.close() if logger else None
-    return TrainResult(trainer.step, first, last, saved or ckpts.latest(), time.perf_counter() - start_time, plot,
-                       cfg.output_dir)
+        finally:
+            plot = logger.close() if logger else None
+        checkpoint = saved or ckpts.latest()
+        if stopped is not None:
+            echo(f"{signal.Signals(stopped).name}: stopped after step {trainer.step}; checkpoint {checkpoint} "
+                 f"(continue with --resume)")
+    return TrainResult(trainer.step, first, last, checkpoint, time.perf_counter() - start_time, plot, cfg.output_dir,
+                       stopped)
 
 
 def save(trainer: Trainer, loader: Loader, ckpts: CheckpointManager, tokenizer, loss) -> str:
