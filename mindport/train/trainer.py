@@ -24,6 +24,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from mindport.config import ConfigError
+from mindport.dispatch import check_dtype
 from mindport.parallel.comm import collectives
 from mindport.parallel.grad_sync import GradientSync, GradNorm, sum_of_squares
 from mindport.train import amp as amp_lib
@@ -66,6 +67,8 @@ class Trainer:
         self.groups = groups = model.groups
         self.level = config.amp_level
         self.masters: dict = {}
+        if self.level != "O0":
+            check_dtype(config.amp_dtype, "key 'runner_config.amp_dtype'")
         if self.level == "O2":
             model, self.masters = amp_lib.build_o2(model, config.amp_dtype)
         elif self.level == "O1":

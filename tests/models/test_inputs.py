@@ -69,6 +69,10 @@ def test_bfloat16_on_cpu_fails_in_one_line_everywhere(capsys, tmp_path, model_di
                                     "--set", f"train_dataset.data_dir={data}", "--set", f"output_dir={tmp_path}",
                                     "--set", "model.model_config.compute_dtype=bfloat16"])
     assert f"key 'compute_dtype' {BF16_ON_CPU}" in line
+    line = _one_line_error(capsys, ["train", "--config", "configs/telechat2/tiny_train.yaml",
+                                    "--set", f"train_dataset.data_dir={data}", "--set", f"output_dir={tmp_path}/amp",
+                                    "--set", "runner_config.amp_level=O1", "--set", "runner_config.amp_dtype=bfloat16"])
+    assert f"key 'runner_config.amp_dtype' {BF16_ON_CPU}" in line
 
 
 def test_labels_shaped_unlike_input_ids_fail_in_one_line(model):
