@@ -11,9 +11,19 @@ weights split the input axis 1, vocab-parallel tables split the vocabulary, stac
 weights (E, ...) split experts over ep and their ffn axis over tp. Biases of row-parallel
 layers are replicated (added once, after the reduction).
 
-``sp_partial`` marks replicated parameters applied to sequence shards under sequence
-parallelism (norms, row-parallel biases): each tp rank then holds a partial gradient that
-must be summed over the tp group.
+``partial_over_tp`` marks replicated parameters whose gradient is partial on each tp rank and
+must be summed over the tp group (:class:`mindport.parallel.grad_sync.GradientSync`):
+
+- ``"sequence_parallel"``: applied to sequence shards under sequence parallelism (norms,
+  row-parallel biases added after the reduce-scatter); complete on every rank without it.
+- ``"always"``: applied to every token but multiplied into tp-partial outputs before their
+  reduction: the MoE router (its routing weights scale the experts' ffn-split outputs in the
+  combine) and Qwen's shared-expert gate (it scales the shared expert's split output). A
+  replicated term such as the router loss enters their gradient once per tp rank, so it
+  back-propagates 1/tp of itself on each (:class:`mindport.parallel.comm.ShareGradient`).
+
+After the sum every tp rank holds the same gradient, so replicas stay bit-identical and the
+global gradient norm counts them once.
 """
 from __future__ import annotations
 
@@ -29,25 +39,34 @@ class Rule:
     kind: str  # "column" | "row" | "vocab" | "expert" | "replicated"
     tp_axis: int | None = None
     ep_axis: int | None = None
-    sp_partial: bool = False
+    partial_over_tp: str = "never"  # "never" | "sequence_parallel" | "always" (module docstring)
+
+    def __post_init__(self) -> None:
+        assert self.partial_over_tp in ("never", "sequence_parallel", "always"), self.partial_over_tp
+        assert self.partial_over_tp == "never" or self.kind == "replicated", self.pattern
+
+    def grad_partial_over_tp(self, sequence_parallel: bool) -> bool:
+        """True if this parameter's gradient must be summed over the tp group."""
+        return self.partial_over_tp == "always" or (sequence_parallel and self.partial_over_tp == "sequence_parallel")
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None
 
 
 _LAYER = r"layers\.\d+\."
+_SP = "sequence_parallel"
 RULES = (
     Rule(r"embed\.weight", "vocab", tp_axis=0),
     Rule(r"lm_head\.weight", "vocab", tp_axis=0),
-    Rule(r"final_norm\.weight", "replicated", sp_partial=True),
-    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated", sp_partial=True),
+    Rule(r"final_norm\.weight", "replicated", partial_over_tp=_SP),
+    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated", partial_over_tp=_SP),
     Rule(_LAYER + r"attn\.(q_proj|k_proj|v_proj|kv_proj)\.(weight|bias)", "column", tp_axis=0),
     Rule(_LAYER + r"attn\.o_proj\.weight", "row", tp_axis=1),
-    Rule(_LAYER + r"attn\.o_proj\.bias", "replicated", sp_partial=True),
+    Rule(_LAYER + r"attn\.o_proj\.bias", "replicated", partial_over_tp=_SP),
     Rule(_LAYER + r"mlp\.(shared\.)?(gate_proj|up_proj)\.(weight|bias)", "column", tp_axis=0),
     Rule(_LAYER + r"mlp\.(shared\.)?down_proj\.weight", "row", tp_axis=1),
-    Rule(_LAYER + r"mlp\.down_proj\.bias", "replicated", sp_partial=True),
-    Rule(_LAYER + r"mlp\.(router|shared_gate)\.weight", "replicated"),
+    Rule(_LAYER + r"mlp\.down_proj\.bias", "replicated", partial_over_tp=_SP),
+    Rule(_LAYER + r"mlp\.(router|shared_gate)\.weight", "replicated", partial_over_tp="always"),
     Rule(_LAYER + r"mlp\.experts\.(gate_proj|up_proj)", "expert", tp_axis=1, ep_axis=0),
     Rule(_LAYER + r"mlp\.experts\.down_proj", "expert", tp_axis=2, ep_axis=0),
 )
