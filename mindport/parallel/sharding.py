@@ -11,6 +11,13 @@ weights split the input axis 1, vocab-parallel tables split the vocabulary, stac
 weights (E, ...) split experts over ep and their ffn axis over tp. Biases of row-parallel
 layers are replicated (added once, after the reduction).
 
+Vocabulary padding (Megatron's make-vocab-size-divisible-by): a vocabulary V that does not
+split evenly (XVERSE's 100534) is padded to Vp, a multiple of ``vocab_pad_multiple`` x tp, and
+rank r owns rows [r Vp/tp, (r+1) Vp/tp) of the padded table (:func:`vocab_block`). The padding
+rows are never stored: a rank holds only its real rows (the last rank fewer), so per-rank
+files, merges and exports carry exactly the V real rows, and the head pads its local logits to
+Vp/tp columns with -inf (:class:`mindport.parallel.layers.VocabParallelHead`).
+
 ``partial_over_tp`` marks replicated parameters whose gradient is partial on each tp rank and
 must be summed over the tp group (:class:`mindport.parallel.grad_sync.GradientSync`):
 
@@ -83,6 +90,15 @@ def rule_for(name: str) -> Rule:
     return found[0]
 
 
+def vocab_block(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
+    """Rows of the padded vocabulary per tp rank: V padded to a multiple of ``multiple`` x tp,
+    split evenly (V itself without tensor parallelism: padding exists only for the split)."""
+    if tp_size == 1:
+        return vocab_size
+    step = multiple * tp_size
+    return -(-vocab_size // step) * step // tp_size
+
+
 def _block(size: int, parts: int, rank: int, name: str, axis: int) -> slice:
     if size % parts:
         raise ShardingError(f"parameter '{name}': axis {axis} of size {size} does not split into {parts}")
@@ -91,27 +107,36 @@ def _block(size: int, parts: int, rank: int, name: str, axis: int) -> slice:
 
 
 def shard_slices(name: str, shape: tuple[int, ...], tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0,
-                 ep_size: int = 1) -> tuple[slice, ...]:
-    """The index (one slice per axis) of this rank's piece of parameter ``name``."""
+                 ep_size: int = 1, vocab_multiple: int = 1) -> tuple[slice, ...]:
+    """The index (one slice per axis) of this rank's piece of parameter ``name`` (of global
+    ``shape``); a vocabulary table's last pieces are short when the vocabulary is padded."""
     rule = rule_for(name)
     index = [slice(None)] * len(shape)
-    if rule.tp_axis is not None and tp_size > 1:
+    if rule.kind == "vocab" and tp_size > 1:
+        rows = vocab_block(shape[0], tp_size, vocab_multiple)
+        index[0] = slice(min(tp_rank * rows, shape[0]), min((tp_rank + 1) * rows, shape[0]))
+    elif rule.tp_axis is not None and tp_size > 1:
         index[rule.tp_axis] = _block(shape[rule.tp_axis], tp_size, tp_rank, name, rule.tp_axis)
     if rule.ep_axis is not None and ep_size > 1:
         index[rule.ep_axis] = _block(shape[rule.ep_axis], ep_size, ep_rank, name, rule.ep_axis)
     return tuple(index)
 
 
-def local_shape(name: str, shape: tuple[int, ...], tp_size: int = 1, ep_size: int = 1) -> tuple[int, ...]:
-    index = shard_slices(name, shape, 0, tp_size, 0, ep_size)
+def local_shape(name: str, shape: tuple[int, ...], tp_size: int = 1, ep_size: int = 1, vocab_multiple: int = 1,
+                tp_rank: int = 0) -> tuple[int, ...]:
+    index = shard_slices(name, shape, tp_rank, tp_size, 0, ep_size, vocab_multiple)
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
 
 
-def global_shape(name: str, local: tuple[int, ...], tp_size: int = 1, ep_size: int = 1) -> tuple[int, ...]:
-    """The unsplit shape of a parameter whose local shard is ``local``."""
+def global_shape(name: str, local: tuple[int, ...], tp_size: int = 1, ep_size: int = 1,
+                 vocab_size: int | None = None) -> tuple[int, ...]:
+    """The unsplit shape of a parameter whose local shard is ``local`` (a vocabulary table's
+    first axis is ``vocab_size``: its local pieces need not be equal)."""
     rule = rule_for(name)
     shape = list(local)
-    if rule.tp_axis is not None:
+    if rule.kind == "vocab" and vocab_size is not None and tp_size > 1:
+        shape[0] = vocab_size
+    elif rule.tp_axis is not None:
         shape[rule.tp_axis] *= tp_size
     if rule.ep_axis is not None:
         shape[rule.ep_axis] *= ep_size
