@@ -106,3 +106,23 @@ def assert_layout_equals_single_process(dumps: list[dict], ref: dict, layout: di
                 assert_close(dump[kind + name], ref[kind + name][index], f"rank {rank} {kind}{name}", rel)
     assert seen == {k[5:] for k in ref if k.startswith("grad:")}  # every parameter lives on some rank
     assert_replicas_identical(dumps)
+
+
+def assert_checkpoint_replicas_identical(step_dir: str) -> int:
+    """:func:`assert_replicas_identical` on a per-rank checkpoint (``layout.json`` + ``rank_XXXX/``):
+    every tensor slice that several rank directories hold is bit-identical in all of them."""
+    import json
+
+    from mindport.train.checkpoint import read_safetensors
+
+    with open(os.path.join(step_dir, "layout.json")) as f:
+        layout = json.load(f)
+    dumps = []
+    for entry in layout["ranks"]:
+        rank_dir = os.path.join(step_dir, entry["dir"])
+        dump = {"coord:tp": np.array(entry["tp_rank"]), "coord:ep": np.array(entry["ep_rank"])}
+        for name in sorted(os.listdir(rank_dir)):
+            if name.endswith(".safetensors"):
+                dump.update({"param:" + k: v for k, v in read_safetensors(os.path.join(rank_dir, name)).items()})
+        dumps.append(dump)
+    return assert_replicas_identical(dumps)
