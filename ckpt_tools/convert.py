@@ -424,7 +424,8 @@ def rank_layout(tensors: dict[str, tuple[str, Shape]], config: ModelConfig, tp: 
     for rank in range(layout_config.world_size):
         c = coordinates(layout_config, rank)  # the parallel layer's own rank order
         coords = dict(dp_rank=c["dp"], pp_rank=c["pp"], cp_rank=c["cp"], tp_rank=c["tp"], ep_rank=c["dp"] % ep)
-        boxes = {name: _box_of(shard_slices(name, shape, c["tp"], tp, coords["ep_rank"], ep), shape)
+        boxes = {name: _box_of(shard_slices(name, shape, c["tp"], tp, coords["ep_rank"], ep, config.vocab_pad_multiple),
+                               shape)
                  for name, (_, shape) in tensors.items()
                  if c["pp"] in stages_of_param(name, config.num_layers, pp, offset)}
         rank_boxes.append(boxes)

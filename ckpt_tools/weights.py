@@ -47,14 +47,14 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, preslic
                 raise CheckpointError(f"{path}: unexpected tensor '{hf_name}' (model has no parameter "
                                       f"'{target.name}')")
             param = params[target.name]
-            full = global_shape(target.name, tuple(param.shape), tp.size, ep.size)
+            full = global_shape(target.name, tuple(param.shape), tp.size, ep.size, model.config.vocab_size)
             expected = full if target.expert is None else full[1:]
             info = ckpt.info(hf_name)
             if tuple(info.shape) != expected or (target.expert is not None and target.expert >= full[0]):
                 where = "" if target.expert is None else f" (expert {target.expert} of {full[0]})"
                 raise CheckpointError(f"{path}: tensor '{hf_name}' has shape {list(info.shape)}, the config "
                                       f"implies {list(expected)}{where}")
-            index = shard_slices(target.name, full, tp.rank, tp.size, ep.rank, ep.size)
+            index = shard_slices(target.name, full, tp.rank, tp.size, ep.rank, ep.size, model.config.vocab_pad_multiple)
             if target.expert is None:
                 _assign(param, ckpt.get(hf_name)[index])
                 filled[target.name].add(None)

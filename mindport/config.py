@@ -121,6 +121,11 @@ class ModelConfig(_Loadable):
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     initializer_range: float = 0.02
+    # tensor parallelism: the vocabulary is padded to a multiple of vocab_pad_multiple x model_parallel
+    # (Megatron's make-vocab-size-divisible-by; mindport.parallel.sharding.vocab_block). Default 1: the
+    # padding rows are never stored, so the multiple only sets each rank's logit width; 1 keeps it at
+    # ceil(V / tp), under tp wasted columns. Raise it (e.g. 128 / tp) for aligned matmul tiles on Ascend.
+    vocab_pad_multiple: int = 1
 
     ALIASES = {  # mindformers model_config names
         "num_hidden_layers": "num_layers",
@@ -134,7 +139,8 @@ class ModelConfig(_Loadable):
     }
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings")
+        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
+                  "vocab_pad_multiple")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         _positive(self, "num_kv_heads")
@@ -232,9 +238,15 @@ class ParallelConfig(_Loadable):
             raise ConfigError(f"{source}: {err}") from None
 
     def _check_model(self, model: ModelConfig) -> None:
+        from mindport.parallel.sharding import vocab_block
+
         tp = self.model_parallel
-        for key in ("num_heads", "num_kv_heads", "vocab_size"):
+        for key in ("num_heads", "num_kv_heads"):
             _divides(key, getattr(model, key), "model_parallel", tp)
+        rows = vocab_block(model.vocab_size, tp, model.vocab_pad_multiple)  # the vocabulary is padded, not divided
+        if model.vocab_size <= (tp - 1) * rows:
+            _fail("vocab_size", model.vocab_size, f"more than {(tp - 1) * rows} (padded to {tp} x {rows} rows with "
+                  f"vocab_pad_multiple = {model.vocab_pad_multiple}, every model_parallel rank needs real rows)")
         if model.is_moe:
             _divides("moe_intermediate_size", model.moe_intermediate_size, "model_parallel", tp)
             _divides("shared_expert_intermediate_size", model.shared_expert_intermediate_size, "model_parallel", tp)

@@ -9,7 +9,7 @@ from mindport import dispatch
 from mindport.config import ModelConfig
 from mindport.parallel import state
 from mindport.parallel.comm import collectives
-from mindport.parallel.layers import VocabParallelEmbedding, VocabParallelHead
+from mindport.parallel.layers import VocabParallelEmbedding, VocabParallelHead, vocab_rows
 from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.state import ParallelGroups
 from mindport.transformer.block import DecoderLayer
@@ -64,13 +64,13 @@ class CausalLM(nn.Cell):
         self.is_first, self.is_last = stage == 0, stage == stages - 1
         offset = groups.config.offset if pipeline_offset is None else pipeline_offset
         self.layer_ids = list(stage_layers(config.num_layers, stages, offset)[stage])
-        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config, groups) if self.is_first else None
+        self.embed = VocabParallelEmbedding(config, groups) if self.is_first else None
         self.layers = nn.CellDict({str(i): DecoderLayer(config, groups) for i in self.layer_ids})
         self.data_comms = [collectives(g) for g in (groups.dp, groups.cp) if g.size > 1]
         if self.is_last:
             self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
-            self.lm_head = VocabParallelHead(config.hidden_size, config.vocab_size, config, groups)
-            self.loss_fn = CausalLMLoss(groups, config.vocab_size // groups.tp.size)
+            self.lm_head = VocabParallelHead(config, groups)
+            self.loss_fn = CausalLMLoss(groups, vocab_rows(config, groups)[2])
 
     def on_other_stage(self, name: str) -> bool:
         """True if parameter ``name`` of the full model lives on another pipeline stage."""
@@ -92,14 +92,14 @@ class CausalLM(nn.Cell):
 
         from mindport.parallel.sharding import global_shape, shard_slices
 
-        tp, ep = self.groups.tp, self.groups.ep
+        tp, ep, config = self.groups.tp, self.groups.ep, self.config
         for name, param in self.parameters_and_names():
             if len(param.shape) < 2:
                 continue
-            shape = global_shape(name, tuple(param.shape), tp.size, ep.size)
+            shape = global_shape(name, tuple(param.shape), tp.size, ep.size, config.vocab_size)
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-            full = rng.standard_normal(shape, dtype=np.float32) * np.float32(self.config.initializer_range)
-            piece = full[shard_slices(name, shape, tp.rank, tp.size, ep.rank, ep.size)]
+            full = rng.standard_normal(shape, dtype=np.float32) * np.float32(config.initializer_range)
+            piece = full[shard_slices(name, shape, tp.rank, tp.size, ep.rank, ep.size, config.vocab_pad_multiple)]
             param.set_data(Tensor(np.ascontiguousarray(piece)).astype(param.dtype))
 
     # ------------------------------------------------------------------ host side

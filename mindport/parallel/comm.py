@@ -131,6 +131,18 @@ class CopyToGroup(_Mapping):
         return (self.comm.all_reduce(dout),)
 
 
+class ShareGradient(_Mapping):
+    """Forward identity, backward ``dout / group size``: a term computed identically on every
+    rank of the group whose gradient is summed over the group later (the MoE router loss under
+    tensor parallelism), so that the sum counts it once."""
+
+    def construct(self, x):
+        return x
+
+    def bprop(self, x, out, dout):
+        return (dout / self.comm.group.size,)
+
+
 class ReduceFromGroup(_Mapping):
     """Forward all-reduce, backward identity (leave a tensor-parallel region)."""
 

@@ -8,8 +8,10 @@
   gradients are summed over the cp group the same way.
 - Expert parallel: an expert's weights live on the ranks of one expert-data-parallel group
   (``ep_dp``: same expert shard), so stacked expert weights are summed over ep_dp instead of dp.
-- Sequence parallel: replicated parameters applied to sequence shards (``sp_partial`` in
-  the slicing table) are summed over the tp group.
+- Tensor parallel: replicated parameters whose gradient is partial on each tp rank
+  (``partial_over_tp`` in the slicing table: norms and row-parallel biases under sequence
+  parallelism, the MoE router and shared-expert gate always) are summed over the tp group,
+  before the data-parallel sum, so every tp rank holds the same gradient.
 """
 from __future__ import annotations
 
@@ -37,14 +39,15 @@ def buckets_by_size(sizes: list[int], limit: int) -> list[list[int]]:
 
 
 class GradientSync(nn.Cell):
-    """``grads -> grads`` summed over data- and context-parallel ranks (and over tp for
-    sequence-parallel partial gradients)."""
+    """``grads -> grads`` summed over data- and context-parallel ranks (and over tp for the
+    replicated parameters the slicing table marks ``partial_over_tp``)."""
 
     def __init__(self, params, groups: ParallelGroups, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         super().__init__()
         self.tp = collectives(groups.tp)
         names = [p.name for p in params]
-        self.tp_partial = [i for i, n in enumerate(names) if groups.sequence_parallel and rule_for(n).sp_partial]
+        self.tp_partial = [i for i, n in enumerate(names)
+                           if groups.tp.size > 1 and rule_for(n).grad_partial_over_tp(groups.sequence_parallel)]
         self.shapes = [tuple(p.shape) for p in params]
         expert = [groups.ep.size > 1 and rule_for(n).kind == "expert" for n in names]
         # (collectives, buckets of parameter indices) per replica group
@@ -86,7 +89,8 @@ class GradNorm(nn.Cell):
     parameter's synchronised gradient. The pieces are summed over every group that splits a
     parameter and nothing else: first over its ZeRO shard group (``shard_groups``, when the
     optimizer holds gradient slices), then expert weights over ep, tensor-parallel weights over
-    tp (replicated ones count once), and the total over the pipeline stages. Data- and
+    tp (replicated ones count once: their gradients are complete and equal on every tp rank after
+    :class:`GradientSync`), and the total over the pipeline stages. Data- and
     context-parallel replicas hold the same gradients and are not summed.
     """
 

@@ -18,6 +18,7 @@ from mindspore.common.initializer import Normal, Zero, initializer
 from mindport.config import ModelConfig
 from mindport.parallel.comm import (CopyToGroup, GatherFromGroup, GatherToAll, ReduceFromGroup,
                                     ReduceScatterToGroup, collectives)
+from mindport.parallel.sharding import vocab_block
 from mindport.parallel.state import ParallelGroups
 
 SEQ_AXIS = 1  # hidden states are (B, S, H)
@@ -77,18 +78,24 @@ class RowParallelLinear(Linear):
         return self.add_bias(self.exit(self.project(x)))
 
 
-class VocabParallelEmbedding(nn.Cell):
-    """Rows [r*V/tp, (r+1)*V/tp) of the table on rank r; other ids look up zeros, then reduce."""
+def vocab_rows(config: ModelConfig, groups: ParallelGroups) -> tuple[int, int, int]:
+    """(first id, real rows, padded rows Vp/tp) of this rank's vocabulary block (sharding.py)."""
+    block = vocab_block(config.vocab_size, groups.tp.size, config.vocab_pad_multiple)
+    start = groups.tp.rank * block
+    return start, min(block, config.vocab_size - start), block
 
-    def __init__(self, vocab_size: int, hidden_size: int, config: ModelConfig, groups: ParallelGroups):
+
+class VocabParallelEmbedding(nn.Cell):
+    """Rows [r*Vp/tp, (r+1)*Vp/tp) of the (padded) table on rank r, real rows only; other ids look
+    up zeros, then reduce."""
+
+    def __init__(self, config: ModelConfig, groups: ParallelGroups):
         super().__init__()
-        tp = groups.tp
-        self.local_vocab = vocab_size // tp.size
-        self.start = tp.rank * self.local_vocab
+        self.start, self.local_vocab, _ = vocab_rows(config, groups)
         param_dtype, self.compute_dtype = _dtypes(config)
-        self.weight = Parameter(initializer(Normal(config.initializer_range), (self.local_vocab, hidden_size),
+        self.weight = Parameter(initializer(Normal(config.initializer_range), (self.local_vocab, config.hidden_size),
                                             param_dtype))
-        self.split = tp.size > 1
+        self.split = groups.tp.size > 1
         self.exit = region_exit(groups)
 
     def construct(self, input_ids: Tensor) -> Tensor:
@@ -102,19 +109,26 @@ class VocabParallelEmbedding(nn.Cell):
 
 
 class VocabParallelHead(Linear):
-    """LM head (V/tp rows per rank): enters the region, returns vocab-local logits (B, S, V/tp)."""
+    """LM head (this rank's real vocabulary rows): enters the region, returns vocab-local logits
+    (B, S, Vp/tp), the padding columns -inf, so softmax and loss give them probability 0."""
 
-    def __init__(self, hidden_size: int, vocab_size: int, config: ModelConfig, groups: ParallelGroups):
-        super().__init__(hidden_size, vocab_size // groups.tp.size, False, config)
+    def __init__(self, config: ModelConfig, groups: ParallelGroups):
+        _, rows, block = vocab_rows(config, groups)
+        super().__init__(config.hidden_size, rows, False, config)
+        self.pad, self.vocab_size = block - rows, config.vocab_size
         self.entry = region_entry(groups)
         self.gather_vocab = GatherToAll(groups.tp, -1)
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.project(self.entry(x))
+        logits = self.project(self.entry(x))
+        if self.pad:
+            logits = ops.cat([logits, ops.full(logits.shape[:-1] + (self.pad,), float("-inf"), dtype=logits.dtype)], -1)
+        return logits
 
     def full_logits(self, local_logits: Tensor) -> Tensor:
-        """All V logits on every rank (inference)."""
-        return self.gather_vocab(local_logits)
+        """The V real logits on every rank (inference): the padding columns never leave the model."""
+        logits = self.gather_vocab(local_logits)
+        return logits[..., :self.vocab_size] if logits.shape[-1] > self.vocab_size else logits
 
 
 def log_shifted_sum(sum_exp: Tensor) -> Tensor:

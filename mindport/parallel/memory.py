@@ -56,7 +56,7 @@ from __future__ import annotations
 from mindport.ckpt_tools.shapes import parameter_shapes
 from mindport.config import ConfigError, ModelConfig, ParallelConfig
 from mindport.parallel.pipeline import stage_layers
-from mindport.parallel.sharding import local_shape, rule_for, stages_of_param
+from mindport.parallel.sharding import local_shape, rule_for, stages_of_param, vocab_block
 from mindport.parallel.state import coordinates
 from mindport.parallel.zero import shard_length
 
@@ -77,11 +77,12 @@ def is_norm_weight(name: str) -> bool:
 def local_parameters(config: ModelConfig, parallel: ParallelConfig, rank: int = 0,
                      pipeline_offset=None) -> dict[str, tuple[int, ...]]:
     """name -> local shape of every parameter rank ``rank`` holds (its stage, its tp/ep shard)."""
-    stage = coordinates(parallel, rank)["pp"]
+    coords = coordinates(parallel, rank)
     out = {}
     for name, shape in parameter_shapes(config).items():
-        if stage in stages_of_param(name, config.num_layers, parallel.pipeline_stage, pipeline_offset):
-            out[name] = local_shape(name, shape, parallel.model_parallel, parallel.expert_parallel)
+        if coords["pp"] in stages_of_param(name, config.num_layers, parallel.pipeline_stage, pipeline_offset):
+            out[name] = local_shape(name, shape, parallel.model_parallel, parallel.expert_parallel,
+                                    config.vocab_pad_multiple, coords["tp"])
     return out
 
 
@@ -178,7 +179,7 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
     layer_input = b * s * h * a // p
     head = 0
     if stage == stages - 1:
-        head = layer_input + b * s * h * a + b * s * (config.vocab_size // t) * (12 + (a if a != 4 else 0))
+        head = layer_input + b * s * h * a + b * s * vocab_block(config.vocab_size, t, config.vocab_pad_multiple) * (12 + (a if a != 4 else 0))
     recomputed = len(layers) if recompute is True else min(int(recompute or 0), len(layers))
     one_micro_batch = (len(layers) - recomputed) * layer + recomputed * layer_input + head
     if recomputed:

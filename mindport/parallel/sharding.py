@@ -11,9 +11,26 @@ weights split the input axis 1, vocab-parallel tables split the vocabulary, stac
 weights (E, ...) split experts over ep and their ffn axis over tp. Biases of row-parallel
 layers are replicated (added once, after the reduction).
 
-``sp_partial`` marks replicated parameters applied to sequence shards under sequence
-parallelism (norms, row-parallel biases): each tp rank then holds a partial gradient that
-must be summed over the tp group.
+Vocabulary padding (Megatron's make-vocab-size-divisible-by): a vocabulary V that does not
+split evenly (XVERSE's 100534) is padded to Vp, a multiple of ``vocab_pad_multiple`` x tp, and
+rank r owns rows [r Vp/tp, (r+1) Vp/tp) of the padded table (:func:`vocab_block`). The padding
+rows are never stored: a rank holds only its real rows (the last rank fewer), so per-rank
+files, merges and exports carry exactly the V real rows, and the head pads its local logits to
+Vp/tp columns with -inf (:class:`mindport.parallel.layers.VocabParallelHead`).
+
+``partial_over_tp`` marks replicated parameters whose gradient is partial on each tp rank and
+must be summed over the tp group (:class:`mindport.parallel.grad_sync.GradientSync`):
+
+- ``"sequence_parallel"``: applied to sequence shards under sequence parallelism (norms,
+  row-parallel biases added after the reduce-scatter); complete on every rank without it.
+- ``"always"``: applied to every token but multiplied into tp-partial outputs before their
+  reduction: the MoE router (its routing weights scale the experts' ffn-split outputs in the
+  combine) and Qwen's shared-expert gate (it scales the shared expert's split output). A
+  replicated term such as the router loss enters their gradient once per tp rank, so it
+  back-propagates 1/tp of itself on each (:class:`mindport.parallel.comm.ShareGradient`).
+
+After the sum every tp rank holds the same gradient, so replicas stay bit-identical and the
+global gradient norm counts them once.
 """
 from __future__ import annotations
 
@@ -29,25 +46,34 @@ class Rule:
     kind: str  # "column" | "row" | "vocab" | "expert" | "replicated"
     tp_axis: int | None = None
     ep_axis: int | None = None
-    sp_partial: bool = False
+    partial_over_tp: str = "never"  # "never" | "sequence_parallel" | "always" (module docstring)
+
+    def __post_init__(self) -> None:
+        assert self.partial_over_tp in ("never", "sequence_parallel", "always"), self.partial_over_tp
+        assert self.partial_over_tp == "never" or self.kind == "replicated", self.pattern
+
+    def grad_partial_over_tp(self, sequence_parallel: bool) -> bool:
+        """True if this parameter's gradient must be summed over the tp group."""
+        return self.partial_over_tp == "always" or (sequence_parallel and self.partial_over_tp == "sequence_parallel")
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None
 
 
 _LAYER = r"layers\.\d+\."
+_SP = "sequence_parallel"
 RULES = (
     Rule(r"embed\.weight", "vocab", tp_axis=0),
     Rule(r"lm_head\.weight", "vocab", tp_axis=0),
-    Rule(r"final_norm\.weight", "replicated", sp_partial=True),
-    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated", sp_partial=True),
+    Rule(r"final_norm\.weight", "replicated", partial_over_tp=_SP),
+    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated", partial_over_tp=_SP),
     Rule(_LAYER + r"attn\.(q_proj|k_proj|v_proj|kv_proj)\.(weight|bias)", "column", tp_axis=0),
     Rule(_LAYER + r"attn\.o_proj\.weight", "row", tp_axis=1),
-    Rule(_LAYER + r"attn\.o_proj\.bias", "replicated", sp_partial=True),
+    Rule(_LAYER + r"attn\.o_proj\.bias", "replicated", partial_over_tp=_SP),
     Rule(_LAYER + r"mlp\.(shared\.)?(gate_proj|up_proj)\.(weight|bias)", "column", tp_axis=0),
     Rule(_LAYER + r"mlp\.(shared\.)?down_proj\.weight", "row", tp_axis=1),
-    Rule(_LAYER + r"mlp\.down_proj\.bias", "replicated", sp_partial=True),
-    Rule(_LAYER + r"mlp\.(router|shared_gate)\.weight", "replicated"),
+    Rule(_LAYER + r"mlp\.down_proj\.bias", "replicated", partial_over_tp=_SP),
+    Rule(_LAYER + r"mlp\.(router|shared_gate)\.weight", "replicated", partial_over_tp="always"),
     Rule(_LAYER + r"mlp\.experts\.(gate_proj|up_proj)", "expert", tp_axis=1, ep_axis=0),
     Rule(_LAYER + r"mlp\.experts\.down_proj", "expert", tp_axis=2, ep_axis=0),
 )
@@ -64,6 +90,15 @@ def rule_for(name: str) -> Rule:
     return found[0]
 
 
+def vocab_block(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
+    """Rows of the padded vocabulary per tp rank: V padded to a multiple of ``multiple`` x tp,
+    split evenly (V itself without tensor parallelism: padding exists only for the split)."""
+    if tp_size == 1:
+        return vocab_size
+    step = multiple * tp_size
+    return -(-vocab_size // step) * step // tp_size
+
+
 def _block(size: int, parts: int, rank: int, name: str, axis: int) -> slice:
     if size % parts:
         raise ShardingError(f"parameter '{name}': axis {axis} of size {size} does not split into {parts}")
@@ -72,27 +107,36 @@ def _block(size: int, parts: int, rank: int, name: str, axis: int) -> slice:
 
 
 def shard_slices(name: str, shape: tuple[int, ...], tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0,
-                 ep_size: int = 1) -> tuple[slice, ...]:
-    """The index (one slice per axis) of this rank's piece of parameter ``name``."""
+                 ep_size: int = 1, vocab_multiple: int = 1) -> tuple[slice, ...]:
+    """The index (one slice per axis) of this rank's piece of parameter ``name`` (of global
+    ``shape``); a vocabulary table's last pieces are short when the vocabulary is padded."""
     rule = rule_for(name)
     index = [slice(None)] * len(shape)
-    if rule.tp_axis is not None and tp_size > 1:
+    if rule.kind == "vocab" and tp_size > 1:
+        rows = vocab_block(shape[0], tp_size, vocab_multiple)
+        index[0] = slice(min(tp_rank * rows, shape[0]), min((tp_rank + 1) * rows, shape[0]))
+    elif rule.tp_axis is not None and tp_size > 1:
         index[rule.tp_axis] = _block(shape[rule.tp_axis], tp_size, tp_rank, name, rule.tp_axis)
     if rule.ep_axis is not None and ep_size > 1:
         index[rule.ep_axis] = _block(shape[rule.ep_axis], ep_size, ep_rank, name, rule.ep_axis)
     return tuple(index)
 
 
-def local_shape(name: str, shape: tuple[int, ...], tp_size: int = 1, ep_size: int = 1) -> tuple[int, ...]:
-    index = shard_slices(name, shape, 0, tp_size, 0, ep_size)
+def local_shape(name: str, shape: tuple[int, ...], tp_size: int = 1, ep_size: int = 1, vocab_multiple: int = 1,
+                tp_rank: int = 0) -> tuple[int, ...]:
+    index = shard_slices(name, shape, tp_rank, tp_size, 0, ep_size, vocab_multiple)
     return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
 
 
-def global_shape(name: str, local: tuple[int, ...], tp_size: int = 1, ep_size: int = 1) -> tuple[int, ...]:
-    """The unsplit shape of a parameter whose local shard is ``local``."""
+def global_shape(name: str, local: tuple[int, ...], tp_size: int = 1, ep_size: int = 1,
+                 vocab_size: int | None = None) -> tuple[int, ...]:
+    """The unsplit shape of a parameter whose local shard is ``local`` (a vocabulary table's
+    first axis is ``vocab_size``: its local pieces need not be equal)."""
     rule = rule_for(name)
     shape = list(local)
-    if rule.tp_axis is not None:
+    if rule.kind == "vocab" and vocab_size is not None and tp_size > 1:
+        shape[0] = vocab_size
+    elif rule.tp_axis is not None:
         shape[rule.tp_axis] *= tp_size
     if rule.ep_axis is not None:
         shape[rule.ep_axis] *= ep_size

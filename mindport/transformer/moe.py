@@ -14,7 +14,11 @@ With ``capacity_factor`` > 0 each expert keeps at most ceil(capacity_factor * N 
 (in token order); overflowing slots are dropped and counted.
 
 Tensor parallelism splits every expert's ffn width (I/tp per rank) and the shared
-expert's; routing is replicated; the partial outputs are reduced once on leaving.
+expert's; routing is replicated; the partial outputs are reduced once on leaving. The
+router's (and the shared gate's) gradient is then partial on each tp rank (it comes through
+the combine of partial outputs) and is summed over tp with the other partial gradients
+(``partial_over_tp`` in :mod:`mindport.parallel.sharding`); the router statistics, the same
+on every tp rank, back-propagate 1/tp of themselves on each so that sum counts them once.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from mindspore.common.initializer import Normal, initializer
 from mindport import dispatch
 from mindport.config import ModelConfig
 from mindport.ops import moe_routing  # noqa: F401  (registers the routing backends)
-from mindport.parallel.comm import AllToAll, GatherFromGroup, ReduceScatterToGroup, collectives
+from mindport.parallel.comm import AllToAll, GatherFromGroup, ReduceScatterToGroup, ShareGradient, collectives
 from mindport.parallel.layers import Linear, log_shifted_sum, region_entry, region_exit
 from mindport.parallel.state import ParallelGroups
 from mindport.transformer.layers import dtype_of
@@ -113,6 +117,7 @@ class MoE(nn.Cell):
         self.capacity_factor = config.capacity_factor
         self.entry, self.exit = region_entry(groups), region_exit(groups)
         self.router = Linear(h, config.num_experts, False, config)
+        self.tp_share = ShareGradient(groups.tp)  # router statistics: replicated over tp (module docstring)
         self.ep, self.ep_rank = groups.ep.size, groups.ep.rank
         self.local_experts = config.num_experts // self.ep
         self.experts = Experts(config, groups)
@@ -227,6 +232,7 @@ class MoE(nn.Cell):
                 shared = ops.sigmoid(self.shared_gate(tokens)) * shared
             out = out + shared.astype(out.dtype)
         out = self.exit(out.reshape(b, s, h))
-        f, p = RouterStats.load_balancing(logits, experts, self.num_experts)
+        stats_logits = self.tp_share(logits)
+        f, p = RouterStats.load_balancing(stats_logits, experts, self.num_experts)
         dropped = b * s * self.top_k - kept
-        return out, (f, p, RouterStats.z_loss(logits), dropped)
+        return out, (f, p, RouterStats.z_loss(stats_logits), dropped)

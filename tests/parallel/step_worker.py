@@ -1,11 +1,13 @@
 """One training step under a parallel layout, launched by msrun; dumps what tests compare.
 
-usage: step_worker.py HF_DIR OUT_DIR '{"data_parallel": 2, "model_parallel": 2, ...}'
+usage: step_worker.py MODEL_DIRS OUT_DIR '{"data_parallel": 2, "model_parallel": 2, ...}'
 
-Every rank loads its slices of HF_DIR, takes its data-parallel share of a fixed batch,
-computes loss and gradients, synchronises them, applies one AdamW step and writes
-OUT_DIR/rank{r}.npz: loss (global), grad:/param: entries for its local parameters, and
-its coordinates. With no layout argument it runs single-process (the reference).
+MODEL_DIRS is one model directory, or several joined by ',' (one msrun launch for several
+models; the k-th writes to OUT_DIR/k/). For each, every rank loads its slices, takes its
+data-parallel share of a fixed batch, computes loss and gradients, synchronises them, applies
+one AdamW step and writes rank{r}.npz: loss (global), the global gradient norm (GradNorm),
+logits (all V columns, without pipeline stages), grad:/param: entries for its local parameters,
+and its coordinates (coord:dp/pp/cp/tp/ep). With no layout it runs single-process (the reference).
 """
 import json
 import os
@@ -13,11 +15,11 @@ import sys
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from mindport import AutoModelForCausalLM, ParallelConfig
 from mindport.parallel.comm import ReduceFromGroup
-from mindport.parallel.grad_sync import GradientSync
+from mindport.parallel.grad_sync import GradientSync, GradNorm, sum_of_squares
 from mindport.parallel.schedules import PipelineSchedule
 from mindport.parallel.state import init_parallel
 
@@ -29,11 +31,9 @@ def fixed_batch(vocab: int) -> np.ndarray:
     return ids
 
 
-def main(hf_dir: str, out_dir: str, layout: dict) -> None:
+def step(model_dir: str, out_dir: str, parallel: ParallelConfig, groups) -> None:
     ms.set_seed(0)
-    parallel = ParallelConfig.from_dict(layout)
-    groups = init_parallel(parallel)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     labels = fixed_batch(model.config.vocab_size)
     labels[0, 3:6] = -100  # ignored tokens on one data-parallel rank only
     dp, dp_i = groups.dp.size, groups.dp.rank
@@ -45,6 +45,8 @@ def main(hf_dir: str, out_dir: str, layout: dict) -> None:
     # eps 1e-4: with a tiny eps, Adam's first step is ~lr*sign(g) and amplifies fp32 rounding
     # of near-zero gradients; this keeps the post-step comparison about the parallel layout.
     optimizer = nn.AdamWeightDecay(params, learning_rate=1e-2, weight_decay=0.1, eps=1e-4)
+    dump = {f"coord:{k}": np.array(v) for k, v in groups.coords.items()}
+    dump["coord:ep"] = np.array(groups.ep.rank)
 
     def loss_fn(*inputs):
         logits, router_loss, _ = model.forward(*inputs)
@@ -53,10 +55,12 @@ def main(hf_dir: str, out_dir: str, layout: dict) -> None:
     if groups.pp.size > 1:
         loss, grads = PipelineSchedule(model, groups, parallel.micro_batch_num).run(ids, labels[rows])
     else:
+        dump["logits"] = model.full_logits(model.forward(*inputs[:4])[0]).asnumpy()
         loss, grads = ms.value_and_grad(loss_fn, None, optimizer.parameters)(*inputs[:4])
     grads = GradientSync(params, groups)(grads)
+    norm = GradNorm([p.name for p in params], groups)(ops.stack([sum_of_squares(g) for g in grads]))
+    dump["grad_norm"] = norm.asnumpy()
     optimizer(grads)
-    dump = {f"coord:{k}": np.array(v) for k, v in groups.coords.items()}
     if loss is not None:
         dump["loss"] = ReduceFromGroup(groups.dp)(loss).asnumpy()
     for p, g in zip(params, grads):
@@ -66,5 +70,12 @@ def main(hf_dir: str, out_dir: str, layout: dict) -> None:
     np.savez(os.path.join(out_dir, f"rank{groups.global_rank}.npz"), **dump)
 
 
+def main(model_dirs: list[str], out_dir: str, layout: dict) -> None:
+    parallel = ParallelConfig.from_dict(layout)
+    groups = init_parallel(parallel)
+    for k, model_dir in enumerate(model_dirs):
+        step(model_dir, out_dir if len(model_dirs) == 1 else os.path.join(out_dir, str(k)), parallel, groups)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
+    main(sys.argv[1].split(","), sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})

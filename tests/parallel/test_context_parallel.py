@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from testkit.hf_models import llama_tiny, save_hf_dir, telechat_from_llama
-from testkit.launch import msrun
+from testkit.launch import assert_close, assert_replicas_identical, msrun, rank_dumps
 from mindport import ConfigError
 from mindport.parallel.context import (check_sequence_length, context_parallel_batch, zigzag_merge,
                                        zigzag_positions, zigzag_split)
@@ -77,13 +77,6 @@ def reference(tmp_path_factory):
     return hf_dir, dict(np.load(os.path.join(out, "rank0.npz")))
 
 
-def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
-    scale = max(float(np.abs(ref).max()), 1e-12)
-    err = float(np.abs(ours - ref).max())
-    assert err <= rel * scale, f"{what}: max abs diff {err:.3e} vs scale {scale:.3e}"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_context_parallel_equals_single_process(reference, tmp_path, name):
@@ -117,6 +110,7 @@ def test_context_parallel_equals_single_process(reference, tmp_path, name):
                         want = ref[single + f"direct:reference:{part}"][:, :, pos]
                         assert_close(dump[key + f"direct:{backend}:{part}"], want,
                                      f"{where} attention core ({backend}) {part}")
+    assert_replicas_identical(rank_dumps(out, cp * tp), kinds=("grad:",))  # synchronised: the next step agrees
 
 
 @pytest.mark.slow

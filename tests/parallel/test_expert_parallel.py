@@ -1,6 +1,12 @@
-"""EP2 (experts split over 2 data-parallel ranks) with each token dispatcher, tiny Mixtral and
-XVERSE-MoE (with and without capacity drops): loss, gradients and post-step parameters equal the
-single-process run on the whole batch."""
+"""MoE under expert and tensor parallelism on real msrun processes (CPU), against the
+single-process run on the whole batch: loss, global gradient norm, logits, every gradient and
+every parameter after one AdamW step, and replicated parameters bit-identical on every rank.
+
+- EP2 with each token dispatcher, tiny Mixtral and XVERSE-MoE (with capacity drops).
+- TP2, TP2+SP and TP2 x EP2 (4 ranks), tiny Mixtral, Qwen2-MoE (shared expert + sigmoid gate)
+  and XVERSE-MoE (shared experts, capacity drops), all with a router loss: the router's and the
+  shared gate's gradients are partial on each tp rank and must be summed over tp.
+"""
 import json
 import os
 import subprocess
@@ -9,12 +15,18 @@ import sys
 import numpy as np
 import pytest
 
-from mindport import AutoModelForCausalLM
-from mindport.parallel.sharding import shard_slices
+from mindport import AutoModelForCausalLM, ParallelConfig
 from testkit.hf_models import hf_moe
-from testkit.launch import assert_close, msrun
+from testkit.launch import assert_layout_equals_single_process, msrun, rank_dumps
 
 WORKER = os.path.join(os.path.dirname(__file__), "step_worker.py")
+FAMILIES = ("mixtral", "qwen2_moe", "xverse")
+TP_LAYOUTS = {
+    "tp2": dict(model_parallel=2),
+    "tp2_sp": dict(model_parallel=2, use_seq_parallel=True),
+    "tp2_ep2": dict(data_parallel=2, model_parallel=2, expert_parallel=2),
+}
+
 
 def xverse_moe_dir(directory: str, capacity_factor: float) -> str:
     """A mindport-format XVERSE-MoE directory (capacity is a mindport setting, not an HF field)."""
@@ -32,31 +44,39 @@ def xverse_moe_dir(directory: str, capacity_factor: float) -> str:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    """family -> (model directory, single-process dump); one single-process run for all three."""
     mixtral = hf_moe("mixtral", tmp_path_factory.mktemp("mixtral"))[1]
+    qwen = hf_moe("qwen2_moe", tmp_path_factory.mktemp("qwen"))[1]
     xverse = xverse_moe_dir(str(tmp_path_factory.mktemp("x") / "xverse"), capacity_factor=1.0)
     model = AutoModelForCausalLM.from_pretrained(xverse)
     ids = np.random.default_rng(1234).integers(0, 256, (4, 16))  # the worker's batch
     assert float(model.forward(*model.prepare(ids))[2].asnumpy()) > 0  # the capacity case really drops slots
-    refs = {}
-    for name, directory in (("mixtral", mixtral), ("xverse", xverse)):
-        out = str(tmp_path_factory.mktemp(f"{name}_single"))
-        subprocess.run([sys.executable, WORKER, directory, out], check=True, capture_output=True)
-        refs[name] = (directory, dict(np.load(os.path.join(out, "rank0.npz"))))
-    return refs
+    assert AutoModelForCausalLM.from_pretrained(qwen).config.shared_expert_gate
+    dirs = (mixtral, qwen, xverse)
+    out = str(tmp_path_factory.mktemp("single"))
+    subprocess.run([sys.executable, WORKER, ",".join(dirs), out], check=True, capture_output=True)
+    return {name: (d, dict(np.load(os.path.join(out, str(k), "rank0.npz"))))
+            for k, (name, d) in enumerate(zip(FAMILIES, dirs))}
+
+
+def run_layout(models: dict, families: tuple, layout: dict, tmp_path) -> None:
+    """One msrun launch for every family in ``families``, each compared with its single process."""
+    world = ParallelConfig.from_dict(layout).world_size
+    out = str(tmp_path / "out")
+    msrun(WORKER, [",".join(models[f][0] for f in families), out, json.dumps(layout)], world, str(tmp_path / "log"))
+    for k, family in enumerate(families):
+        dumps = rank_dumps(os.path.join(out, str(k)) if len(families) > 1 else out, world)
+        assert_layout_equals_single_process(dumps, models[family][1], layout)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "xverse"])
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-def test_ep2_equals_single_process(models, tmp_path, family, dispatcher):
-    directory, ref = models[family]
-    layout = dict(data_parallel=2, expert_parallel=2, moe_token_dispatcher=dispatcher)
-    out = str(tmp_path / "out")
-    msrun(WORKER, [directory, out, json.dumps(layout)], 2, str(tmp_path / "log"))
-    for rank in range(2):
-        dump = dict(np.load(os.path.join(out, f"rank{rank}.npz")))
-        assert_close(dump["loss"], ref["loss"], f"rank {rank} loss")
-        for key in (k for k in dump if k.startswith(("grad:", "param:"))):
-            name = key.split(":", 1)[1]
-            index = shard_slices(name, ref[key].shape, ep_rank=rank, ep_size=2)
-            assert_close(dump[key], ref[key][index], f"rank {rank} {key}")
+def test_ep2_equals_single_process(models, tmp_path, dispatcher):
+    run_layout(models, ("mixtral", "xverse"), dict(data_parallel=2, expert_parallel=2,
+                                                   moe_token_dispatcher=dispatcher), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TP_LAYOUTS)
+def test_tensor_parallel_moe_equals_single_process(models, tmp_path, name):
+    run_layout(models, FAMILIES, TP_LAYOUTS[name], tmp_path)

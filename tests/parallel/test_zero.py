@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mindspore import Parameter, Tensor, nn
 
-from testkit.launch import assert_close, msrun, single_process_dump
+from testkit.launch import assert_close, assert_replicas_identical, msrun, rank_dumps, single_process_dump
 from mindport import ParallelConfig
 from mindport.parallel.sharding import shard_slices
 from mindport.parallel.state import single_process
@@ -159,7 +159,7 @@ def test_sharded_optimizer_equals_single_process(reference, tmp_path, name):
     dp, tp = layout.get("data_parallel", 1), layout.get("model_parallel", 1)
     out = str(tmp_path / "out")
     msrun(WORKER, [hf_dir, out, json.dumps(layout), ",".join(modes)], world, str(tmp_path / "log"))
-    dumps = [dict(np.load(os.path.join(out, f"rank{r}.npz"))) for r in range(world)]
+    dumps = rank_dumps(out, world)
     names = [k.split(":", 1)[1] for k in ref if k.startswith("s0/grad:")]
     by_tp = {}  # tp rank -> dumps in dp order
     for d in dumps:
@@ -196,3 +196,4 @@ def test_sharded_optimizer_equals_single_process(reference, tmp_path, name):
                 assert_close(d[f"{mode}/s{k}/loss"], ref[f"s{k}/loss"], f"{mode} step {k} loss")
     seen = {k.split(":", 1)[1] for d in dumps for k in d if k.startswith(f"{modes[0]}/s0/param:")}
     assert seen == set(names)
+    assert_replicas_identical(dumps, kinds=("param:", "/m:", "/v:"))

@@ -2,7 +2,8 @@
 
 Every layout trains the same model (weights drawn per parameter name from the seed, then
 sliced) on the same global batches as one process, so per-step losses and gradient norms
-agree, and the per-rank checkpoint merges back into the single-process weights.
+agree, the ranks' copies of replicated weights stay bit-identical, and the per-rank checkpoint
+merges back into the single-process weights.
 """
 import json
 import os
@@ -14,15 +15,16 @@ import numpy as np
 import pytest
 import yaml
 
-from testkit.train import SEQ, tiny_model_config
+from testkit.train import SEQ, VOCAB
 from testkit import launch
 
 
 STEPS = 3
 GLOBAL_BATCH = 4
-DENSE, MOE = "telechat2-tiny-gqa", "mixtral-tiny"
+# models: (preset, vocab_size); the odd vocabulary (> the tokenizer's 512) does not divide by model_parallel
+DENSE, MOE, MOE_ODD_VOCAB = ("telechat2-tiny-gqa", VOCAB), ("mixtral-tiny", VOCAB), ("mixtral-tiny", VOCAB + 3)
 O2_ACC2 = (("amp_level", "O2"), ("loss_scale", 1024.0), ("gradient_accumulation_steps", 2))
-# name -> (model preset, parallel_config, batch_size per data-parallel rank and micro-batch, runner_config extras)
+# name -> (model, parallel_config, batch_size per data-parallel rank and micro-batch, runner_config extras)
 LAYOUTS = {
     "tp2_sp": (DENSE, {"model_parallel": 2, "use_seq_parallel": True}, 4, ()),
     "pp2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2, ()),
@@ -30,6 +32,8 @@ LAYOUTS = {
     "cp2": (DENSE, {"context_parallel": 2}, 4, ()),
     "dp2_zero": (DENSE, {"data_parallel": 2, "optimizer_shard": True}, 2, ()),
     "dp2_ep2_moe_zero": (MOE, {"data_parallel": 2, "expert_parallel": 2, "optimizer_shard": True}, 2, ()),
+    # the router's gradient is partial on each tp rank; the vocabulary is padded for the split
+    "tp2_moe_odd_vocab": (MOE_ODD_VOCAB, {"model_parallel": 2}, 4, ()),
 }
 # fp32 layouts agree to rounding; under O2 (fp16 weights and activations) a different split of the
 # same sums rounds differently in fp16
@@ -37,10 +41,11 @@ RTOL = {(): 1e-5, O2_ACC2: 2e-3}  # of the per-step loss and grad norm
 LR = 3e-3
 
 
-def write_yaml(path, data_dir, output_dir, batch, parallel=None, preset=DENSE, **runner):
+def write_yaml(path, data_dir, output_dir, batch, parallel=None, model=DENSE, **runner):
     from mindport import AutoConfig
 
-    config = AutoConfig.from_preset(preset, vocab_size=tiny_model_config().vocab_size)
+    preset, vocab_size = model
+    config = AutoConfig.from_preset(preset, vocab_size=vocab_size)
     model = {k: v for k, v in config.to_dict().items() if v is not None}
     doc = {"seed": 0, "output_dir": str(output_dir), "model": {"model_config": model},
            "parallel_config": parallel or {},
@@ -79,20 +84,20 @@ def msrun_mindport(args, workers, log_dir):
 
 @pytest.fixture(scope="module")
 def references(data_dir, tmp_path_factory):
-    """preset -> (metrics, checkpoint) of the single-process run every layout must reproduce."""
+    """model -> (metrics, checkpoint) of the single-process run every layout must reproduce."""
     from mindport.config import load_yaml
     from mindport.train.run import train
 
     cache = {}
 
-    def run(preset, runner=()):
-        if (preset, runner) not in cache:
+    def run(model, runner=()):
+        if (model, runner) not in cache:
             root = tmp_path_factory.mktemp("single")
-            cfg = load_yaml(write_yaml(root / "run.yaml", data_dir, root / "out", GLOBAL_BATCH, preset=preset,
+            cfg = load_yaml(write_yaml(root / "run.yaml", data_dir, root / "out", GLOBAL_BATCH, model=model,
                                        **dict(runner)))
             result = train(cfg, progress=False, echo=lambda s: None)
-            cache[preset, runner] = metrics(root / "out"), result.checkpoint
-        return cache[preset, runner]
+            cache[model, runner] = metrics(root / "out"), result.checkpoint
+        return cache[model, runner]
 
     return run
 
@@ -109,9 +114,9 @@ def layout_runs(data_dir, tmp_path_factory):
 
     def run(name):
         if name not in cache:
-            preset, parallel, batch, runner = LAYOUTS[name]
+            model, parallel, batch, runner = LAYOUTS[name]
             root = tmp_path_factory.mktemp(name)
-            cfg = write_yaml(root / "run.yaml", data_dir, root / "out", batch, parallel, preset, **dict(runner))
+            cfg = write_yaml(root / "run.yaml", data_dir, root / "out", batch, parallel, model, **dict(runner))
             world = int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage",
                                                                "context_parallel")]))
             msrun_mindport(["train", "--config", cfg, "--no-progress"], world, root / "log")
@@ -126,8 +131,8 @@ def layout_runs(data_dir, tmp_path_factory):
 def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, references, layout_runs, tmp_path, data_dir):
     from mindport.ckpt_tools.convert import merge
 
-    preset, parallel, _, runner = LAYOUTS[name]
-    ref_metrics, ref_ckpt = references(preset, runner)
+    model, parallel, _, runner = LAYOUTS[name]
+    ref_metrics, ref_ckpt = references(model, runner)
     out = layout_runs(name)
     got = metrics(out)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
@@ -138,6 +143,7 @@ def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, referenc
     layout = json.load(open(os.path.join(step_dir, "layout.json")))
     assert [layout[k] for k in ("tp", "pp", "ep")] == [parallel.get(k, 1) for k in ("model_parallel", "pipeline_stage",
                                                                                      "expert_parallel")]
+    launch.assert_checkpoint_replicas_identical(step_dir)
     merge(step_dir, str(tmp_path / "merged"), progress=False)
     merged, single = weights_of(tmp_path / "merged"), weights_of(ref_ckpt)
     assert sorted(merged) == sorted(single)
