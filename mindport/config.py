@@ -38,6 +38,26 @@ def _divides(key: str, value: int, divisor_key: str, divisor: int) -> None:
         _fail(key, value, f"a multiple of {divisor_key} = {divisor}")
 
 
+_SCALARS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def check_types(obj: Any) -> None:
+    """Fail unless every field of dataclass ``obj`` annotated with scalar types (``int``, ``float``,
+    ``bool``, ``str``, optionally ``| None`` or ``bool | int``) holds one of them. YAML reads
+    ``yes``/``on`` as True and True == 1, so a boolean is never taken for a number, nor a number
+    for a boolean. Other annotations are not checked. Each config's ``__post_init__`` calls it first."""
+    for f in fields(obj):
+        kinds = [part.strip() for part in str(f.type).split("|")]
+        if any(kind not in _SCALARS and kind != "None" for kind in kinds):
+            continue
+        value = getattr(obj, f.name)
+        ok = {"None": value is None, "bool": isinstance(value, bool), "str": isinstance(value, str),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if not any(ok[kind] for kind in kinds):
+            _fail(f.name, value, " or ".join(_SCALARS.get(kind, "null") for kind in kinds))
+
+
 def _one_of(key: str, value: Any, choices) -> None:
     if value not in choices:
         _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
@@ -139,6 +159,7 @@ class ModelConfig(_Loadable):
     }
 
     def __post_init__(self) -> None:
+        check_types(self)
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
                   "vocab_pad_multiple")
         if self.num_kv_heads is None:
@@ -219,6 +240,7 @@ class ParallelConfig(_Loadable):
     vocab_emb_dp: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self)
         _positive(self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
                   "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
         _one_of("context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))

@@ -49,6 +49,11 @@ def test_yaml_overrides():
     (lambda d: d["optimizer"].update(momentum=0.9), "unknown key 'optimizer.momentum'"),
     (lambda d: d.update(epochz=1), "unknown top-level key 'epochz'"),
     (lambda d: d["model"]["model_config"].update(num_heads=5), "'hidden_size' = 64"),
+    (lambda d: d["model"]["model_config"].update(rms_norm_eps=True), "'rms_norm_eps' = True: expected a number"),
+    (lambda d: d["model"]["model_config"].update(num_layers=2.0), "'num_layers' = 2.0: expected an integer"),
+    (lambda d: d["model"]["model_config"].update(qkv_bias=1), "'qkv_bias' = 1: expected true or false"),
+    (lambda d: d["parallel_config"].update(use_seq_parallel="yes please"), "'use_seq_parallel' = 'yes please'"),
+    (lambda d: d["parallel_config"].update(model_parallel=True), "'model_parallel' = True: expected an integer"),
 ])
 def test_bad_yaml_gives_one_clear_error(tmp_path, edit, message):
     doc = yaml.safe_load(open(YAML))

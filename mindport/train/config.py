@@ -6,16 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from mindport.config import ConfigError, _Loadable, _fail, _one_of, _positive
-
-
-def _is_number(value: Any) -> bool:
-    """An int or float, not a bool (YAML reads ``yes``/``on`` as True, and True == 1)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+from mindport.config import ConfigError, _Loadable, _fail, _one_of, _positive, check_types
 
 
 @dataclass
@@ -55,39 +46,34 @@ class TrainConfig(_Loadable):
     peak_tflops: float = 0.0  # MFU denominator; 0: measure MindSpore's fp32 matmul rate at start
 
     def __post_init__(self) -> None:
+        check_types(self)
         _positive(self, "batch_size", "seq_length", "train_steps", "grad_accumulation", "keep_checkpoints",
                   "log_steps", "loss_scale_window")
         _one_of("amp_level", self.amp_level, ("O0", "O1", "O2"))
         _one_of("amp_dtype", self.amp_dtype, ("float16", "bfloat16"))
         _one_of("loss_scale_type", self.loss_scale_type, ("static", "dynamic"))
         for key in ("learning_rate", "loss_scale", "eps"):
-            if not _is_number(getattr(self, key)) or not getattr(self, key) > 0:
+            if not getattr(self, key) > 0:
                 _fail(key, getattr(self, key), "a positive number")
         for key in ("min_learning_rate", "weight_decay", "grad_clip"):
-            if not _is_number(getattr(self, key)) or not getattr(self, key) >= 0:
+            if not getattr(self, key) >= 0:
                 _fail(key, getattr(self, key), "a non-negative number")
         if self.min_learning_rate > self.learning_rate:
             _fail("min_learning_rate", self.min_learning_rate, f"at most learning_rate = {self.learning_rate}")
         for key in ("beta1", "beta2"):
-            if not _is_number(getattr(self, key)) or not 0 <= getattr(self, key) < 1:
+            if not 0 <= getattr(self, key) < 1:
                 _fail(key, getattr(self, key), "a number in [0, 1)")
-        if not _is_integer(self.loss_scale_factor) or self.loss_scale_factor < 2:
+        if self.loss_scale_factor < 2:
             _fail("loss_scale_factor", self.loss_scale_factor, "an integer >= 2")
         for key in ("seed", "warmup_steps", "save_steps"):
-            value = getattr(self, key)
-            if not _is_integer(value) or value < 0:
-                _fail(key, value, "a non-negative integer")
-        if not isinstance(self.recompute, (bool, int)) or self.recompute < 0:
+            if getattr(self, key) < 0:
+                _fail(key, getattr(self, key), "a non-negative integer")
+        if self.recompute < 0:
             _fail("recompute", self.recompute, "true, false or a number of layers")
-        if not _is_number(self.peak_tflops) or not self.peak_tflops >= 0:
+        if not self.peak_tflops >= 0:
             _fail("peak_tflops", self.peak_tflops, "a non-negative number (0: measure)")
-        if not isinstance(self.jit, bool):
-            _fail("jit", self.jit, "true or false")
-        if not isinstance(self.output_dir, str) or not self.output_dir:
+        if not self.output_dir:
             _fail("output_dir", self.output_dir, "a directory path")
-        for key in ("data_dir", "load_checkpoint"):
-            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
-                _fail(key, getattr(self, key), "a directory path")
 
     @property
     def tokens_per_step(self) -> int:
