@@ -176,12 +176,16 @@ class CheckpointManager:
 
     ``groups`` (a :class:`~mindport.parallel.state.ParallelGroups` of more than one process)
     switches to per-rank shards; ``sharded_state``: the optimizer state differs on every data-
-    parallel rank (ZeRO), so every rank writes its own.
+    parallel rank (ZeRO), so every rank writes its own. ``model_files_from`` (the run's
+    ``load_checkpoint``): every checkpoint carries that directory's tokenizer, remote code and HF
+    config.json (:func:`~mindport.ckpt_tools.model_files.carry_files`).
     """
 
-    def __init__(self, directory: str, keep: int = 2, groups=None, sharded_state: bool = False):
+    def __init__(self, directory: str, keep: int = 2, groups=None, sharded_state: bool = False,
+                 model_files_from: str | None = None):
         self.directory = os.path.abspath(directory)
         self.keep = keep
+        self.model_files_from = model_files_from  # a model directory whose non-weight files every checkpoint carries
         self.groups = groups if groups is not None and len(groups.world.ranks) > 1 else None
         self.sharded_state = sharded_state
 
@@ -298,7 +302,7 @@ class CheckpointManager:
                 f.write(layout_text(layout))
                 f.flush()
                 os.fsync(f.fileno())
-        carry_files(state["train_config"].get("load_checkpoint"), tmp)  # its tokenizer, remote code, HF config
+        carry_files(self.model_files_from, tmp)  # its tokenizer, remote code, HF config
         if tokenizer is not None:
             tokenizer.save(tmp)
             for name in os.listdir(tmp):
