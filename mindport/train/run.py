@@ -60,6 +60,14 @@ class StopRequest:
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
+    def rearm(self) -> None:
+        """Put our handlers back: every compiled graph run installs MindSpore's C-level SIGINT handler
+        (which reports SIGTERM) behind Python's back, so the loop calls this after every step. A Ctrl-C
+        landing inside a compiled step is still reported as SIGTERM (the run stops all the same)."""
+        if self._previous and self.signum is None:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self._handle)
+
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
@@ -147,6 +155,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         loader = Loader(dataset, per_rank * dp, cfg.seed)
         rows = slice(groups.dp.rank * per_rank, (groups.dp.rank + 1) * per_rank)
         ckpts = CheckpointManager(run_dir.checkpoints, cfg.keep_checkpoints, groups, trainer.zero, cfg.load_checkpoint)
+        together(groups, f"{cfg.output_dir}: deleting the previous run", lambda: lead and run_dir.delete_previous_run(echo))
 
         if resume:
             path = ckpts.latest()
@@ -180,6 +189,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
                 t0 = time.perf_counter()
                 micro = [loader.next_batch()[rows] for _ in range(cfg.grad_accumulation)]
                 metrics = trainer.train_step(micro)
+                stop.rearm()
                 metrics["epoch"] = round(loader.epoch, 4)
                 if logger:
                     logger.log(metrics, tokens_per_step, time.perf_counter() - t0)

@@ -6,8 +6,9 @@
 * A second run into a locked directory fails at once, naming the holder's pid; the kernel
   releases the lock when the holder exits or dies, so a killed run never blocks the next one.
 * A new run (no ``resume``) refuses a directory that holds a previous run's files, unless
-  ``overwrite``: then those files (and only those) are deleted first, so nothing of the old run
-  mixes with the new one. ``resume`` continues the run that is there.
+  ``overwrite``: then those files (and only those) are deleted before the first step, once the
+  new run's config, data and model have passed their checks, so nothing of the old run mixes
+  with the new one and a run that cannot start deletes nothing. ``resume`` continues the run that is there.
 * On taking the directory, leftovers of killed saves and deletions (``.tmp-step_*``,
   ``.trash-*``) are removed (:func:`~mindport.train.checkpoint.remove_leftovers`).
 """
@@ -32,6 +33,7 @@ class RunDirectory:
         self.path = path
         self.checkpoints = os.path.join(path, CHECKPOINTS_DIR)
         self._lock = None
+        self._to_delete: list[str] = []  # an overwritten previous run's files, deleted once the new run can start
 
     def previous_run(self) -> list[str]:
         """The run files already in the directory (a checkpoints/ without checkpoints does not count)."""
@@ -52,19 +54,26 @@ class RunDirectory:
                 if not overwrite:
                     raise ConfigError(f"{self.path}: holds a previous run ({', '.join(previous)}): pass --resume to "
                                       f"continue it or --overwrite to delete it first")
-                for name in previous:
-                    path = os.path.join(self.path, name)
-                    if os.path.isdir(path):
-                        remove_tree(path)
-                    else:
-                        os.remove(path)
-                echo(f"overwrite: deleted the previous run's {', '.join(previous)} in {self.path}")
+                self._to_delete = previous
             leftovers = remove_leftovers(self.path, checkpoints=False) + remove_leftovers(self.checkpoints)
             if leftovers:
                 echo(f"removed what an interrupted run left in {self.path}: {', '.join(leftovers)}")
         except BaseException:
             self.close()
             raise
+
+    def delete_previous_run(self, echo=print) -> None:
+        """With ``overwrite``: delete the previous run's files. Called once everything the new run needs
+        has been checked (config, data, model), so a run that fails to start deletes nothing."""
+        for name in self._to_delete:
+            path = os.path.join(self.path, name)
+            if os.path.isdir(path):
+                remove_tree(path)
+            else:
+                os.remove(path)
+        if self._to_delete:
+            echo(f"overwrite: deleted the previous run's {', '.join(self._to_delete)} in {self.path}")
+        self._to_delete = []
 
     def _take_lock(self) -> None:
         path = os.path.join(self.path, LOCK_FILE)

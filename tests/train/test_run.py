@@ -229,7 +229,7 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
 def test_a_new_run_refuses_a_previous_runs_directory_unless_overwrite(tmp_path, data_dir):
     """Run twice into one directory: the second refuses in one line (no --resume, no --overwrite);
     --overwrite deletes the old run's checkpoints, metrics, events and curve, so nothing of it mixes
-    with the new run, whose own checkpoints survive pruning."""
+    with the new run, whose own checkpoints survive pruning; but only once the new run can start."""
     from mindport.config import load_yaml
     from mindport.train.checkpoint import CheckpointManager
     from mindport.train.run import train
@@ -246,6 +246,10 @@ def test_a_new_run_refuses_a_previous_runs_directory_unless_overwrite(tmp_path, 
         f"mindport: error: {out}: holds a previous run (checkpoints, metrics.jsonl, tensorboard, loss_curve.png): "
         f"pass --resume to continue it or --overwrite to delete it first"), stderr
     assert ckpts.steps() == [5, 6] and len(read_metrics(out)) == 6  # untouched
+    broken = load_yaml(config, [f"train_dataset.data_dir={tmp_path / 'no_data'}"])
+    with pytest.raises(Exception, match="no_data"):  # --overwrite of a run that cannot start deletes nothing
+        train(broken, overwrite=True, progress=False, echo=lambda s: None)
+    assert ckpts.steps() == [5, 6] and len(read_metrics(out)) == 6
 
     lines = []
     second = train(load_yaml(config), overwrite=True, progress=False, echo=lines.append)
@@ -295,6 +299,25 @@ def test_second_run_at_once_fails_and_sigterm_stops_with_a_checkpoint_that_resum
     assert [m["step"] for m in b] == list(range(1, stopped + 3))
     for key in ("loss", "grad_norm", "lr"):
         np.testing.assert_array_equal([m[key] for m in b], [m[key] for m in a], err_msg=key)
+
+
+def test_ctrl_c_between_compiled_steps_stops_with_130(tmp_path, data_dir):
+    """SIGINT after MindSpore's graph runner has swapped in its own SIGINT handler (which reports
+    SIGTERM): the run still knows it was Ctrl-C, saves after the step and exits 130."""
+    from mindport.train.checkpoint import CheckpointManager
+
+    out = str(tmp_path / "run")
+    run = _mindport("train", "--config", _yaml(tmp_path, data_dir, out, steps=1000, save_steps=1), "--no-progress",
+                    env={"MINDPORT_TEST_SLOW_SAVE": "2:5"})  # step 2's save waits 5 s: the signal lands there
+    try:
+        _wait_for(lambda: len(read_metrics(out)) >= 2, run, "two steps")
+        run.send_signal(signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, stderr[-3000:]
+    assert f"SIGINT: stopped after step 2; checkpoint {CheckpointManager(out + '/checkpoints').path(2)}" in stdout
 
 
 def test_first_sigint_asks_to_stop_and_the_handlers_are_restored_after_the_run():
