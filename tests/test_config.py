@@ -114,7 +114,7 @@ def test_115b_finetune_config_is_the_published_model_and_fits_64gb_per_npu(tmp_p
     checkpoint's config.json), a valid 64-rank layout, and every rank's estimated training memory under
     an Atlas 800T A2 NPU's 64 GB."""
     from mindport import AutoConfig
-    from mindport.parallel.memory import memory_report
+    from mindport.train.memory import memory_report
     from mindport.parallel.state import check_layout
 
     AutoConfig.from_preset("telechat2-115b").save(str(tmp_path / "config.json"))  # the checkpoint's architecture

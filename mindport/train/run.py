@@ -163,7 +163,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         tokens_per_step = per_rank * dp * cfg.grad_accumulation * cfg.seq_length  # the global batch
         logger = RunLogger(cfg.output_dir, cfg.train_steps, trainer.step, cfg.log_steps, fpt, peak * world, progress,
                            echo=echo) if lead else None
-        from mindport.parallel.memory import format_memory_report, memory_report
+        from mindport.train.memory import format_memory_report, memory_report
 
         echo(format_memory_report(memory_report(model.config, groups.config, cfg.batch_size, cfg.seq_length,
                                                 cfg.amp_level, cfg.recompute, rank=groups.global_rank,

@@ -82,7 +82,7 @@ class Trainer:
         decay = [n not in exempt for n in self.names]
         self.zero = groups.config.optimizer_shard and groups.dp.size > 1
         if self.zero:
-            from mindport.parallel.zero import ZeroAdamW, shard_group
+            from mindport.train.zero import ZeroAdamW, shard_group
 
             self.optimizer = ZeroAdamW(list(self.params), groups, beta1=config.beta1, beta2=config.beta2,
                                        eps=config.eps, weight_decay=config.weight_decay, decay=decay,
@@ -261,7 +261,7 @@ class Trainer:
         """Optimiser and loss-scale state: name -> Parameter (moments keyed by model parameter name,
         so O1 and O2 checkpoints resume into each other)."""
         opt = self.optimizer
-        if self.zero:  # this rank's slices (mindport.parallel.zero)
+        if self.zero:  # this rank's slices (mindport.train.zero)
             out = {"zero.step": opt.step}
             for name, w, m, v in zip(self.names, opt.master, opt.moments1, opt.moments2):
                 out.update({f"zero_master.{name}": w, f"zero_m.{name}": m, f"zero_v.{name}": v})

@@ -12,7 +12,7 @@ Parameters, gradients, optimizer states (exact, from the same tables the model u
     - gradients: 4 bytes per local element (the trainer accumulates fp32 gradients).
     - optimizer, replicated AdamW: m and v, 4 bytes per element each, and a 4-byte fp32 master
       copy of every parameter that is not fp32 (O2).
-    - optimizer, ``optimizer_shard`` (ZeRO-1, :mod:`mindport.parallel.zero`): m, v and the fp32
+    - optimizer, ``optimizer_shard`` (ZeRO-1, :mod:`mindport.train.zero`): m, v and the fp32
       master, each 4 bytes x ceil(n / parts) per parameter, parts = data_parallel (expert
       weights under expert parallelism: data_parallel / expert_parallel).
 
@@ -58,7 +58,7 @@ from mindport.config import ConfigError, ModelConfig, ParallelConfig
 from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.sharding import local_shape, rule_for, stages_of_param, vocab_block
 from mindport.parallel.state import coordinates
-from mindport.parallel.zero import shard_length
+from mindport.train.zero import shard_length
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
