@@ -18,6 +18,9 @@ from typing import Any, Mapping
 import yaml
 
 
+MINDPORT_KEY = "mindport_config"  # config.json of a mindport model directory: {MINDPORT_KEY: {...}}
+
+
 class ConfigError(ValueError):
     """A configuration key holds a value mindport cannot use."""
 
@@ -214,7 +217,7 @@ class ModelConfig(_Loadable):
         return self.num_layers * per_layer + 2 * self.vocab_size * h + h
 
     def save(self, path: str) -> None:
-        _atomic_write_text(path, json.dumps({"mindport_config": self.to_dict()}, indent=2) + "\n")
+        _atomic_write_text(path, json.dumps({MINDPORT_KEY: self.to_dict()}, indent=2) + "\n")
 
 
 @dataclass

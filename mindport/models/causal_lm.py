@@ -210,7 +210,7 @@ class CausalLM(nn.Cell):
     def save_pretrained(self, out_dir: str, overwrite: bool = False, dtype: str | None = None,
                         max_shard_bytes: int | None = None) -> None:
         """Write an HF-format directory (config.json, generation_config.json, safetensors)."""
-        from mindport.ckpt_tools.weights import DEFAULT_SHARD_BYTES, export_hf
+        from mindport.models.weights import DEFAULT_SHARD_BYTES, export_hf
         from mindport.models.registry import family
 
         export_hf(self, family(self.config.family), out_dir, overwrite, dtype, max_shard_bytes or DEFAULT_SHARD_BYTES)

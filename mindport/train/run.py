@@ -211,7 +211,7 @@ def save(trainer: Trainer, loader: Loader, ckpts: CheckpointManager, tokenizer, 
 
 
 def restore(trainer: Trainer, loader: Loader, ckpts: CheckpointManager, path: str) -> None:
-    from mindport.ckpt_tools.safetensors_io import CheckpointError
+    from mindport.checkpoint.safetensors_io import CheckpointError
 
     weights, arrays, state = ckpts.load(path)
     weights_file, state_file = ckpts.files(path)

@@ -244,7 +244,7 @@ class Trainer:
         return out
 
     def load_fp32_weights(self, weights: dict[str, np.ndarray], source: str) -> None:
-        from mindport.ckpt_tools.safetensors_io import CheckpointError
+        from mindport.checkpoint.safetensors_io import CheckpointError
 
         for name, param in zip(self.names, self.params):
             if name not in weights:

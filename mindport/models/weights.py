@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint
-from mindport.ckpt_tools.model_files import carry_files, hf_config, source_hf_config
-from mindport.ckpt_tools.name_map import NameMap, Target
-from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsWriter, f32_to_bf16_bits
+from mindport.checkpoint.hf_checkpoint import HFCheckpoint
+from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
+from mindport.checkpoint.name_map import NameMap, Target
+from mindport.checkpoint.safetensors_io import CheckpointError, f32_to_bf16_bits
+from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
 from mindport.parallel.sharding import global_shape, shard_slices
-
-DEFAULT_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers reads it
-
 
 def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, presliced: bool = False) -> None:
     """Fill ``model``'s parameters from a checkpoint (HF names via ``name_map``; None = mindport
@@ -101,80 +97,10 @@ def tensor_bytes(param, dtype_code: str) -> np.ndarray:
     return data.astype({"F32": np.float32, "F16": np.float16}[dtype_code])
 
 
-def plan_shards(entries: list[tuple[str, str, tuple[int, ...], int]], max_bytes: int) -> list[list]:
-    """Group (name, dtype, shape, nbytes) entries, in order, into shards of at most ``max_bytes``."""
-    shards: list[list] = [[]]
-    size = 0
-    for entry in entries:
-        if shards[-1] and size + entry[3] > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry[3]
-    return shards
-
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
-
-
-def write_sharded(out_dir: str, entries: list, fetch, max_bytes: int = DEFAULT_SHARD_BYTES,
-                  metadata: dict | None = None) -> dict[str, str]:
-    """Write ``entries`` (name, dtype, shape, nbytes) with ``fetch(name)`` -> data, plus the index.
-
-    Returns the weight map (tensor -> shard file).
-    """
-    shards = plan_shards(entries, max_bytes)
-    files = shard_names(len(shards))
-    weight_map = {}
-    for file_name, shard in zip(files, shards):
-        writer = SafetensorsWriter(os.path.join(out_dir, file_name), [(n, d, s) for n, d, s, _ in shard],
-                                   metadata or {"format": "pt"})
-        for name, *_ in shard:
-            writer.write(name, fetch(name))
-            weight_map[name] = file_name
-        writer.close()
-    if len(files) > 1:
-        total = sum(e[3] for e in entries)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-    return weight_map
-
-
-class StagingDir:
-    """A temporary sibling directory renamed onto ``final`` on success, removed on failure."""
-
-    def __init__(self, final: str, overwrite: bool):
-        self.final = os.path.abspath(final)
-        if os.path.exists(self.final) and not overwrite:
-            raise CheckpointError(f"{final}: destination exists (pass --overwrite / overwrite=True to replace it)")
-        parent = os.path.dirname(self.final)
-        os.makedirs(parent, exist_ok=True)
-        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.tmp-", dir=parent)
-
-    def __enter__(self) -> str:
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        if os.path.exists(self.final):  # --overwrite: swap, then drop the old copy
-            old = f"{self.final}.old-{os.getpid()}"
-            os.replace(self.final, old)
-            os.replace(self.path, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.path, self.final)
-
-
 def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Save a live model as an HF directory: config.json, generation_config.json, safetensors, and the
-    non-weight files of the directory it was loaded from (:mod:`~mindport.ckpt_tools.model_files`)."""
+    non-weight files of the directory it was loaded from (:mod:`~mindport.checkpoint.model_files`)."""
     config = model.config
     name_map = family.name_map
     params = dict(model.parameters_and_names())
@@ -196,7 +122,7 @@ def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str |
     source_dir = getattr(model, "source_dir", None)  # set by from_pretrained: its directory's files come along
     doc = hf_config(source_hf_config(source_dir), family, config, dtypes.pop() if len(dtypes) == 1 else None)
     with StagingDir(out_dir, overwrite) as tmp:
-        write_sharded(tmp, entries, fetch, max_shard_bytes)
+        write_shards(tmp, entries, lambda name: [fetch(name)], max_shard_bytes)
         carry_files(source_dir, tmp, to_hf=True)
         write_hf_configs(tmp, doc, config)
 

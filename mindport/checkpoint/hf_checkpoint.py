@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsReader, TensorInfo
+from mindport.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, TensorInfo
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
