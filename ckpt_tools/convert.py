@@ -54,8 +54,7 @@ import numpy as np
 from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
 from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
 from mindport.checkpoint.safetensors_io import (NUMPY_DTYPES, CheckpointError, FileRange, ITEMSIZE,
-                                                SafetensorsReader, SafetensorsWriter, bf16_bits_to_f32,
-                                                f32_to_bf16_bits)
+                                                SafetensorsReader, bf16_bits_to_f32, f32_to_bf16_bits)
 from mindport.checkpoint.shapes import Shape, parameter_shapes
 from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
 from mindport.config import ConfigError, ModelConfig

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from mindport import AutoConfig, ConfigError, ModelConfig, ParallelConfig
-from mindport.config import load_yaml
+from mindport.train.config import load_yaml
 
 TINY = dict(family="telechat2", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=96)
 YAML = "configs/telechat2/tiny_train.yaml"

@@ -37,6 +37,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mindport.config import vocab_block
 from mindport.parallel.pipeline import stage_of_layer
 
 
@@ -88,15 +89,6 @@ def rule_for(name: str) -> Rule:
     if len(found) != 1:
         raise ShardingError(f"parameter '{name}' matches {len(found)} slicing rules (expected exactly 1)")
     return found[0]
-
-
-def vocab_block(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
-    """Rows of the padded vocabulary per tp rank: V padded to a multiple of ``multiple`` x tp,
-    split evenly (V itself without tensor parallelism: padding exists only for the split)."""
-    if tp_size == 1:
-        return vocab_size
-    step = multiple * tp_size
-    return -(-vocab_size // step) * step // tp_size
 
 
 def _block(size: int, parts: int, rank: int, name: str, axis: int) -> slice:

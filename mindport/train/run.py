@@ -1,4 +1,4 @@
-"""The training job: a :class:`~mindport.config.RunConfig` in, checkpoints and metrics out.
+"""The training job: a :class:`~mindport.train.config.RunConfig` in, checkpoints and metrics out.
 
     data (prepared dir) -> Loader -> Trainer.train_step -> RunLogger
                                            '-> CheckpointManager every save_steps and at the end
@@ -25,8 +25,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from mindport.config import TRAINING_MODEL_KEYS, ConfigError, RunConfig
+from mindport.config import ConfigError
 from mindport.train.checkpoint import STOP_SIGNALS, CheckpointManager, agreed_stop, together
+from mindport.train.config import TRAINING_MODEL_KEYS, RunConfig
 from mindport.train.data import Loader, PackedDataset
 from mindport.train.flops import measure_matmul_flops, train_flops_per_token
 from mindport.train.logger import RunLogger

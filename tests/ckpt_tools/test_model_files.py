@@ -99,7 +99,7 @@ def test_export_of_a_fine_tuned_checkpoint_loads_in_transformers(hf_dirs, tmp_pa
     from transformers import AutoTokenizer
 
     from mindport import AutoConfig, AutoModelForCausalLM
-    from mindport.config import RunConfig
+    from mindport.train.config import RunConfig
     from mindport.corpus import pydoc_topics
     from mindport.tokenizer import Tokenizer
     from mindport.train.config import TrainConfig

@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from mindport.config import ConfigError, load_yaml
+from mindport.config import ConfigError
+from mindport.train.config import load_yaml
 
 
 def test_demo_yaml_maps_wrapper_and_recompute_sections():
