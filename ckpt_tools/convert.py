@@ -53,17 +53,17 @@ import numpy as np
 
 from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
 from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
-from mindport.checkpoint.safetensors_io import (NUMPY_DTYPES, CheckpointError, FileRange, ITEMSIZE,
-                                                SafetensorsReader, bf16_bits_to_f32, f32_to_bf16_bits)
+from mindport.checkpoint.safetensors_io import (CheckpointError, FileRange, SafetensorsReader, bf16_bits_to_f32,
+                                                f32_to_bf16_bits)
 from mindport.checkpoint.shapes import Shape, parameter_shapes
 from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
 from mindport.config import ConfigError, ModelConfig
+from mindport.dtypes import DTYPE_NAMES, ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
 from mindport.parallel.layout import LAYOUT_FILE, Box, layout_text, rank_layout
 
 CHUNK_BYTES = 32 << 20  # largest buffer a dtype change, a strided slice or a merge holds
-DTYPE_CODES = {"keep": None, "fp32": "F32", "float32": "F32", "fp16": "F16", "float16": "F16",
-               "bf16": "BF16", "bfloat16": "BF16"}
-_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_SHORT_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype spellings
+DTYPE_CODES = {"keep": None, **SAFETENSORS_CODES, **{short: SAFETENSORS_CODES[n] for short, n in _SHORT_NAMES.items()}}
 _FLOAT = ("F32", "F16", "BF16", "F64")
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # bytes of any dtype, by item size
 
@@ -505,7 +505,7 @@ def mindport_to_hf(src: str, dst: str, overwrite: bool = False, max_shard_bytes:
     with _Source(src) as source:
         outs = _hf_outputs(_plan_from_mindport(source, config, code), fam.name_map, config.num_experts)
         dtypes = {o.dtype for o in outs}
-        files_dtype = _TORCH_NAMES.get(dtypes.pop()) if len(dtypes) == 1 else None  # what the files hold
+        files_dtype = DTYPE_NAMES.get(dtypes.pop()) if len(dtypes) == 1 else None  # what the files hold
         doc = hf_config(source_hf_config(src), fam, config, files_dtype)
         with StagingDir(dst, overwrite) as tmp, _progress(len(outs), progress) as bar:
             nbytes = _write_files(tmp, outs, max_shard_bytes or DEFAULT_SHARD_BYTES, {"format": "pt"}, bar)

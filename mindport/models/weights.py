@@ -17,6 +17,7 @@ from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_co
 from mindport.checkpoint.name_map import NameMap, Target
 from mindport.checkpoint.safetensors_io import CheckpointError, f32_to_bf16_bits
 from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
+from mindport.dtypes import ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
 from mindport.parallel.sharding import global_shape, shard_slices
 
 def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, presliced: bool = False) -> None:
@@ -94,7 +95,7 @@ def tensor_bytes(param, dtype_code: str) -> np.ndarray:
     data = param.astype(ms.float32).asnumpy() if param.dtype == ms.bfloat16 else param.asnumpy()
     if dtype_code == "BF16":
         return f32_to_bf16_bits(data.astype(np.float32))
-    return data.astype({"F32": np.float32, "F16": np.float16}[dtype_code])
+    return data.astype(NUMPY_DTYPES[dtype_code])
 
 
 def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str | None = None,
@@ -108,10 +109,10 @@ def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str |
     for our_name, param in params.items():
         dtype_name = dtype or str(param.dtype).lower()
         dtypes.add(dtype_name)
-        code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype_name]
+        code = SAFETENSORS_CODES[dtype_name]
         for hf_name, expert in name_map.to_hf(our_name, config.num_experts):
             shape = tuple(param.shape if expert is None else param.shape[1:])
-            entries.append((hf_name, code, shape, int(np.prod(shape)) * (2 if code != "F32" else 4)))
+            entries.append((hf_name, code, shape, int(np.prod(shape)) * ITEMSIZE[code]))
             source[hf_name] = (param, expert, code)
 
     def fetch(hf_name: str) -> np.ndarray:

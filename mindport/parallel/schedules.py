@@ -20,9 +20,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
+from mindport.dtypes import dtype_of
 from mindport.parallel.comm import collectives
 from mindport.parallel.state import ParallelGroups
-from mindport.transformer.layers import dtype_of
 
 
 class _Link:

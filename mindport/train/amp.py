@@ -51,7 +51,7 @@ class LowPrecisionMatMul(nn.Cell):
 
 
 def _linears(model):
-    from mindport.transformer.layers import Linear
+    from mindport.parallel.layers import Linear
 
     return [cell for _, cell in model.cells_and_names() if isinstance(cell, Linear)]
 

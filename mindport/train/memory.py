@@ -55,12 +55,12 @@ from __future__ import annotations
 
 from mindport.checkpoint.shapes import parameter_shapes
 from mindport.config import ConfigError, ModelConfig, ParallelConfig
+from mindport.dtypes import itemsize
 from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.sharding import local_shape, rule_for, stages_of_param, vocab_block
 from mindport.parallel.state import coordinates
 from mindport.train.zero import shard_length
 
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _numel(shape) -> int:
@@ -158,7 +158,7 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
         if amp_level == "O2" and not is_norm_weight(name):
             dtype_bytes = 2
         else:
-            dtype_bytes = BYTES[config.param_dtype]
+            dtype_bytes = itemsize(config.param_dtype)
         param_bytes += n * dtype_bytes
         grad_bytes += 4 * n
         if parallel.optimizer_shard:
