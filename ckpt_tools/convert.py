@@ -55,7 +55,8 @@ from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
 from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
 from mindport.checkpoint.safetensors_io import (CheckpointError, FileRange, SafetensorsReader, bf16_bits_to_f32,
                                                 f32_to_bf16_bits)
-from mindport.checkpoint.shapes import Shape, parameter_shapes
+from mindport.checkpoint.shapes import (Shape, check_shape, check_tensors, missing_tensor, parameter_shapes,
+                                        unexpected_tensor)
 from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
 from mindport.config import ConfigError, ModelConfig
 from mindport.dtypes import DTYPE_NAMES, ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
@@ -306,25 +307,21 @@ def _plan_from_hf(source: _Source, name_map, config: ModelConfig, code: str | No
             if target.name is None:
                 continue  # dropped on purpose (e.g. cached rotary buffers)
             if target.name not in expected:
-                raise CheckpointError(f"{path}: unexpected tensor '{hf_name}' (maps to '{target.name}', which the "
-                                      f"model described by config.json does not have)")
+                raise unexpected_tensor(path, hf_name, f"maps to '{target.name}', which the model described by "
+                                                       f"config.json does not have")
             full = expected[target.name]
-            want = full if target.expert is None else full[1:]
             if target.expert is not None and target.expert >= full[0]:
-                raise CheckpointError(f"{path}: unexpected tensor '{hf_name}': expert {target.expert}, but "
-                                      f"config.json gives {full[0]} experts")
+                raise unexpected_tensor(path, hf_name, f"expert {target.expert}, but config.json gives {full[0]} "
+                                                       f"experts")
             src = source.tensors[hf_name]
-            if src.shape != tuple(want):
-                raise CheckpointError(f"{path}: tensor '{hf_name}' has shape {list(src.shape)}, config.json "
-                                      f"implies {list(want)}")
+            check_shape(path, hf_name, src.shape, full if target.expert is None else full[1:])
             found[target.name][target.expert] = src
     outs = []
     for name, shape in expected.items():
         hf_names = list(name_map.to_hf(name, config.num_experts))
         for hf_name, expert in hf_names:
             if expert not in found[name]:
-                raise CheckpointError(f"{source.directory}: missing tensor '{hf_name}' (needed for parameter "
-                                      f"'{name}')")
+                raise missing_tensor(source.directory, hf_name, f"needed for parameter '{name}'")
         if hf_names[0][1] is None:
             src = found[name][None]
             outs.append(_Out(name, _out_dtype(src, code), shape, parts=[(src, _full(src.shape))]))
@@ -343,20 +340,11 @@ def _plan_from_hf(source: _Source, name_map, config: ModelConfig, code: str | No
 def _plan_from_mindport(source: _Source, config: ModelConfig, code: str | None) -> list[_Out]:
     """The tensors of a mindport-format directory, checked against its config.json."""
     expected = parameter_shapes(config)
-    for path, names in source.by_file():
-        for name in names:
-            if name not in expected:
-                raise CheckpointError(f"{path}: unexpected tensor '{name}' (the model described by config.json "
-                                      f"has no such parameter)")
-            shape = source.tensors[name].shape
-            if shape != expected[name]:
-                raise CheckpointError(f"{path}: tensor '{name}' has shape {list(shape)}, config.json implies "
-                                      f"{list(expected[name])}")
+    found = {name: source.tensors[name].shape for _, names in source.by_file() for name in names}
+    check_tensors(found, expected, source.directory, file_of=lambda name: source.tensors[name].path)
     outs = []
     for name, shape in expected.items():
-        src = source.tensors.get(name)
-        if src is None:
-            raise CheckpointError(f"{source.directory}: missing tensor '{name}'")
+        src = source.tensors[name]
         outs.append(_Out(name, _out_dtype(src, code), shape, parts=[(src, _full(shape))]))
     return outs
 
@@ -529,16 +517,7 @@ def merge(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int | No
                               f"of a per-rank export")
     expected = parameter_shapes(config)
     tensors, ranks = _check_layout_doc(layout_path, layout)
-    for name in tensors:
-        if name not in expected:
-            raise CheckpointError(f"{layout_path}: unexpected tensor '{name}' (config.json's model has no such "
-                                  f"parameter)")
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise CheckpointError(f"{layout_path}: missing tensor '{name}'")
-        if tuple(tensors[name]["shape"]) != shape:
-            raise CheckpointError(f"{layout_path}: tensor '{name}' has global shape {tensors[name]['shape']}, "
-                                  f"config.json implies {list(shape)}")
+    check_tensors({name: tuple(entry["shape"]) for name, entry in tensors.items()}, expected, layout_path)
     sources: list[_Source] = []
     try:
         pieces: dict[str, dict[tuple, _Src]] = {name: {} for name in expected}

@@ -15,7 +15,8 @@ import numpy as np
 from mindport.checkpoint.hf_checkpoint import HFCheckpoint
 from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
 from mindport.checkpoint.name_map import NameMap, Target
-from mindport.checkpoint.safetensors_io import CheckpointError, f32_to_bf16_bits
+from mindport.checkpoint.safetensors_io import f32_to_bf16_bits
+from mindport.checkpoint.shapes import check_shape, missing_tensor, unexpected_tensor
 from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
 from mindport.dtypes import ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
 from mindport.parallel.sharding import global_shape, shard_slices
@@ -41,16 +42,14 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, preslic
             if target.name not in params:
                 if model.on_other_stage(target.name):
                     continue  # held by another pipeline stage
-                raise CheckpointError(f"{path}: unexpected tensor '{hf_name}' (model has no parameter "
-                                      f"'{target.name}')")
+                raise unexpected_tensor(path, hf_name, f"model has no parameter '{target.name}'")
             param = params[target.name]
             full = global_shape(target.name, tuple(param.shape), tp.size, ep.size, model.config.vocab_size)
-            expected = full if target.expert is None else full[1:]
-            info = ckpt.info(hf_name)
-            if tuple(info.shape) != expected or (target.expert is not None and target.expert >= full[0]):
-                where = "" if target.expert is None else f" (expert {target.expert} of {full[0]})"
-                raise CheckpointError(f"{path}: tensor '{hf_name}' has shape {list(info.shape)}, the config "
-                                      f"implies {list(expected)}{where}")
+            if target.expert is not None and target.expert >= full[0]:
+                raise unexpected_tensor(path, hf_name, f"expert {target.expert}, but the config gives {full[0]} "
+                                                       f"experts")
+            check_shape(path, hf_name, ckpt.info(hf_name).shape, full if target.expert is None else full[1:],
+                        "the config implies")
             index = shard_slices(target.name, full, tp.rank, tp.size, ep.rank, ep.size, model.config.vocab_pad_multiple)
             if target.expert is None:
                 _assign(param, ckpt.get(hf_name)[index])
@@ -70,7 +69,7 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, preslic
         if None in got or (got and len(got) == param.shape[0]):
             continue  # filled directly, or every local expert slot of a stack filled (and assigned)
         missing = _hf_names(name_map, name, param.shape[0], got)
-        raise CheckpointError(f"{ckpt.directory}: missing tensor '{missing}' (needed for parameter '{name}')")
+        raise missing_tensor(ckpt.directory, missing, f"needed for parameter '{name}'")
 
 
 def _hf_names(name_map: NameMap | None, our_name: str, num_experts: int, got: set) -> str:

@@ -244,15 +244,12 @@ class Trainer:
         return out
 
     def load_fp32_weights(self, weights: dict[str, np.ndarray], source: str) -> None:
-        from mindport.checkpoint.safetensors_io import CheckpointError
+        from mindport.checkpoint.shapes import check_tensors
 
+        check_tensors({n: np.shape(weights[n]) for n in self.names if n in weights},
+                      {n: tuple(p.shape) for n, p in zip(self.names, self.params)}, source, "the model has")
         for name, param in zip(self.names, self.params):
-            if name not in weights:
-                raise CheckpointError(f"{source}: missing tensor '{name}'")
             array = np.asarray(weights[name], dtype=np.float32)
-            if tuple(array.shape) != tuple(param.shape):
-                raise CheckpointError(f"{source}: tensor '{name}' has shape {list(array.shape)}, the model has "
-                                      f"{list(param.shape)}")
             if name in self.masters:
                 self.masters[name].set_data(Tensor(array))
             param.set_data(Tensor(array).astype(param.dtype))
