@@ -7,6 +7,7 @@ from mindspore import Tensor, nn, ops
 
 from mindport import dispatch
 from mindport.config import ModelConfig
+from mindport.constants import IGNORE_INDEX
 from mindport.parallel import state
 from mindport.parallel.comm import collectives
 from mindport.parallel.layers import VocabParallelEmbedding, VocabParallelHead, vocab_rows
@@ -14,7 +15,7 @@ from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.state import ParallelGroups
 from mindport.transformer.block import DecoderLayer
 from mindport.transformer.layers import RMSNorm, as_tensor
-from mindport.transformer.loss import IGNORE_INDEX, CausalLMLoss
+from mindport.transformer.loss import CausalLMLoss
 from mindport.transformer.rope import logn_scale, rope_tables
 
 MASK_VALUE = float(np.finfo(np.float32).min)

@@ -19,7 +19,8 @@ from mindport.config import ConfigError, Loadable, ModelConfig, ParallelConfig, 
 class TrainConfig(Loadable):
     """Optimiser, schedule and run settings (mindformers' optimizer/lr_schedule/runner_config).
 
-    One optimiser step consumes ``batch_size * grad_accumulation`` samples of ``seq_length`` tokens.
+    One optimiser step consumes ``batch_size * grad_accumulation`` samples of ``seq_length`` tokens on each
+    data-parallel rank (:attr:`RunConfig.tokens_per_step` counts the whole step).
     """
 
     seed: int = 0
@@ -80,11 +81,6 @@ class TrainConfig(Loadable):
             fail("peak_tflops", self.peak_tflops, "a non-negative number (0: measure)")
         if not self.output_dir:
             fail("output_dir", self.output_dir, "a directory path")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accumulation * self.seq_length
-
 
 # YAML sections (mindformers layout) -> TrainConfig keys they may carry (None: accepted, unused).
 _TRAIN_SECTIONS = {
@@ -167,6 +163,14 @@ class RunConfig:
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimiser step consumes over all ranks: ``batch_size`` rows per data-parallel rank
+        (times ``micro_batch_num`` with pipeline stages), x data_parallel x grad_accumulation x seq_length."""
+        p, t = self.parallel, self.train
+        rows = t.batch_size * (p.micro_batch_num if p.pipeline_stage > 1 else 1)
+        return rows * p.data_parallel * t.grad_accumulation * t.seq_length
 
 
 # model_config keys that are not the architecture: with load_checkpoint they still come from the YAML

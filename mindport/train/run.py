@@ -161,7 +161,6 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         fpt = train_flops_per_token(run.model, cfg.seq_length)
         world = len(groups.world.ranks)
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_flops()
-        tokens_per_step = per_rank * dp * cfg.grad_accumulation * cfg.seq_length  # the global batch
         logger = RunLogger(cfg.output_dir, cfg.train_steps, trainer.step, cfg.log_steps, fpt, peak * world, progress,
                            echo=echo) if lead else None
         from mindport.train.memory import format_memory_report, memory_report
@@ -183,7 +182,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
                 metrics = trainer.train_step(micro)
                 metrics["epoch"] = round(loader.epoch, 4)
                 if logger:
-                    logger.log(metrics, tokens_per_step, time.perf_counter() - t0)
+                    logger.log(metrics, run.tokens_per_step, time.perf_counter() - t0)
                 first = metrics["loss"] if first is None else first
                 last = metrics["loss"]
                 if cfg.save_steps and trainer.step % cfg.save_steps == 0:

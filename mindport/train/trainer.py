@@ -24,14 +24,13 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from mindport.config import ConfigError
+from mindport.constants import IGNORE_INDEX
 from mindport.dispatch import check_dtype
 from mindport.parallel.comm import collectives
 from mindport.parallel.grad_sync import GradientSync, GradNorm, sum_of_squares
 from mindport.train import amp as amp_lib
 from mindport.train.config import TrainConfig
 from mindport.train.optim import AdamW, lr_at, no_decay_names
-
-IGNORE_INDEX = -100
 
 
 def _identity(x):
