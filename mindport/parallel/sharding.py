@@ -48,6 +48,7 @@ class Rule:
     tp_axis: int | None = None
     ep_axis: int | None = None
     partial_over_tp: str = "never"  # "never" | "sequence_parallel" | "always" (module docstring)
+    norm: bool = False  # a norm's weight: kept fp32 under AMP O2, never weight-decayed
 
     def __post_init__(self) -> None:
         assert self.partial_over_tp in ("never", "sequence_parallel", "always"), self.partial_over_tp
@@ -66,8 +67,8 @@ _SP = "sequence_parallel"
 RULES = (
     Rule(r"embed\.weight", "vocab", tp_axis=0),
     Rule(r"lm_head\.weight", "vocab", tp_axis=0),
-    Rule(r"final_norm\.weight", "replicated", partial_over_tp=_SP),
-    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated", partial_over_tp=_SP),
+    Rule(r"final_norm\.weight", "replicated", partial_over_tp=_SP, norm=True),
+    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated", partial_over_tp=_SP, norm=True),
     Rule(_LAYER + r"attn\.(q_proj|k_proj|v_proj|kv_proj)\.(weight|bias)", "column", tp_axis=0),
     Rule(_LAYER + r"attn\.o_proj\.weight", "row", tp_axis=1),
     Rule(_LAYER + r"attn\.o_proj\.bias", "replicated", partial_over_tp=_SP),
@@ -89,6 +90,11 @@ def rule_for(name: str) -> Rule:
     if len(found) != 1:
         raise ShardingError(f"parameter '{name}' matches {len(found)} slicing rules (expected exactly 1)")
     return found[0]
+
+
+def is_norm(name: str) -> bool:
+    """True for a norm's weight (its rule's ``norm`` flag)."""
+    return rule_for(name).norm
 
 
 def _block(size: int, parts: int, rank: int, name: str, axis: int) -> slice:

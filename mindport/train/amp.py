@@ -34,6 +34,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindport.config import ConfigError
+from mindport.parallel.sharding import is_norm
 
 LOW = {"float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -68,12 +69,6 @@ def apply_o1(model, dtype: str = "float16") -> int:
     return len(linears)
 
 
-def is_norm_param(name: str) -> bool:
-    """RMSNorm weights (kept fp32 under O2, never weight-decayed)."""
-    leaf = name.rsplit(".", 2)
-    return name.endswith(".weight") and len(leaf) >= 2 and leaf[-2].endswith("norm")
-
-
 def build_o2(model, dtype: str = "float16"):
     """(fp16 model, fp32 masters): a copy of ``model`` with fp16 weights except the norms.
 
@@ -89,7 +84,7 @@ def build_o2(model, dtype: str = "float16"):
     masters = {}
     for name, param in list(new.parameters_and_names()):
         data = source[name].astype(ms.float32)
-        if is_norm_param(name):
+        if is_norm(name):
             owner_name, attr = name.rsplit(".", 1)
             setattr(owners[owner_name], attr, Parameter(Tensor(data.asnumpy()), name=param.name))
         else:

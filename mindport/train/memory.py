@@ -57,7 +57,7 @@ from mindport.checkpoint.shapes import parameter_shapes
 from mindport.config import ConfigError, ModelConfig, ParallelConfig
 from mindport.dtypes import itemsize
 from mindport.parallel.pipeline import stage_layers
-from mindport.parallel.sharding import local_shape, rule_for, stages_of_param, vocab_block
+from mindport.parallel.sharding import is_norm, local_shape, rule_for, stages_of_param, vocab_block
 from mindport.parallel.state import coordinates
 from mindport.train.zero import shard_length
 
@@ -68,10 +68,6 @@ def _numel(shape) -> int:
     for x in shape:
         n *= int(x)
     return n
-
-
-def is_norm_weight(name: str) -> bool:
-    return name.endswith("norm.weight")
 
 
 def local_parameters(config: ModelConfig, parallel: ParallelConfig, rank: int = 0,
@@ -155,7 +151,7 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
     for name, shape in local.items():
         n = _numel(shape)
         count += n
-        if amp_level == "O2" and not is_norm_weight(name):
+        if amp_level == "O2" and not is_norm(name):
             dtype_bytes = 2
         else:
             dtype_bytes = itemsize(config.param_dtype)
