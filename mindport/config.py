@@ -14,12 +14,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from mindport.errors import ConfigError
 
 MINDPORT_KEY = "mindport_config"  # config.json of a mindport model directory: {MINDPORT_KEY: {...}}
-
-
-class ConfigError(ValueError):
-    """A configuration key holds a value mindport cannot use."""
 
 
 def fail(key: str, value: Any, expected: str) -> None:

@@ -26,12 +26,9 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from mindport.dtypes import ITEMSIZE, NUMPY_DTYPES
+from mindport.errors import CheckpointError
 
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or tensor is not what mindport expected."""
 
 
 @dataclass(frozen=True)
