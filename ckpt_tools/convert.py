@@ -60,7 +60,7 @@ from mindport.checkpoint.shapes import (Shape, check_shape, check_tensors, missi
 from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
 from mindport.config import ConfigError, ModelConfig
 from mindport.dtypes import DTYPE_NAMES, ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
-from mindport.parallel.layout import LAYOUT_FILE, Box, layout_text, rank_layout
+from mindport.parallel.layout import LAYOUT_FILE, Box, layout_text, rank_dir_name, rank_layout
 
 CHUNK_BYTES = 32 << 20  # largest buffer a dtype change, a strided slice or a merge holds
 _SHORT_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype spellings
@@ -371,7 +371,7 @@ class _RankPlan:
 
     @property
     def dir_name(self) -> str:
-        return f"rank_{self.rank:04d}"
+        return rank_dir_name(self.rank)
 
 
 def _plan_ranks(outs: list[_Out], config: ModelConfig, tp: int, pp: int, ep: int,

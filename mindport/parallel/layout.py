@@ -22,6 +22,11 @@ LAYOUT_FILE = "layout.json"
 Box = tuple[tuple[int, int], ...]  # [start, stop) per axis
 
 
+def rank_dir_name(rank: int) -> str:
+    """The directory of export rank ``rank``'s weight shards: ``rank_XXXX``."""
+    return f"rank_{rank:04d}"
+
+
 def box_of(index: tuple[slice, ...], shape: Shape) -> Box:
     """The [start, stop) box a contiguous slice index cuts out of ``shape``."""
     box = []
@@ -58,7 +63,7 @@ def rank_layout(tensors: dict[str, tuple[str, Shape]], config: ModelConfig, tp: 
                  for name, (_, shape) in tensors.items()
                  if c["pp"] in stages_of_param(name, config.num_layers, pp, offset)}
         rank_boxes.append(boxes)
-        rank_docs.append({"rank": rank, "dir": f"rank_{rank:04d}", **coords,
+        rank_docs.append({"rank": rank, "dir": rank_dir_name(rank), **coords,
                           "tensors": {name: {"offsets": [a for a, _ in box], "shape": [b - a for a, b in box]}
                                       for name, box in boxes.items()}})
     layout = {
@@ -110,7 +115,7 @@ def rank_directory(path: str, groups) -> str:
         if layout.get(key) != ours:
             raise ConfigError(f"{layout_path}: key '{key}' = {layout.get(key)!r}: expected {ours} to match this "
                               f"run's parallel_config (reshard with `mindport convert merge` + `split`)")
-    return os.path.join(path, f"rank_{export_rank(groups):04d}")
+    return os.path.join(path, rank_dir_name(export_rank(groups)))
 
 
 def export_rank(groups) -> int:

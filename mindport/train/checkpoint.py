@@ -44,6 +44,7 @@ import numpy as np
 from mindport.checkpoint.model_files import carry_files
 from mindport.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter, numpy_dtype_code
 from mindport.config import MINDPORT_KEY, ConfigError, ParallelConfig
+from mindport.parallel.layout import LAYOUT_FILE, export_rank, layout_text, rank_dir_name, rank_directory, rank_layout
 
 STATE_DIR = "train_state"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -206,8 +207,6 @@ class CheckpointManager:
     # ------------------------------------------------------------------ which rank writes what
     def _export_rank(self) -> int | None:
         """This rank's ``rank_XXXX`` in the weight shards, or None for a replica (dp >= ep or cp > 0)."""
-        from mindport.parallel.layout import export_rank
-
         c = self.groups.coords
         if c["dp"] >= self.groups.config.expert_parallel or c["cp"]:
             return None
@@ -231,8 +230,6 @@ class CheckpointManager:
         """(weights file, optimizer-state file) this rank reads from checkpoint ``path``."""
         if self.groups is None:
             return os.path.join(path, "model.safetensors"), os.path.join(path, STATE_DIR, "optimizer.safetensors")
-        from mindport.parallel.layout import rank_directory
-
         return (os.path.join(rank_directory(path, self.groups), "model.safetensors"),
                 os.path.join(path, STATE_DIR, f"rank_{self._state_rank():05d}.safetensors"))
 
@@ -266,7 +263,7 @@ class CheckpointManager:
             weights_file, state_file = self.files(tmp)
         else:
             export = self._export_rank()
-            weights_file = None if export is None else os.path.join(tmp, f"rank_{export:04d}", "model.safetensors")
+            weights_file = None if export is None else os.path.join(tmp, rank_dir_name(export), "model.safetensors")
             mine = self._state_rank() == self.groups.global_rank
             state_file = os.path.join(tmp, STATE_DIR, f"rank_{self.groups.global_rank:05d}.safetensors") if mine \
                 else None
@@ -289,7 +286,6 @@ class CheckpointManager:
         _write_json(os.path.join(tmp, "config.json"), {MINDPORT_KEY: config.to_dict()})
         if self.groups is not None:
             from mindport.checkpoint.shapes import parameter_shapes
-            from mindport.parallel.layout import LAYOUT_FILE, layout_text, rank_layout
 
             p = self.groups.config
             layout, _ = rank_layout({n: ("F32", shape) for n, shape in parameter_shapes(config).items()}, config,
