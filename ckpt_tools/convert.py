@@ -2,7 +2,7 @@
 
 Every conversion first plans the whole output from the source's headers (names, dtypes,
 shapes), checks it against the shapes the target ``config.json`` implies
-(:func:`mindport.checkpoint.shapes.parameter_shapes`, no model is built), and only then
+(:func:`mindport.config.parameter_shapes`, no model is built), and only then
 writes, one tensor at a time, into a temporary sibling of the destination that is renamed
 into place at the end (:class:`~mindport.checkpoint.shards.StagingDir`): a failure never
 leaves a partial directory behind.
@@ -55,10 +55,9 @@ from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
 from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
 from mindport.checkpoint.safetensors_io import (CheckpointError, FileRange, SafetensorsReader, bf16_bits_to_f32,
                                                 f32_to_bf16_bits)
-from mindport.checkpoint.shapes import (Shape, check_shape, check_tensors, missing_tensor, parameter_shapes,
-                                        unexpected_tensor)
+from mindport.checkpoint.tensor_check import check_shape, check_tensors, missing_tensor, unexpected_tensor
 from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
-from mindport.config import ConfigError, ModelConfig
+from mindport.config import ConfigError, ModelConfig, Shape, parameter_shapes
 from mindport.dtypes import DTYPE_NAMES, ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
 from mindport.parallel.layout import LAYOUT_FILE, Box, layout_text, rank_dir_name, rank_layout
 

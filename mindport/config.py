@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -199,19 +200,63 @@ class ModelConfig(Loadable):
 
     def num_parameters(self) -> int:
         """Parameter count of the model this config builds."""
-        h, hd, n, nkv = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
-        attn = h * n * hd + 2 * h * nkv * hd + n * hd * h
-        attn += (n * hd + 2 * nkv * hd) * self.qkv_bias + h * self.o_bias
-        if self.is_moe:
-            mlp = self.num_experts * 3 * h * self.moe_intermediate_size + self.num_experts * h
-            mlp += 3 * h * self.shared_expert_intermediate_size + h * self.shared_expert_gate
-        else:
-            mlp = 3 * h * self.ffn_hidden_size + 2 * self.ffn_hidden_size * self.gate_up_bias + h * self.down_bias
-        per_layer = attn + mlp + 2 * h
-        return self.num_layers * per_layer + 2 * self.vocab_size * h + h
+        return sum(math.prod(shape) for shape in parameter_shapes(self).values())
 
     def save(self, path: str) -> None:
         _atomic_write_text(path, json.dumps({MINDPORT_KEY: self.to_dict()}, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- parameter shapes
+# The name and shape of every parameter a config builds, computed without building the model. It
+# mirrors the cells in ``mindport/transformer`` (layers, attention, mlp, moe) and the order in which
+# they register parameters; a test checks it against the real model of every family's tiny preset.
+
+Shape = tuple[int, ...]
+
+
+def _linear(shapes: dict[str, Shape], prefix: str, in_features: int, out_features: int, bias: bool) -> None:
+    shapes[f"{prefix}.weight"] = (out_features, in_features)  # (out, in), as HF stores it
+    if bias:
+        shapes[f"{prefix}.bias"] = (out_features,)
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, Shape]:
+    """mindport parameter name -> shape, in the model's parameter order."""
+    h, d = config.hidden_size, config.head_dim
+    n, nkv = config.num_heads, config.num_kv_heads
+    shapes: dict[str, Shape] = {"embed.weight": (config.vocab_size, h)}
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (h,)
+        _linear(shapes, p + "attn.q_proj", h, n * d, config.qkv_bias)
+        if config.kv_layout == "interleaved":
+            _linear(shapes, p + "attn.kv_proj", h, 2 * nkv * d, config.qkv_bias)
+        else:
+            _linear(shapes, p + "attn.k_proj", h, nkv * d, config.qkv_bias)
+            _linear(shapes, p + "attn.v_proj", h, nkv * d, config.qkv_bias)
+        _linear(shapes, p + "attn.o_proj", n * d, h, config.o_bias)
+        shapes[p + "mlp_norm.weight"] = (h,)
+        if config.is_moe:
+            e, width = config.num_experts, config.moe_intermediate_size
+            _linear(shapes, p + "mlp.router", h, e, False)
+            shapes[p + "mlp.experts.gate_proj"] = (e, width, h)  # stacked experts, no ".weight"
+            shapes[p + "mlp.experts.up_proj"] = (e, width, h)
+            shapes[p + "mlp.experts.down_proj"] = (e, h, width)
+            shared = config.shared_expert_intermediate_size
+            if shared:
+                _linear(shapes, p + "mlp.shared.gate_proj", h, shared, False)
+                _linear(shapes, p + "mlp.shared.up_proj", h, shared, False)
+                _linear(shapes, p + "mlp.shared.down_proj", shared, h, False)
+                if config.shared_expert_gate:
+                    _linear(shapes, p + "mlp.shared_gate", h, 1, False)
+        else:
+            f = config.ffn_hidden_size
+            _linear(shapes, p + "mlp.gate_proj", h, f, config.gate_up_bias)
+            _linear(shapes, p + "mlp.up_proj", h, f, config.gate_up_bias)
+            _linear(shapes, p + "mlp.down_proj", f, h, config.down_bias)
+    shapes["final_norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
 
 
 def vocab_block(vocab_size: int, tp_size: int, multiple: int = 1) -> int:

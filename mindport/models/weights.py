@@ -16,7 +16,7 @@ from mindport.checkpoint.hf_checkpoint import HFCheckpoint
 from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
 from mindport.checkpoint.name_map import NameMap, Target
 from mindport.checkpoint.safetensors_io import f32_to_bf16_bits
-from mindport.checkpoint.shapes import check_shape, missing_tensor, unexpected_tensor
+from mindport.checkpoint.tensor_check import check_shape, missing_tensor, unexpected_tensor
 from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
 from mindport.dtypes import ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
 from mindport.parallel.sharding import global_shape, shard_slices

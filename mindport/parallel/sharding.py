@@ -1,8 +1,11 @@
 """The one slicing table: how every mindport parameter splits over TP, EP and PP.
 
-The tensor-parallel layers size their parameters from it and the checkpoint tools slice
-and merge with it, so the two can never disagree. Each parameter name matches exactly
-one rule (a test checks this for every family).
+The checkpoint tools, model loading and training checkpoints slice and merge with it. The
+tensor-parallel layers divide their own sizes by tp along the same axes; they cannot silently
+disagree, since loading an unsplit checkpoint into a tp rank assigns each slice this table cuts
+to that rank's parameter (a shape mismatch fails), and the layout tests do exactly that. Global
+shapes come from :func:`mindport.config.parameter_shapes` (checked against every family's built
+model). Each parameter name matches exactly one rule (a test checks this for every family).
 
 Notation: tp = model_parallel, ep = expert_parallel. Splits are contiguous blocks along
 one axis. Column-parallel weights (out, in) split the output axis 0 (q heads, kv heads,

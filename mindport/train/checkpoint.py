@@ -43,7 +43,7 @@ import numpy as np
 
 from mindport.checkpoint.model_files import carry_files
 from mindport.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter, numpy_dtype_code
-from mindport.config import MINDPORT_KEY, ConfigError, ParallelConfig
+from mindport.config import MINDPORT_KEY, ConfigError, ParallelConfig, parameter_shapes
 from mindport.parallel.layout import LAYOUT_FILE, export_rank, layout_text, rank_dir_name, rank_directory, rank_layout
 
 STATE_DIR = "train_state"
@@ -285,7 +285,6 @@ class CheckpointManager:
         config = model_config.replace(param_dtype="float32", compute_dtype="float32")
         _write_json(os.path.join(tmp, "config.json"), {MINDPORT_KEY: config.to_dict()})
         if self.groups is not None:
-            from mindport.checkpoint.shapes import parameter_shapes
 
             p = self.groups.config
             layout, _ = rank_layout({n: ("F32", shape) for n, shape in parameter_shapes(config).items()}, config,

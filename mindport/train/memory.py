@@ -53,8 +53,7 @@ Peak activations (an estimate, per micro-batch of b sequences)
 """
 from __future__ import annotations
 
-from mindport.checkpoint.shapes import parameter_shapes
-from mindport.config import ConfigError, ModelConfig, ParallelConfig
+from mindport.config import ConfigError, ModelConfig, ParallelConfig, parameter_shapes
 from mindport.dtypes import itemsize
 from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.sharding import is_norm, local_shape, rule_for, stages_of_param, vocab_block

@@ -243,7 +243,7 @@ class Trainer:
         return out
 
     def load_fp32_weights(self, weights: dict[str, np.ndarray], source: str) -> None:
-        from mindport.checkpoint.shapes import check_tensors
+        from mindport.checkpoint.tensor_check import check_tensors
 
         check_tensors({n: np.shape(weights[n]) for n in self.names if n in weights},
                       {n: tuple(p.shape) for n, p in zip(self.names, self.params)}, source, "the model has")

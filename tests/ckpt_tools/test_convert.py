@@ -14,7 +14,7 @@ from testkit.hf_models import torch_logits
 from mindport.ckpt_tools import convert
 from mindport.checkpoint.hf_checkpoint import HFCheckpoint
 from mindport.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, f32_to_bf16_bits
-from mindport.checkpoint.shapes import parameter_shapes
+from mindport.config import parameter_shapes
 from mindport.config import ConfigError
 from mindport.models.registry import families
 

@@ -3,7 +3,7 @@ degree doubles."""
 import pytest
 
 from mindport import AutoConfig, AutoModelForCausalLM, ParallelConfig
-from mindport.checkpoint.shapes import parameter_shapes
+from mindport.config import parameter_shapes
 from mindport.train.memory import format_memory_report, human_bytes, memory_report
 from mindport.parallel.sharding import local_shape, rule_for, stages_of_param
 from mindport.parallel.state import groups_for, coordinates, single_process
