@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from mindport.dtypes import SAFETENSORS_CODES
 from mindport.errors import ConfigError
 
 MINDPORT_KEY = "mindport_config"  # config.json of a mindport model directory: {MINDPORT_KEY: {...}}
@@ -173,8 +174,8 @@ class ModelConfig(Loadable):
             fail("rope_theta", self.rope_theta, "a positive number")
         one_of("kv_layout", self.kv_layout, ("separate", "interleaved"))
         one_of("rope_scaling", self.rope_scaling, ("none", "telechat_ntk"))
-        one_of("param_dtype", self.param_dtype, ("float32", "float16", "bfloat16"))
-        one_of("compute_dtype", self.compute_dtype, ("float32", "float16", "bfloat16"))
+        one_of("param_dtype", self.param_dtype, tuple(SAFETENSORS_CODES))
+        one_of("compute_dtype", self.compute_dtype, tuple(SAFETENSORS_CODES))
         if self.rope_scaling == "telechat_ntk" or self.use_logn_attn:
             self.training_seqlen = self.training_seqlen or self.max_position_embeddings
             self.base_seqlen = self.base_seqlen or self.training_seqlen

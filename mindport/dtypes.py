@@ -12,6 +12,8 @@ NUMPY_DTYPES = {  # safetensors code -> numpy type (bfloat16 as its raw 16 bits)
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 ITEMSIZE = {code: np.dtype(dt).itemsize for code, dt in NUMPY_DTYPES.items()}  # safetensors code -> bytes
+TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # code -> torch.<name>
 
 
 def itemsize(name: str) -> int:

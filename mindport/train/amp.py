@@ -34,9 +34,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindport.config import ConfigError
+from mindport.dtypes import dtype_of
 from mindport.parallel.sharding import is_norm
-
-LOW = {"float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
 class LowPrecisionMatMul(nn.Cell):
@@ -65,7 +64,7 @@ def apply_o1(model, dtype: str = "float16") -> int:
         if not isinstance(matmul, ops.MatMul) or not matmul.transpose_b:
             raise ConfigError("amp_level 'O1': mindport.transformer.layers.Linear no longer computes through a "
                               "`matmul = ops.MatMul(transpose_b=True)` attribute; update mindport/train/amp.py")
-        cell.matmul = LowPrecisionMatMul(LOW[dtype])
+        cell.matmul = LowPrecisionMatMul(dtype_of(dtype))
     return len(linears)
 
 
@@ -88,7 +87,7 @@ def build_o2(model, dtype: str = "float16"):
             owner_name, attr = name.rsplit(".", 1)
             setattr(owners[owner_name], attr, Parameter(Tensor(data.asnumpy()), name=param.name))
         else:
-            param.set_data(data.astype(LOW[dtype]))
+            param.set_data(data.astype(dtype_of(dtype)))
             masters[name] = Parameter(Tensor(data.asnumpy()), name=f"master.{name}")
     return new, masters
 
