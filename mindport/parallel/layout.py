@@ -11,8 +11,8 @@ import json
 import os
 
 from mindport.checkpoint.hf_checkpoint import read_json
-from mindport.checkpoint.safetensors_io import CheckpointError
 from mindport.config import ConfigError, ModelConfig, ParallelConfig, Shape
+from mindport.errors import CheckpointError
 from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.sharding import rule_for, shard_slices, stages_of_param
 from mindport.parallel.state import check_layout, coordinates, rank_of
