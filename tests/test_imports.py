@@ -24,6 +24,7 @@ LAYERS = [
     ("parallel", ["mindport.parallel"]),
     ("transformer", ["mindport.transformer"]),
     ("inference: decoding loop, KV-cache driving", ["mindport.infer"]),  # the model's generate() calls it
+    # research/<family> is data the registry loads by name; it builds its FAMILY with models.registry.Family
     ("models and family data", ["mindport.models", "mindport.research"]),
     ("training", ["mindport.train"]),
     ("conversion tool", ["mindport.ckpt_tools"]),
@@ -78,6 +79,10 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_module_is_in_a_layer_and_the_walk_sees_the_tree():
+    setup = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    mapped = next(ast.literal_eval(node.value) for node in setup.body
+                  if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MAPPED")
+    assert SOURCES == {"mindport": ROOT / "mindport", **{ns: ROOT / folder for folder, ns in mapped.items()}}
     edges = graph()
     assert "mindport.ckpt_tools.convert" in edges and "mindport.ops.moe_routing" in edges
     assert "mindport.config" in edges["mindport.models.registry"]
