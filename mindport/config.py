@@ -160,7 +160,7 @@ class ModelConfig(Loadable):
     def __post_init__(self) -> None:
         check_types(self)
         positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
-                  "vocab_pad_multiple")
+                 "vocab_pad_multiple")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         positive(self, "num_kv_heads")
@@ -314,7 +314,7 @@ class ParallelConfig(Loadable):
     def __post_init__(self) -> None:
         check_types(self)
         positive(self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
-                  "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
+                 "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
         one_of("context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))
         one_of("moe_token_dispatcher", self.moe_token_dispatcher, ("alltoall", "allgather"))
         if self.micro_batch_num < self.pipeline_stage and self.pipeline_stage > 1:
@@ -338,7 +338,7 @@ class ParallelConfig(Loadable):
         rows = vocab_block(model.vocab_size, tp, model.vocab_pad_multiple)  # the vocabulary is padded, not divided
         if model.vocab_size <= (tp - 1) * rows:
             fail("vocab_size", model.vocab_size, f"more than {(tp - 1) * rows} (padded to {tp} x {rows} rows with "
-                  f"vocab_pad_multiple = {model.vocab_pad_multiple}, every model_parallel rank needs real rows)")
+                 f"vocab_pad_multiple = {model.vocab_pad_multiple}, every model_parallel rank needs real rows)")
         if model.is_moe:
             _divides("moe_intermediate_size", model.moe_intermediate_size, "model_parallel", tp)
             _divides("shared_expert_intermediate_size", model.shared_expert_intermediate_size, "model_parallel", tp)

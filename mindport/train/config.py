@@ -55,7 +55,7 @@ class TrainConfig(Loadable):
     def __post_init__(self) -> None:
         check_types(self)
         positive(self, "batch_size", "seq_length", "train_steps", "grad_accumulation", "keep_checkpoints",
-                  "log_steps", "loss_scale_window")
+                 "log_steps", "loss_scale_window")
         one_of("amp_level", self.amp_level, ("O0", "O1", "O2"))
         one_of("amp_dtype", self.amp_dtype, ("float16", "bfloat16"))
         one_of("loss_scale_type", self.loss_scale_type, ("static", "dynamic"))
