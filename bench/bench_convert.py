@@ -58,8 +58,8 @@ def tensor_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
 
 def write_checkpoint(directory: str, layers: int) -> tuple[int, int, int]:
     """Write the synthetic checkpoint; returns (bytes, largest tensor bytes, tensor count)."""
-    from mindport.ckpt_tools.safetensors_io import SafetensorsWriter
-    from mindport.ckpt_tools.weights import plan_shards
+    from mindport.checkpoint.safetensors_io import SafetensorsWriter
+    from mindport.checkpoint.shards import plan_shards
 
     os.makedirs(directory)
     config = {"model_type": "telechat", "architectures": ["TelechatForCausalLM"], "vocab_size": V, "hidden_size": H,
@@ -104,9 +104,9 @@ def load_all_then_write(src: str, dst: str) -> None:
     """mindformers' approach: every tensor in memory first, then the output written."""
     import mindspore  # noqa: F401  (the converter it stands for runs inside MindSpore)
 
-    from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint
-    from mindport.ckpt_tools.safetensors_io import SafetensorsReader
-    from mindport.ckpt_tools.weights import StagingDir, write_sharded
+    from mindport.checkpoint.hf_checkpoint import HFCheckpoint
+    from mindport.checkpoint.safetensors_io import SafetensorsReader
+    from mindport.checkpoint.shards import StagingDir, write_shards
     from mindport.models.auto import read_config
     from mindport.models.registry import family
 
@@ -123,7 +123,7 @@ def load_all_then_write(src: str, dst: str) -> None:
                 entries.append((ours, info.dtype, info.shape, info.nbytes))
     ckpt.close()
     with StagingDir(dst, overwrite=False) as tmp:
-        write_sharded(tmp, entries, state.__getitem__, metadata={"format": "ms"})
+        write_shards(tmp, entries, lambda name: [state[name]], metadata={"format": "ms"})
         config.save(os.path.join(tmp, "config.json"))
 
 

@@ -2,9 +2,9 @@
 
 Every conversion first plans the whole output from the source's headers (names, dtypes,
 shapes), checks it against the shapes the target ``config.json`` implies
-(:func:`mindport.ckpt_tools.shapes.parameter_shapes`, no model is built), and only then
+(:func:`mindport.config.parameter_shapes`, no model is built), and only then
 writes, one tensor at a time, into a temporary sibling of the destination that is renamed
-into place at the end (:class:`~mindport.ckpt_tools.weights.StagingDir`): a failure never
+into place at the end (:class:`~mindport.checkpoint.shards.StagingDir`): a failure never
 leaves a partial directory behind.
 
 Memory: a tensor's bytes are never mapped or loaded whole. Unchanged contiguous bytes are
@@ -16,7 +16,7 @@ bit-exact, bf16 included. (``pytorch_model*.bin`` sources are read through torch
 for old-style non-zip files, so their pages do count towards resident memory.)
 
 Every direction carries the source's non-weight files (tokenizer, generation_config.json, remote
-code) and its HF config.json (:mod:`mindport.ckpt_tools.model_files`).
+code) and its HF config.json (:mod:`mindport.checkpoint.model_files`).
 
 Formats
   mindport dir   config.json ``{"mindport_config": {...}}`` + safetensors with mindport
@@ -51,20 +51,19 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint, read_json
-from mindport.ckpt_tools.model_files import carry_files, hf_config, source_hf_config
-from mindport.ckpt_tools.safetensors_io import (NUMPY_DTYPES, CheckpointError, FileRange, ITEMSIZE,
-                                                SafetensorsReader, SafetensorsWriter, bf16_bits_to_f32,
+from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
+from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
+from mindport.checkpoint.safetensors_io import (CheckpointError, FileRange, SafetensorsReader, bf16_bits_to_f32,
                                                 f32_to_bf16_bits)
-from mindport.ckpt_tools.shapes import Shape, parameter_shapes
-from mindport.config import ConfigError, ModelConfig, ParallelConfig
+from mindport.checkpoint.tensor_check import check_shape, check_tensors, missing_tensor, unexpected_tensor
+from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
+from mindport.config import ConfigError, ModelConfig, Shape, parameter_shapes
+from mindport.dtypes import DTYPE_NAMES, ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
+from mindport.parallel.layout import LAYOUT_FILE, Box, layout_text, rank_dir_name, rank_layout
 
 CHUNK_BYTES = 32 << 20  # largest buffer a dtype change, a strided slice or a merge holds
-DEFAULT_SHARD_BYTES = 5 * 10**9  # "5GB" as transformers reads it: no output file is larger
-LAYOUT_FILE = "layout.json"
-DTYPE_CODES = {"keep": None, "fp32": "F32", "float32": "F32", "fp16": "F16", "float16": "F16",
-               "bf16": "BF16", "bfloat16": "BF16"}
-_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_SHORT_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype spellings
+DTYPE_CODES = {"keep": None, **SAFETENSORS_CODES, **{short: SAFETENSORS_CODES[n] for short, n in _SHORT_NAMES.items()}}
 _FLOAT = ("F32", "F16", "BF16", "F64")
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # bytes of any dtype, by item size
 
@@ -140,21 +139,8 @@ class _Source:
 
 # --------------------------------------------------------------------------- output tensors
 
-Box = tuple[tuple[int, int], ...]  # [start, stop) per axis
-
-
 def _full(shape: Shape) -> Box:
     return tuple((0, n) for n in shape)
-
-
-def _box_of(index: tuple[slice, ...], shape: Shape) -> Box:
-    box = []
-    for s, n in zip(index, shape):
-        start, stop, step = s.indices(n)
-        if step != 1:
-            raise CheckpointError(f"slice {s} has step {step}: only contiguous blocks are supported")
-        box.append((start, stop))
-    return tuple(box)
 
 
 def _volume(shape) -> int:
@@ -320,25 +306,21 @@ def _plan_from_hf(source: _Source, name_map, config: ModelConfig, code: str | No
             if target.name is None:
                 continue  # dropped on purpose (e.g. cached rotary buffers)
             if target.name not in expected:
-                raise CheckpointError(f"{path}: unexpected tensor '{hf_name}' (maps to '{target.name}', which the "
-                                      f"model described by config.json does not have)")
+                raise unexpected_tensor(path, hf_name, f"maps to '{target.name}', which the model described by "
+                                                       f"config.json does not have")
             full = expected[target.name]
-            want = full if target.expert is None else full[1:]
             if target.expert is not None and target.expert >= full[0]:
-                raise CheckpointError(f"{path}: unexpected tensor '{hf_name}': expert {target.expert}, but "
-                                      f"config.json gives {full[0]} experts")
+                raise unexpected_tensor(path, hf_name, f"expert {target.expert}, but config.json gives {full[0]} "
+                                                       f"experts")
             src = source.tensors[hf_name]
-            if src.shape != tuple(want):
-                raise CheckpointError(f"{path}: tensor '{hf_name}' has shape {list(src.shape)}, config.json "
-                                      f"implies {list(want)}")
+            check_shape(path, hf_name, src.shape, full if target.expert is None else full[1:])
             found[target.name][target.expert] = src
     outs = []
     for name, shape in expected.items():
         hf_names = list(name_map.to_hf(name, config.num_experts))
         for hf_name, expert in hf_names:
             if expert not in found[name]:
-                raise CheckpointError(f"{source.directory}: missing tensor '{hf_name}' (needed for parameter "
-                                      f"'{name}')")
+                raise missing_tensor(source.directory, hf_name, f"needed for parameter '{name}'")
         if hf_names[0][1] is None:
             src = found[name][None]
             outs.append(_Out(name, _out_dtype(src, code), shape, parts=[(src, _full(src.shape))]))
@@ -357,20 +339,11 @@ def _plan_from_hf(source: _Source, name_map, config: ModelConfig, code: str | No
 def _plan_from_mindport(source: _Source, config: ModelConfig, code: str | None) -> list[_Out]:
     """The tensors of a mindport-format directory, checked against its config.json."""
     expected = parameter_shapes(config)
-    for path, names in source.by_file():
-        for name in names:
-            if name not in expected:
-                raise CheckpointError(f"{path}: unexpected tensor '{name}' (the model described by config.json "
-                                      f"has no such parameter)")
-            shape = source.tensors[name].shape
-            if shape != expected[name]:
-                raise CheckpointError(f"{path}: tensor '{name}' has shape {list(shape)}, config.json implies "
-                                      f"{list(expected[name])}")
+    found = {name: source.tensors[name].shape for _, names in source.by_file() for name in names}
+    check_tensors(found, expected, source.directory, file_of=lambda name: source.tensors[name].path)
     outs = []
     for name, shape in expected.items():
-        src = source.tensors.get(name)
-        if src is None:
-            raise CheckpointError(f"{source.directory}: missing tensor '{name}'")
+        src = source.tensors[name]
         outs.append(_Out(name, _out_dtype(src, code), shape, parts=[(src, _full(shape))]))
     return outs
 
@@ -397,56 +370,7 @@ class _RankPlan:
 
     @property
     def dir_name(self) -> str:
-        return f"rank_{self.rank:04d}"
-
-
-def rank_layout(tensors: dict[str, tuple[str, Shape]], config: ModelConfig, tp: int, pp: int, ep: int,
-                offset=None) -> tuple[dict, list[dict[str, Box]]]:
-    """The layout.json document of per-rank shards of ``tensors`` (name -> (dtype, global shape)),
-    and for each export rank the box (sharding.py) each of its tensors takes. Pure: no I/O, so the
-    converter and the trainer's parallel checkpoints share one layout."""
-    from mindport.parallel.pipeline import stage_layers
-    from mindport.parallel.sharding import rule_for, shard_slices, stages_of_param
-    from mindport.parallel.state import check_layout, coordinates
-
-    for key, value in (("tp", tp), ("pp", pp), ("ep", ep)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"--{key} {value!r}: expected a positive integer")
-    if ep > 1 and not config.is_moe:
-        raise ConfigError(f"--ep {ep}: the model has no experts (num_experts = 0); expert parallelism needs a "
-                          f"MoE model")
-    dp = ep  # expert-parallel groups run along the data-parallel axis (module docstring)
-    layout_config = ParallelConfig(data_parallel=dp, model_parallel=tp, pipeline_stage=pp, expert_parallel=ep,
-                                   micro_batch_num=pp)
-    check_layout(layout_config, layout_config.world_size)
-    layout_config.check_model(config, f"--tp {tp} --pp {pp} --ep {ep}")
-    rank_boxes, rank_docs = [], []
-    for rank in range(layout_config.world_size):
-        c = coordinates(layout_config, rank)  # the parallel layer's own rank order
-        coords = dict(dp_rank=c["dp"], pp_rank=c["pp"], cp_rank=c["cp"], tp_rank=c["tp"], ep_rank=c["dp"] % ep)
-        boxes = {name: _box_of(shard_slices(name, shape, c["tp"], tp, coords["ep_rank"], ep, config.vocab_pad_multiple),
-                               shape)
-                 for name, (_, shape) in tensors.items()
-                 if c["pp"] in stages_of_param(name, config.num_layers, pp, offset)}
-        rank_boxes.append(boxes)
-        rank_docs.append({"rank": rank, "dir": f"rank_{rank:04d}", **coords,
-                          "tensors": {name: {"offsets": [a for a, _ in box], "shape": [b - a for a, b in box]}
-                                      for name, box in boxes.items()}})
-    layout = {
-        "format": "mindport-rank-shards", "version": 1,
-        "tp": tp, "pp": pp, "ep": ep, "dp": dp, "cp": 1, "world_size": dp * pp * tp,
-        "rank_formula": "rank = ((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank",
-        "ep_formula": "ep_rank = dp_rank % ep: ep consecutive dp indices form an expert-parallel group "
-                      "(mindport.parallel.state), independent of tp_rank; expert weights split over experts by "
-                      "ep_rank and over their ffn axis by tp_rank (mindport.parallel.sharding); this export "
-                      "writes dp = ep replicas",
-        "pipeline_offset": offset,
-        "pipeline_layers": [[r.start, r.stop] for r in stage_layers(config.num_layers, pp, offset)],
-        "tensors": {name: {"dtype": dtype, "shape": list(shape), "rule": rule_for(name).kind}
-                    for name, (dtype, shape) in tensors.items()},
-        "ranks": rank_docs,
-    }
-    return layout, rank_boxes
+        return rank_dir_name(self.rank)
 
 
 def _plan_ranks(outs: list[_Out], config: ModelConfig, tp: int, pp: int, ep: int,
@@ -478,33 +402,16 @@ def _progress(total: int, enabled: bool):
 
 
 def _write_files(directory: str, outs: list[_Out], max_bytes: int, metadata: dict, bar) -> int:
-    """Write ``outs`` as size-capped safetensors shards (+ index when several); returns bytes written."""
-    from mindport.ckpt_tools.weights import plan_shards, shard_names
-
-    entries = [(o.name, o.dtype, o.shape, o.nbytes) for o in outs]
+    """Write ``outs`` with the shard writer; returns bytes written."""
     by_name = {o.name: o for o in outs}
-    shards = plan_shards(entries, max_bytes)
-    files = shard_names(len(shards))
-    weight_map = {}
-    for file_name, shard in zip(files, shards):
-        writer = SafetensorsWriter(os.path.join(directory, file_name), [(n, d, s) for n, d, s, _ in shard], metadata)
-        for name, *_ in shard:
-            writer.write_chunks(name, by_name[name].chunks())
-            weight_map[name] = file_name
-            bar.update(1)
-        writer.close()
-    total = sum(e[3] for e in entries)
-    if len(files) > 1:
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return total
+    write_shards(directory, [(o.name, o.dtype, o.shape, o.nbytes) for o in outs], lambda name: by_name[name].chunks(),
+                 max_bytes, metadata, on_tensor=lambda: bar.update(1))
+    return sum(o.nbytes for o in outs)
 
 
 def _write_mindport(outs: list[_Out], config: ModelConfig, src: str, dst: str, overwrite: bool, tp: int, pp: int,
                     ep: int, max_bytes: int, progress: bool, start: float, offset=None) -> Summary:
     """Write ``outs`` as a mindport directory (or per-rank shards), with ``src``'s non-weight files."""
-    from mindport.ckpt_tools.weights import StagingDir  # imports MindSpore: only once the input is known good
-
     if (tp, pp, ep) == (1, 1, 1):
         with StagingDir(dst, overwrite) as tmp, _progress(len(outs), progress) as bar:
             nbytes = _write_files(tmp, outs, max_bytes, {"format": "ms"}, bar)
@@ -524,29 +431,6 @@ def _write_mindport(outs: list[_Out], config: ModelConfig, src: str, dst: str, o
             f.write(layout_text(layout))
         carry_files(src, tmp)
     return Summary(count, nbytes, time.perf_counter() - start, dst)
-
-
-def layout_text(layout: dict) -> str:
-    """layout.json, one line per tensor (json.dump with indent puts every list item on its own line)."""
-
-    def table(entries: dict, pad: str) -> str:
-        rows = ",\n".join(f"{pad}{json.dumps(k)}: {json.dumps(v)}" for k, v in entries.items())
-        return "{\n" + rows + "\n" + pad[:-1] + "}"
-
-    fields = []
-    for key, value in layout.items():
-        if key == "tensors":
-            text = table(value, "  ")
-        elif key == "ranks":
-            ranks = []
-            for rank in value:
-                head = json.dumps({k: v for k, v in rank.items() if k != "tensors"})[:-1]
-                ranks.append(f'  {head}, "tensors": {table(rank["tensors"], "    ")}}}')
-            text = "[\n" + ",\n".join(ranks) + "\n ]"
-        else:
-            text = json.dumps(value)
-        fields.append(f" {json.dumps(key)}: {text}")
-    return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
 def _read_model_config(src: str, want_hf: bool) -> ModelConfig:
@@ -596,8 +480,8 @@ def split(src: str, dst: str, tp: int = 1, pp: int = 1, ep: int = 1, overwrite: 
 def mindport_to_hf(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int | None = None,
                    dtype: str = "keep", progress: bool = True) -> Summary:
     """Export a mindport directory with HF names and layouts: shards + index, config.json (the source's,
-    :mod:`~mindport.ckpt_tools.model_files`), generation_config.json and every other non-weight file."""
-    from mindport.ckpt_tools.weights import StagingDir, write_hf_configs
+    :mod:`~mindport.checkpoint.model_files`), generation_config.json and every other non-weight file."""
+    from mindport.models.weights import write_hf_configs
     from mindport.models.registry import family
 
     start = time.perf_counter()
@@ -608,7 +492,7 @@ def mindport_to_hf(src: str, dst: str, overwrite: bool = False, max_shard_bytes:
     with _Source(src) as source:
         outs = _hf_outputs(_plan_from_mindport(source, config, code), fam.name_map, config.num_experts)
         dtypes = {o.dtype for o in outs}
-        files_dtype = _TORCH_NAMES.get(dtypes.pop()) if len(dtypes) == 1 else None  # what the files hold
+        files_dtype = DTYPE_NAMES.get(dtypes.pop()) if len(dtypes) == 1 else None  # what the files hold
         doc = hf_config(source_hf_config(src), fam, config, files_dtype)
         with StagingDir(dst, overwrite) as tmp, _progress(len(outs), progress) as bar:
             nbytes = _write_files(tmp, outs, max_shard_bytes or DEFAULT_SHARD_BYTES, {"format": "pt"}, bar)
@@ -632,16 +516,7 @@ def merge(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int | No
                               f"of a per-rank export")
     expected = parameter_shapes(config)
     tensors, ranks = _check_layout_doc(layout_path, layout)
-    for name in tensors:
-        if name not in expected:
-            raise CheckpointError(f"{layout_path}: unexpected tensor '{name}' (config.json's model has no such "
-                                  f"parameter)")
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise CheckpointError(f"{layout_path}: missing tensor '{name}'")
-        if tuple(tensors[name]["shape"]) != shape:
-            raise CheckpointError(f"{layout_path}: tensor '{name}' has global shape {tensors[name]['shape']}, "
-                                  f"config.json implies {list(shape)}")
+    check_tensors({name: tuple(entry["shape"]) for name, entry in tensors.items()}, expected, layout_path)
     sources: list[_Source] = []
     try:
         pieces: dict[str, dict[tuple, _Src]] = {name: {} for name in expected}

@@ -25,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mindport.ckpt_tools.safetensors_io import CheckpointError
-    from mindport.config import ConfigError
+    from mindport.errors import CheckpointError, ConfigError
 
     args = build_parser().parse_args(argv)
     try:

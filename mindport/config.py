@@ -1,41 +1,40 @@
 """Configuration dataclasses: model, parallel layout and training.
 
 Every config validates itself once (``__post_init__``) and derives what follows from
-its fields, so layers never re-check divisibility. Configs load from mindformers-shaped
-YAML (``model: model_config: ...``, ``parallel_config: ...``, ``optimizer``,
-``lr_schedule``, ``runner_config``) and model configs from a HuggingFace ``config.json``
-through the family registry (:mod:`mindport.models`).
+its fields, so layers never re-check divisibility. The run YAML (mindformers' shape) is read
+above this module (:mod:`mindport.train.config`), model configs from a HuggingFace
+``config.json`` through the family registry (:mod:`mindport.models`). The helpers :func:`fail`,
+:func:`positive`, :func:`one_of`, :func:`check_types` and :class:`Loadable` serve every config.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-import yaml
+from mindport.dtypes import SAFETENSORS_CODES
+from mindport.errors import ConfigError
+
+MINDPORT_KEY = "mindport_config"  # config.json of a mindport model directory: {MINDPORT_KEY: {...}}
 
 
-class ConfigError(ValueError):
-    """A configuration key holds a value mindport cannot use."""
-
-
-def _fail(key: str, value: Any, expected: str) -> None:
+def fail(key: str, value: Any, expected: str) -> None:
     raise ConfigError(f"key '{key}' = {value!r}: expected {expected}")
 
 
-def _positive(obj: Any, *names: str) -> None:
+def positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            _fail(name, value, "a positive integer")
+            fail(name, value, "a positive integer")
 
 
 def _divides(key: str, value: int, divisor_key: str, divisor: int) -> None:
     if value % divisor:
-        _fail(key, value, f"a multiple of {divisor_key} = {divisor}")
+        fail(key, value, f"a multiple of {divisor_key} = {divisor}")
 
 
 _SCALARS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
@@ -55,15 +54,15 @@ def check_types(obj: Any) -> None:
               "int": isinstance(value, int) and not isinstance(value, bool),
               "float": isinstance(value, (int, float)) and not isinstance(value, bool)}
         if not any(ok[kind] for kind in kinds):
-            _fail(f.name, value, " or ".join(_SCALARS.get(kind, "null") for kind in kinds))
+            fail(f.name, value, " or ".join(_SCALARS.get(kind, "null") for kind in kinds))
 
 
-def _one_of(key: str, value: Any, choices) -> None:
+def one_of(key: str, value: Any, choices) -> None:
     if value not in choices:
-        _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
+        fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
-class _Loadable:
+class Loadable:
     """Shared construction from a plain mapping, rejecting unknown keys by name."""
 
     ALIASES: dict[str, str] = {}
@@ -93,7 +92,7 @@ class _Loadable:
 
 
 @dataclass
-class ModelConfig(_Loadable):
+class ModelConfig(Loadable):
     """Architecture of a decoder-only causal LM (dense or MoE), independent of family.
 
     Sizes: H hidden_size, n num_heads, n_kv num_kv_heads, hd = H / n, F ffn_hidden_size,
@@ -160,37 +159,37 @@ class ModelConfig(_Loadable):
 
     def __post_init__(self) -> None:
         check_types(self)
-        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
-                  "vocab_pad_multiple")
+        positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings",
+                 "vocab_pad_multiple")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        _positive(self, "num_kv_heads")
+        positive(self, "num_kv_heads")
         _divides("hidden_size", self.hidden_size, "num_heads", self.num_heads)
         _divides("num_heads", self.num_heads, "num_kv_heads", self.num_kv_heads)
         if self.head_dim % 2:
-            _fail("hidden_size", self.hidden_size, "an even head dimension hidden_size / num_heads")
+            fail("hidden_size", self.hidden_size, "an even head dimension hidden_size / num_heads")
         if not self.rms_norm_eps > 0:
-            _fail("rms_norm_eps", self.rms_norm_eps, "a positive number")
+            fail("rms_norm_eps", self.rms_norm_eps, "a positive number")
         if not self.rope_theta > 0:
-            _fail("rope_theta", self.rope_theta, "a positive number")
-        _one_of("kv_layout", self.kv_layout, ("separate", "interleaved"))
-        _one_of("rope_scaling", self.rope_scaling, ("none", "telechat_ntk"))
-        _one_of("param_dtype", self.param_dtype, ("float32", "float16", "bfloat16"))
-        _one_of("compute_dtype", self.compute_dtype, ("float32", "float16", "bfloat16"))
+            fail("rope_theta", self.rope_theta, "a positive number")
+        one_of("kv_layout", self.kv_layout, ("separate", "interleaved"))
+        one_of("rope_scaling", self.rope_scaling, ("none", "telechat_ntk"))
+        one_of("param_dtype", self.param_dtype, tuple(SAFETENSORS_CODES))
+        one_of("compute_dtype", self.compute_dtype, tuple(SAFETENSORS_CODES))
         if self.rope_scaling == "telechat_ntk" or self.use_logn_attn:
             self.training_seqlen = self.training_seqlen or self.max_position_embeddings
             self.base_seqlen = self.base_seqlen or self.training_seqlen
-            _positive(self, "training_seqlen", "base_seqlen")
+            positive(self, "training_seqlen", "base_seqlen")
         if self.num_experts:
-            _positive(self, "num_experts", "moe_top_k", "moe_intermediate_size")
+            positive(self, "num_experts", "moe_top_k", "moe_intermediate_size")
             if self.moe_top_k > self.num_experts:
-                _fail("moe_top_k", self.moe_top_k, f"at most num_experts = {self.num_experts}")
+                fail("moe_top_k", self.moe_top_k, f"at most num_experts = {self.num_experts}")
             if self.capacity_factor < 0:
-                _fail("capacity_factor", self.capacity_factor, "0 (dropless) or a positive number")
+                fail("capacity_factor", self.capacity_factor, "0 (dropless) or a positive number")
         elif self.moe_top_k or self.shared_expert_intermediate_size:
-            _fail("num_experts", self.num_experts, "a positive count when MoE keys are set")
+            fail("num_experts", self.num_experts, "a positive count when MoE keys are set")
         else:
-            _positive(self, "ffn_hidden_size")
+            positive(self, "ffn_hidden_size")
 
     @property
     def head_dim(self) -> int:
@@ -202,23 +201,96 @@ class ModelConfig(_Loadable):
 
     def num_parameters(self) -> int:
         """Parameter count of the model this config builds."""
-        h, hd, n, nkv = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
-        attn = h * n * hd + 2 * h * nkv * hd + n * hd * h
-        attn += (n * hd + 2 * nkv * hd) * self.qkv_bias + h * self.o_bias
-        if self.is_moe:
-            mlp = self.num_experts * 3 * h * self.moe_intermediate_size + self.num_experts * h
-            mlp += 3 * h * self.shared_expert_intermediate_size + h * self.shared_expert_gate
-        else:
-            mlp = 3 * h * self.ffn_hidden_size + 2 * self.ffn_hidden_size * self.gate_up_bias + h * self.down_bias
-        per_layer = attn + mlp + 2 * h
-        return self.num_layers * per_layer + 2 * self.vocab_size * h + h
+        return sum(math.prod(shape) for shape in parameter_shapes(self).values())
 
     def save(self, path: str) -> None:
-        _atomic_write_text(path, json.dumps({"mindport_config": self.to_dict()}, indent=2) + "\n")
+        _atomic_write_text(path, json.dumps({MINDPORT_KEY: self.to_dict()}, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- parameter shapes
+# The name and shape of every parameter a config builds, computed without building the model. It
+# mirrors the cells in ``mindport/transformer`` (layers, attention, mlp, moe) and the order in which
+# they register parameters; a test checks it against the real model of every family's tiny preset.
+
+Shape = tuple[int, ...]
+
+
+def _linear(shapes: dict[str, Shape], prefix: str, in_features: int, out_features: int, bias: bool) -> None:
+    shapes[f"{prefix}.weight"] = (out_features, in_features)  # (out, in), as HF stores it
+    if bias:
+        shapes[f"{prefix}.bias"] = (out_features,)
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, Shape]:
+    """mindport parameter name -> shape, in the model's parameter order."""
+    h, d = config.hidden_size, config.head_dim
+    n, nkv = config.num_heads, config.num_kv_heads
+    shapes: dict[str, Shape] = {"embed.weight": (config.vocab_size, h)}
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (h,)
+        _linear(shapes, p + "attn.q_proj", h, n * d, config.qkv_bias)
+        if config.kv_layout == "interleaved":
+            _linear(shapes, p + "attn.kv_proj", h, 2 * nkv * d, config.qkv_bias)
+        else:
+            _linear(shapes, p + "attn.k_proj", h, nkv * d, config.qkv_bias)
+            _linear(shapes, p + "attn.v_proj", h, nkv * d, config.qkv_bias)
+        _linear(shapes, p + "attn.o_proj", n * d, h, config.o_bias)
+        shapes[p + "mlp_norm.weight"] = (h,)
+        if config.is_moe:
+            e, width = config.num_experts, config.moe_intermediate_size
+            _linear(shapes, p + "mlp.router", h, e, False)
+            shapes[p + "mlp.experts.gate_proj"] = (e, width, h)  # stacked experts, no ".weight"
+            shapes[p + "mlp.experts.up_proj"] = (e, width, h)
+            shapes[p + "mlp.experts.down_proj"] = (e, h, width)
+            shared = config.shared_expert_intermediate_size
+            if shared:
+                _linear(shapes, p + "mlp.shared.gate_proj", h, shared, False)
+                _linear(shapes, p + "mlp.shared.up_proj", h, shared, False)
+                _linear(shapes, p + "mlp.shared.down_proj", shared, h, False)
+                if config.shared_expert_gate:
+                    _linear(shapes, p + "mlp.shared_gate", h, 1, False)
+        else:
+            f = config.ffn_hidden_size
+            _linear(shapes, p + "mlp.gate_proj", h, f, config.gate_up_bias)
+            _linear(shapes, p + "mlp.up_proj", h, f, config.gate_up_bias)
+            _linear(shapes, p + "mlp.down_proj", f, h, config.down_bias)
+    shapes["final_norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
+def vocab_block(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
+    """Rows of the padded vocabulary per tp rank: V padded to a multiple of ``multiple`` x tp,
+    split evenly (V itself without tensor parallelism: padding exists only for the split)."""
+    if tp_size == 1:
+        return vocab_size
+    step = multiple * tp_size
+    return -(-vocab_size // step) * step // tp_size
+
+
+def stage_layer_counts(num_layers: int, pipeline_stage: int, offset=None) -> list[int]:
+    """Layers per pipeline stage (:mod:`mindport.parallel.pipeline` explains the rule)."""
+    base = num_layers // pipeline_stage
+    if offset is None or offset == 0:
+        counts = [base] * pipeline_stage
+        extra = num_layers - base * pipeline_stage
+        middle = list(range(1, pipeline_stage - 1)) or list(range(pipeline_stage))
+        for k in range(extra):
+            counts[middle[k % len(middle)]] += 1
+        return counts
+    offsets = [offset] * pipeline_stage if isinstance(offset, int) else list(offset)
+    if len(offsets) != pipeline_stage:
+        raise ConfigError(f"key 'offset' = {offset!r}: expected {pipeline_stage} entries (one per pipeline stage)")
+    counts = [base + o for o in offsets]
+    if sum(counts) != num_layers or min(counts) < 1:
+        raise ConfigError(f"key 'offset' = {offset!r}: gives stage sizes {counts}, expected positive sizes "
+                          f"adding up to num_layers = {num_layers}")
+    return counts
 
 
 @dataclass
-class ParallelConfig(_Loadable):
+class ParallelConfig(Loadable):
     """Parallel layout in mindformers' ``parallel_config`` names.
 
     world = data_parallel x pipeline_stage x context_parallel x model_parallel, with
@@ -241,12 +313,12 @@ class ParallelConfig(_Loadable):
 
     def __post_init__(self) -> None:
         check_types(self)
-        _positive(self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
-                  "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
-        _one_of("context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))
-        _one_of("moe_token_dispatcher", self.moe_token_dispatcher, ("alltoall", "allgather"))
+        positive(self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
+                 "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
+        one_of("context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))
+        one_of("moe_token_dispatcher", self.moe_token_dispatcher, ("alltoall", "allgather"))
         if self.micro_batch_num < self.pipeline_stage and self.pipeline_stage > 1:
-            _fail("micro_batch_num", self.micro_batch_num, f"at least pipeline_stage = {self.pipeline_stage}")
+            fail("micro_batch_num", self.micro_batch_num, f"at least pipeline_stage = {self.pipeline_stage}")
 
     @property
     def world_size(self) -> int:
@@ -260,15 +332,13 @@ class ParallelConfig(_Loadable):
             raise ConfigError(f"{source}: {err}") from None
 
     def _check_model(self, model: ModelConfig) -> None:
-        from mindport.parallel.sharding import vocab_block
-
         tp = self.model_parallel
         for key in ("num_heads", "num_kv_heads"):
             _divides(key, getattr(model, key), "model_parallel", tp)
         rows = vocab_block(model.vocab_size, tp, model.vocab_pad_multiple)  # the vocabulary is padded, not divided
         if model.vocab_size <= (tp - 1) * rows:
-            _fail("vocab_size", model.vocab_size, f"more than {(tp - 1) * rows} (padded to {tp} x {rows} rows with "
-                  f"vocab_pad_multiple = {model.vocab_pad_multiple}, every model_parallel rank needs real rows)")
+            fail("vocab_size", model.vocab_size, f"more than {(tp - 1) * rows} (padded to {tp} x {rows} rows with "
+                 f"vocab_pad_multiple = {model.vocab_pad_multiple}, every model_parallel rank needs real rows)")
         if model.is_moe:
             _divides("moe_intermediate_size", model.moe_intermediate_size, "model_parallel", tp)
             _divides("shared_expert_intermediate_size", model.shared_expert_intermediate_size, "model_parallel", tp)
@@ -277,150 +347,8 @@ class ParallelConfig(_Loadable):
         if model.is_moe:
             _divides("num_experts", model.num_experts, "expert_parallel", self.expert_parallel)
         if model.num_layers < self.pipeline_stage:
-            _fail("pipeline_stage", self.pipeline_stage, f"at most num_layers = {model.num_layers}")
-        from mindport.parallel.pipeline import stage_layer_counts
-
+            fail("pipeline_stage", self.pipeline_stage, f"at most num_layers = {model.num_layers}")
         stage_layer_counts(model.num_layers, self.pipeline_stage, self.offset)  # raises on a bad offset
-
-
-@dataclass
-class RunConfig:
-    """A whole YAML file: model, layout and training."""
-
-    model: ModelConfig
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: "TrainConfig" = None  # mindport.train.config.TrainConfig
-
-    def __post_init__(self) -> None:
-        if self.train is None:
-            from mindport.train.config import TrainConfig
-
-            self.train = TrainConfig()
-
-
-# model_config keys that are not the architecture: with load_checkpoint they still come from the YAML
-# (everything else comes from the checkpoint, and a YAML value must agree with it)
-TRAINING_MODEL_KEYS = ("param_dtype", "compute_dtype", "initializer_range", "router_aux_loss_coef",
-                       "router_z_loss_coef", "capacity_factor", "vocab_pad_multiple")
-
-
-def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
-    """Build a :class:`RunConfig` from a mindformers-shaped mapping. With ``load_checkpoint`` the
-    architecture is the checkpoint's (``model.model_config`` may be omitted)."""
-    if not isinstance(doc, Mapping):
-        raise ConfigError(f"{source}: expected a mapping with a 'model: model_config:' section")
-    from mindport.train.config import train_config_from_sections
-
-    rest = {k: v for k, v in doc.items() if k not in ("model", "parallel_config")}
-    train = train_config_from_sections(rest, source)
-    model_section = doc.get("model", {} if train.load_checkpoint else None)
-    if not isinstance(model_section, Mapping):
-        raise ConfigError(f"{source}: key 'model' missing: expected a 'model: model_config:' section (or "
-                          f"load_checkpoint)")
-    extra = set(model_section) - {"model_config", "arch"}
-    if extra:
-        raise ConfigError(f"{source}: unknown key 'model.{sorted(extra)[0]}' (known: model_config, arch)")
-    model_values = model_section.get("model_config", {} if train.load_checkpoint else None)
-    if not isinstance(model_values, Mapping):
-        raise ConfigError(f"{source}: key 'model.model_config' missing: expected the model's settings there")
-    model_values = {k: v for k, v in model_values.items() if k != "type"}
-    if train.load_checkpoint:
-        model = _checkpoint_model_config(train.load_checkpoint, model_values, source)
-    else:
-        model = ModelConfig.from_dict(model_values, f"{source}: model.model_config")
-    parallel = ParallelConfig.from_dict(doc.get("parallel_config") or {}, f"{source}: parallel_config")
-    parallel.check_model(model, f"{source}: parallel_config")
-    return RunConfig(model, parallel, train)
-
-
-def _checkpoint_model_config(path: str, yaml_values: Mapping[str, Any], source: str) -> ModelConfig:
-    """``load_checkpoint``'s architecture with the YAML's :data:`TRAINING_MODEL_KEYS`; any other key the
-    YAML states must equal the checkpoint's."""
-    from mindport.models.auto import AutoConfig
-
-    if not os.path.exists(path):
-        raise ConfigError(f"{source}: key 'load_checkpoint' = {path!r}: no such checkpoint directory")
-    checkpoint = AutoConfig.from_pretrained(path)
-    known = {f.name for f in fields(ModelConfig)}
-    changes = {}
-    for key, value in yaml_values.items():
-        name = ModelConfig.ALIASES.get(key, key)
-        if name not in known:
-            raise ConfigError(f"{source}: unknown key 'model.model_config.{key}' (known keys: "
-                              f"{', '.join(sorted(known))})")
-        if name in TRAINING_MODEL_KEYS:
-            changes[name] = value
-        elif value != getattr(checkpoint, name) and not (name == "num_kv_heads" and value is None):
-            raise ConfigError(f"{source}: key 'model.model_config.{key}' = {value!r}, but load_checkpoint "
-                              f"{path!r} has {getattr(checkpoint, name)!r}: the architecture comes from the "
-                              f"checkpoint (drop the key or make it agree)")
-    try:
-        return checkpoint.replace(**changes)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: model.model_config: {err}") from None
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (YAML 1.1), plus numbers in exponent form without a dot (``5e-3``,
-    ``1E6``) read as floats, as YAML 1.2 and Python read them (YAML 1.1 makes them strings)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def _yaml_error(where: str, err: yaml.YAMLError, position: bool = True) -> ConfigError:
-    """One line: ``FILE:LINE:COLUMN: not valid YAML: the parser's problem``."""
-    mark = getattr(err, "problem_mark", None)
-    if position and mark is not None:
-        where = f"{where}:{mark.line + 1}:{mark.column + 1}"
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    context = getattr(err, "context", None)
-    return ConfigError(f"{where}: not valid YAML: {f'{context}: ' if context else ''}{problem}")
-
-
-def _coerce(text: str, source: str) -> Any:
-    """An override's value: a YAML scalar or flow collection; a string Python's ``float`` reads
-    (``5e-3``, ``inf``) is that float."""
-    try:
-        value = yaml.load(text, Loader=_YamlLoader)
-    except yaml.YAMLError as err:
-        raise _yaml_error(source, err, position=False) from None
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
-def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply ``a.b.c=value`` overrides (values parsed by :func:`_coerce`) to a nested mapping."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{source}: '{item}' is not of the form key.path=value")
-        path, text = item.split("=", 1)
-        node = doc
-        keys = path.split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source}: key '{path}' crosses a non-mapping value at '{key}'")
-        node[keys[-1]] = _coerce(text, f"{source} {item}")
-    return doc
-
-
-def load_yaml(path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Load a mindformers-shaped YAML run config, with optional ``key=value`` overrides."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such config file")
-    with open(path, encoding="utf-8") as f:
-        try:
-            doc = yaml.load(f, Loader=_YamlLoader)
-        except yaml.YAMLError as err:
-            raise _yaml_error(path, err) from None
-    return run_config_from_dict(apply_overrides(doc or {}, overrides or []), path)
 
 
 def _atomic_write_text(path: str, text: str) -> None:

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from mindport import AutoConfig, ConfigError, ModelConfig, ParallelConfig
-from mindport.config import load_yaml
+from mindport.train.config import load_yaml
 
 TINY = dict(family="telechat2", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=96)
 YAML = "configs/telechat2/tiny_train.yaml"
@@ -114,7 +114,7 @@ def test_115b_finetune_config_is_the_published_model_and_fits_64gb_per_npu(tmp_p
     checkpoint's config.json), a valid 64-rank layout, and every rank's estimated training memory under
     an Atlas 800T A2 NPU's 64 GB."""
     from mindport import AutoConfig
-    from mindport.parallel.memory import memory_report
+    from mindport.train.memory import memory_report
     from mindport.parallel.state import check_layout
 
     AutoConfig.from_preset("telechat2-115b").save(str(tmp_path / "config.json"))  # the checkpoint's architecture

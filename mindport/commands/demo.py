@@ -41,7 +41,7 @@ def run(args) -> int:
     start = time.perf_counter()
     import numpy as np
 
-    from mindport.config import RunConfig
+    from mindport.train.config import RunConfig
     from mindport.corpus import pydoc_topics
     from mindport.models.auto import AutoConfig, AutoModelForCausalLM
     from mindport.tokenizer import Tokenizer, train_sentencepiece

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from mindport.config import load_yaml
+    from mindport.train.config import load_yaml
     from mindport.parallel.state import init_parallel
     from mindport.train.run import train
 

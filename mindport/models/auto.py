@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 
-from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint, read_json
-from mindport.config import ConfigError, ModelConfig
+from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
+from mindport.config import MINDPORT_KEY, ConfigError, ModelConfig
 from mindport.models import registry
+from mindport.parallel.layout import LAYOUT_FILE, rank_directory
 
-LAYOUT_FILE = "layout.json"
-MINDPORT_KEY = "mindport_config"
 
 
 def _config_path(path: str) -> str:
@@ -68,7 +67,7 @@ class AutoModelForCausalLM:
         default float32, since bf16 matmul is unavailable on CPU (asking for it there fails).
         """
         from mindport import dispatch
-        from mindport.ckpt_tools.weights import load_into_model
+        from mindport.models.weights import load_into_model
 
         if dtype:
             dispatch.check_dtype(dtype, "dtype")
@@ -95,27 +94,3 @@ def check_device_dtypes(config: ModelConfig, source: str | None = None) -> None:
 
     for key in ("param_dtype", "compute_dtype"):
         dispatch.check_dtype(getattr(config, key), f"{source}: key '{key}'" if source else f"key '{key}'")
-
-
-def rank_directory(path: str, groups) -> str:
-    """This rank's ``rank_XXXX/`` in a per-rank export, after checking the layout matches."""
-    layout_path = os.path.join(path, LAYOUT_FILE)
-    layout = read_json(layout_path)
-    run = groups.config
-    for key, ours in (("tp", run.model_parallel), ("pp", run.pipeline_stage), ("ep", run.expert_parallel)):
-        if layout.get(key) != ours:
-            raise ConfigError(f"{layout_path}: key '{key}' = {layout.get(key)!r}: expected {ours} to match this "
-                              f"run's parallel_config (reshard with `mindport convert merge` + `split`)")
-    return os.path.join(path, f"rank_{export_rank(groups):04d}")
-
-
-def export_rank(groups) -> int:
-    """The ``rank_XXXX`` holding this rank's slices in a per-rank export of its layout (tp, pp, ep;
-    the export has dp = ep replicas and no cp: see ckpt_tools.convert)."""
-    from mindport.config import ParallelConfig
-    from mindport.parallel.state import rank_of
-
-    p, c = groups.config, groups.coords
-    export = ParallelConfig(data_parallel=p.expert_parallel, pipeline_stage=p.pipeline_stage,
-                            model_parallel=p.model_parallel, micro_batch_num=p.pipeline_stage)
-    return rank_of(export, dp=c["dp"] % p.expert_parallel, pp=c["pp"], tp=c["tp"])

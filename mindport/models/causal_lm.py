@@ -7,6 +7,7 @@ from mindspore import Tensor, nn, ops
 
 from mindport import dispatch
 from mindport.config import ModelConfig
+from mindport.constants import IGNORE_INDEX
 from mindport.parallel import state
 from mindport.parallel.comm import collectives
 from mindport.parallel.layers import VocabParallelEmbedding, VocabParallelHead, vocab_rows
@@ -14,7 +15,7 @@ from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.state import ParallelGroups
 from mindport.transformer.block import DecoderLayer
 from mindport.transformer.layers import RMSNorm, as_tensor
-from mindport.transformer.loss import IGNORE_INDEX, CausalLMLoss
+from mindport.transformer.loss import CausalLMLoss
 from mindport.transformer.rope import logn_scale, rope_tables
 
 MASK_VALUE = float(np.finfo(np.float32).min)
@@ -210,7 +211,7 @@ class CausalLM(nn.Cell):
     def save_pretrained(self, out_dir: str, overwrite: bool = False, dtype: str | None = None,
                         max_shard_bytes: int | None = None) -> None:
         """Write an HF-format directory (config.json, generation_config.json, safetensors)."""
-        from mindport.ckpt_tools.weights import DEFAULT_SHARD_BYTES, export_hf
+        from mindport.models.weights import DEFAULT_SHARD_BYTES, export_hf
         from mindport.models.registry import family
 
         export_hf(self, family(self.config.family), out_dir, overwrite, dtype, max_shard_bytes or DEFAULT_SHARD_BYTES)

@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mindport.ckpt_tools.name_map import NameMap
+from mindport.checkpoint.name_map import NameMap
 from mindport.config import ConfigError, ModelConfig
 
 FAMILY_MODULES = ("telechat2", "xverse", "mixtral", "qwen_moe")

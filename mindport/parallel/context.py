@@ -57,12 +57,11 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from mindport.config import ConfigError, ModelConfig
+from mindport.constants import IGNORE_INDEX
 from mindport.ops import ring_attention as ra
 from mindport.parallel import state
 from mindport.parallel.comm import GatherFromGroup
 from mindport.parallel.state import Group, ParallelGroups
-
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------ zigzag layout

@@ -16,6 +16,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, Zero, initializer
 
 from mindport.config import ModelConfig
+from mindport.dtypes import dtype_of
 from mindport.parallel.comm import (CopyToGroup, GatherFromGroup, GatherToAll, ReduceFromGroup,
                                     ReduceScatterToGroup, collectives)
 from mindport.parallel.sharding import vocab_block
@@ -37,8 +38,6 @@ def region_exit(groups: ParallelGroups) -> nn.Cell:
 
 
 def _dtypes(config: ModelConfig):
-    from mindport.transformer.layers import dtype_of
-
     return dtype_of(config.param_dtype), dtype_of(config.compute_dtype)
 
 

@@ -20,9 +20,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
+from mindport.constants import IGNORE_INDEX
+from mindport.dtypes import dtype_of
 from mindport.parallel.comm import collectives
 from mindport.parallel.state import ParallelGroups
-from mindport.transformer.layers import dtype_of
 
 
 class _Link:
@@ -73,7 +74,7 @@ class PipelineSchedule:
         mb = b // m
         dtype = dtype_of(model.config.compute_dtype)  # of the activations exchanged between stages
         shape = self._activation_shape(mb, s)
-        total = Tensor(float((labels[:, 1:] != -100).sum()), ms.float32)
+        total = Tensor(float((labels[:, 1:] != IGNORE_INDEX).sum()), ms.float32)
         for reduce in self.count_over:
             total = reduce(total)
         grads = [ops.zeros(p.shape, ms.float32) for p in self.params]  # summed in fp32 whatever the weights

@@ -1,8 +1,11 @@
 """The one slicing table: how every mindport parameter splits over TP, EP and PP.
 
-The tensor-parallel layers size their parameters from it and the checkpoint tools slice
-and merge with it, so the two can never disagree. Each parameter name matches exactly
-one rule (a test checks this for every family).
+The checkpoint tools, model loading and training checkpoints slice and merge with it. The
+tensor-parallel layers divide their own sizes by tp along the same axes; they cannot silently
+disagree, since loading an unsplit checkpoint into a tp rank assigns each slice this table cuts
+to that rank's parameter (a shape mismatch fails), and the layout tests do exactly that. Global
+shapes come from :func:`mindport.config.parameter_shapes` (checked against every family's built
+model). Each parameter name matches exactly one rule (a test checks this for every family).
 
 Notation: tp = model_parallel, ep = expert_parallel. Splits are contiguous blocks along
 one axis. Column-parallel weights (out, in) split the output axis 0 (q heads, kv heads,
@@ -37,6 +40,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mindport.config import vocab_block
 from mindport.parallel.pipeline import stage_of_layer
 
 
@@ -47,6 +51,7 @@ class Rule:
     tp_axis: int | None = None
     ep_axis: int | None = None
     partial_over_tp: str = "never"  # "never" | "sequence_parallel" | "always" (module docstring)
+    norm: bool = False  # a norm's weight: kept fp32 under AMP O2, never weight-decayed
 
     def __post_init__(self) -> None:
         assert self.partial_over_tp in ("never", "sequence_parallel", "always"), self.partial_over_tp
@@ -65,8 +70,8 @@ _SP = "sequence_parallel"
 RULES = (
     Rule(r"embed\.weight", "vocab", tp_axis=0),
     Rule(r"lm_head\.weight", "vocab", tp_axis=0),
-    Rule(r"final_norm\.weight", "replicated", partial_over_tp=_SP),
-    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated", partial_over_tp=_SP),
+    Rule(r"final_norm\.weight", "replicated", partial_over_tp=_SP, norm=True),
+    Rule(_LAYER + r"(attn_norm|mlp_norm)\.weight", "replicated", partial_over_tp=_SP, norm=True),
     Rule(_LAYER + r"attn\.(q_proj|k_proj|v_proj|kv_proj)\.(weight|bias)", "column", tp_axis=0),
     Rule(_LAYER + r"attn\.o_proj\.weight", "row", tp_axis=1),
     Rule(_LAYER + r"attn\.o_proj\.bias", "replicated", partial_over_tp=_SP),
@@ -90,13 +95,9 @@ def rule_for(name: str) -> Rule:
     return found[0]
 
 
-def vocab_block(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
-    """Rows of the padded vocabulary per tp rank: V padded to a multiple of ``multiple`` x tp,
-    split evenly (V itself without tensor parallelism: padding exists only for the split)."""
-    if tp_size == 1:
-        return vocab_size
-    step = multiple * tp_size
-    return -(-vocab_size // step) * step // tp_size
+def is_norm(name: str) -> bool:
+    """True for a norm's weight (its rule's ``norm`` flag)."""
+    return rule_for(name).norm
 
 
 def _block(size: int, parts: int, rank: int, name: str, axis: int) -> slice:

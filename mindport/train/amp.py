@@ -34,8 +34,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindport.config import ConfigError
-
-LOW = {"float16": ms.float16, "bfloat16": ms.bfloat16}
+from mindport.dtypes import dtype_of
+from mindport.parallel.sharding import is_norm
 
 
 class LowPrecisionMatMul(nn.Cell):
@@ -51,7 +51,7 @@ class LowPrecisionMatMul(nn.Cell):
 
 
 def _linears(model):
-    from mindport.transformer.layers import Linear
+    from mindport.parallel.layers import Linear
 
     return [cell for _, cell in model.cells_and_names() if isinstance(cell, Linear)]
 
@@ -64,14 +64,8 @@ def apply_o1(model, dtype: str = "float16") -> int:
         if not isinstance(matmul, ops.MatMul) or not matmul.transpose_b:
             raise ConfigError("amp_level 'O1': mindport.transformer.layers.Linear no longer computes through a "
                               "`matmul = ops.MatMul(transpose_b=True)` attribute; update mindport/train/amp.py")
-        cell.matmul = LowPrecisionMatMul(LOW[dtype])
+        cell.matmul = LowPrecisionMatMul(dtype_of(dtype))
     return len(linears)
-
-
-def is_norm_param(name: str) -> bool:
-    """RMSNorm weights (kept fp32 under O2, never weight-decayed)."""
-    leaf = name.rsplit(".", 2)
-    return name.endswith(".weight") and len(leaf) >= 2 and leaf[-2].endswith("norm")
 
 
 def build_o2(model, dtype: str = "float16"):
@@ -89,11 +83,11 @@ def build_o2(model, dtype: str = "float16"):
     masters = {}
     for name, param in list(new.parameters_and_names()):
         data = source[name].astype(ms.float32)
-        if is_norm_param(name):
+        if is_norm(name):
             owner_name, attr = name.rsplit(".", 1)
             setattr(owners[owner_name], attr, Parameter(Tensor(data.asnumpy()), name=param.name))
         else:
-            param.set_data(data.astype(LOW[dtype]))
+            param.set_data(data.astype(dtype_of(dtype)))
             masters[name] = Parameter(Tensor(data.asnumpy()), name=f"master.{name}")
     return new, masters
 

@@ -41,9 +41,10 @@ import time
 
 import numpy as np
 
-from mindport.ckpt_tools.model_files import carry_files
-from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter, numpy_dtype_code
-from mindport.config import ConfigError, ParallelConfig
+from mindport.checkpoint.model_files import carry_files
+from mindport.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter, numpy_dtype_code
+from mindport.config import MINDPORT_KEY, ConfigError, ParallelConfig, parameter_shapes
+from mindport.parallel.layout import LAYOUT_FILE, export_rank, layout_text, rank_dir_name, rank_directory, rank_layout
 
 STATE_DIR = "train_state"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -210,8 +211,6 @@ class CheckpointManager:
     # ------------------------------------------------------------------ which rank writes what
     def _export_rank(self) -> int | None:
         """This rank's ``rank_XXXX`` in the weight shards, or None for a replica (dp >= ep or cp > 0)."""
-        from mindport.models.auto import export_rank
-
         c = self.groups.coords
         if c["dp"] >= self.groups.config.expert_parallel or c["cp"]:
             return None
@@ -235,8 +234,6 @@ class CheckpointManager:
         """(weights file, optimizer-state file) this rank reads from checkpoint ``path``."""
         if self.groups is None:
             return os.path.join(path, "model.safetensors"), os.path.join(path, STATE_DIR, "optimizer.safetensors")
-        from mindport.models.auto import rank_directory
-
         return (os.path.join(rank_directory(path, self.groups), "model.safetensors"),
                 os.path.join(path, STATE_DIR, f"rank_{self._state_rank():05d}.safetensors"))
 
@@ -270,7 +267,7 @@ class CheckpointManager:
             weights_file, state_file = self.files(tmp)
         else:
             export = self._export_rank()
-            weights_file = None if export is None else os.path.join(tmp, f"rank_{export:04d}", "model.safetensors")
+            weights_file = None if export is None else os.path.join(tmp, rank_dir_name(export), "model.safetensors")
             mine = self._state_rank() == self.groups.global_rank
             state_file = os.path.join(tmp, STATE_DIR, f"rank_{self.groups.global_rank:05d}.safetensors") if mine \
                 else None
@@ -290,10 +287,8 @@ class CheckpointManager:
 
     def _write_shared_files(self, tmp: str, model_config, state: dict, tokenizer) -> None:
         config = model_config.replace(param_dtype="float32", compute_dtype="float32")
-        _write_json(os.path.join(tmp, "config.json"), {"mindport_config": config.to_dict()})
+        _write_json(os.path.join(tmp, "config.json"), {MINDPORT_KEY: config.to_dict()})
         if self.groups is not None:
-            from mindport.ckpt_tools.convert import LAYOUT_FILE, layout_text, rank_layout
-            from mindport.ckpt_tools.shapes import parameter_shapes
 
             p = self.groups.config
             layout, _ = rank_layout({n: ("F32", shape) for n, shape in parameter_shapes(config).items()}, config,

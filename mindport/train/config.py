@@ -1,19 +1,26 @@
-"""Training settings: optimiser, schedule, precision and run options, read from the
-mindformers YAML sections ``optimizer``, ``lr_schedule``, ``runner_config``,
-``runner_wrapper``, ``recompute_config``, ``train_dataset`` and top-level keys."""
+"""Run configuration: a mindformers-shaped YAML file (``model: model_config: ...``,
+``parallel_config: ...``, ``optimizer``, ``lr_schedule``, ``runner_config``, ...) read into a
+:class:`RunConfig` of the model, layout and training settings (:class:`TrainConfig`, read from the
+sections ``optimizer``, ``lr_schedule``, ``runner_config``, ``runner_wrapper``, ``recompute_config``,
+``train_dataset`` and top-level keys)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from mindport.config import ConfigError, _Loadable, _fail, _one_of, _positive, check_types
+import yaml
+
+from mindport.config import ConfigError, Loadable, ModelConfig, ParallelConfig, check_types, fail, one_of, positive
 
 
 @dataclass
-class TrainConfig(_Loadable):
+class TrainConfig(Loadable):
     """Optimiser, schedule and run settings (mindformers' optimizer/lr_schedule/runner_config).
 
-    One optimiser step consumes ``batch_size * grad_accumulation`` samples of ``seq_length`` tokens.
+    One optimiser step consumes ``batch_size * grad_accumulation`` samples of ``seq_length`` tokens on each
+    data-parallel rank (:attr:`RunConfig.tokens_per_step` counts the whole step).
     """
 
     seed: int = 0
@@ -47,38 +54,33 @@ class TrainConfig(_Loadable):
 
     def __post_init__(self) -> None:
         check_types(self)
-        _positive(self, "batch_size", "seq_length", "train_steps", "grad_accumulation", "keep_checkpoints",
-                  "log_steps", "loss_scale_window")
-        _one_of("amp_level", self.amp_level, ("O0", "O1", "O2"))
-        _one_of("amp_dtype", self.amp_dtype, ("float16", "bfloat16"))
-        _one_of("loss_scale_type", self.loss_scale_type, ("static", "dynamic"))
+        positive(self, "batch_size", "seq_length", "train_steps", "grad_accumulation", "keep_checkpoints",
+                 "log_steps", "loss_scale_window")
+        one_of("amp_level", self.amp_level, ("O0", "O1", "O2"))
+        one_of("amp_dtype", self.amp_dtype, ("float16", "bfloat16"))
+        one_of("loss_scale_type", self.loss_scale_type, ("static", "dynamic"))
         for key in ("learning_rate", "loss_scale", "eps"):
             if not getattr(self, key) > 0:
-                _fail(key, getattr(self, key), "a positive number")
+                fail(key, getattr(self, key), "a positive number")
         for key in ("min_learning_rate", "weight_decay", "grad_clip"):
             if not getattr(self, key) >= 0:
-                _fail(key, getattr(self, key), "a non-negative number")
+                fail(key, getattr(self, key), "a non-negative number")
         if self.min_learning_rate > self.learning_rate:
-            _fail("min_learning_rate", self.min_learning_rate, f"at most learning_rate = {self.learning_rate}")
+            fail("min_learning_rate", self.min_learning_rate, f"at most learning_rate = {self.learning_rate}")
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
-                _fail(key, getattr(self, key), "a number in [0, 1)")
+                fail(key, getattr(self, key), "a number in [0, 1)")
         if self.loss_scale_factor < 2:
-            _fail("loss_scale_factor", self.loss_scale_factor, "an integer >= 2")
+            fail("loss_scale_factor", self.loss_scale_factor, "an integer >= 2")
         for key in ("seed", "warmup_steps", "save_steps"):
             if getattr(self, key) < 0:
-                _fail(key, getattr(self, key), "a non-negative integer")
+                fail(key, getattr(self, key), "a non-negative integer")
         if self.recompute < 0:
-            _fail("recompute", self.recompute, "true, false or a number of layers")
+            fail("recompute", self.recompute, "true, false or a number of layers")
         if not self.peak_tflops >= 0:
-            _fail("peak_tflops", self.peak_tflops, "a non-negative number (0: measure)")
+            fail("peak_tflops", self.peak_tflops, "a non-negative number (0: measure)")
         if not self.output_dir:
-            _fail("output_dir", self.output_dir, "a directory path")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accumulation * self.seq_length
-
+            fail("output_dir", self.output_dir, "a directory path")
 
 # YAML sections (mindformers layout) -> TrainConfig keys they may carry (None: accepted, unused).
 _TRAIN_SECTIONS = {
@@ -152,3 +154,143 @@ def train_config_from_sections(doc: Mapping[str, Any], source: str) -> TrainConf
         else:
             raise ConfigError(f"{source}: unknown top-level key '{key}'")
     return TrainConfig.from_dict(values, f"{source}: training settings")
+
+
+@dataclass
+class RunConfig:
+    """A whole YAML file: model, layout and training."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimiser step consumes over all ranks: ``batch_size`` rows per data-parallel rank
+        (times ``micro_batch_num`` with pipeline stages), x data_parallel x grad_accumulation x seq_length."""
+        p, t = self.parallel, self.train
+        rows = t.batch_size * (p.micro_batch_num if p.pipeline_stage > 1 else 1)
+        return rows * p.data_parallel * t.grad_accumulation * t.seq_length
+
+
+# model_config keys that are not the architecture: with load_checkpoint they still come from the YAML
+# (everything else comes from the checkpoint, and a YAML value must agree with it)
+TRAINING_MODEL_KEYS = ("param_dtype", "compute_dtype", "initializer_range", "router_aux_loss_coef",
+                       "router_z_loss_coef", "capacity_factor", "vocab_pad_multiple")
+
+
+def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
+    """Build a :class:`RunConfig` from a mindformers-shaped mapping. With ``load_checkpoint`` the
+    architecture is the checkpoint's (``model.model_config`` may be omitted)."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{source}: expected a mapping with a 'model: model_config:' section")
+    rest = {k: v for k, v in doc.items() if k not in ("model", "parallel_config")}
+    train = train_config_from_sections(rest, source)
+    model_section = doc.get("model", {} if train.load_checkpoint else None)
+    if not isinstance(model_section, Mapping):
+        raise ConfigError(f"{source}: key 'model' missing: expected a 'model: model_config:' section (or "
+                          f"load_checkpoint)")
+    extra = set(model_section) - {"model_config", "arch"}
+    if extra:
+        raise ConfigError(f"{source}: unknown key 'model.{sorted(extra)[0]}' (known: model_config, arch)")
+    model_values = model_section.get("model_config", {} if train.load_checkpoint else None)
+    if not isinstance(model_values, Mapping):
+        raise ConfigError(f"{source}: key 'model.model_config' missing: expected the model's settings there")
+    model_values = {k: v for k, v in model_values.items() if k != "type"}
+    if train.load_checkpoint:
+        model = _checkpoint_model_config(train.load_checkpoint, model_values, source)
+    else:
+        model = ModelConfig.from_dict(model_values, f"{source}: model.model_config")
+    parallel = ParallelConfig.from_dict(doc.get("parallel_config") or {}, f"{source}: parallel_config")
+    parallel.check_model(model, f"{source}: parallel_config")
+    return RunConfig(model, parallel, train)
+
+
+def _checkpoint_model_config(path: str, yaml_values: Mapping[str, Any], source: str) -> ModelConfig:
+    """``load_checkpoint``'s architecture with the YAML's :data:`TRAINING_MODEL_KEYS`; any other key the
+    YAML states must equal the checkpoint's."""
+    from mindport.models.auto import AutoConfig
+
+    if not os.path.exists(path):
+        raise ConfigError(f"{source}: key 'load_checkpoint' = {path!r}: no such checkpoint directory")
+    checkpoint = AutoConfig.from_pretrained(path)
+    known = {f.name for f in fields(ModelConfig)}
+    changes = {}
+    for key, value in yaml_values.items():
+        name = ModelConfig.ALIASES.get(key, key)
+        if name not in known:
+            raise ConfigError(f"{source}: unknown key 'model.model_config.{key}' (known keys: "
+                              f"{', '.join(sorted(known))})")
+        if name in TRAINING_MODEL_KEYS:
+            changes[name] = value
+        elif value != getattr(checkpoint, name) and not (name == "num_kv_heads" and value is None):
+            raise ConfigError(f"{source}: key 'model.model_config.{key}' = {value!r}, but load_checkpoint "
+                              f"{path!r} has {getattr(checkpoint, name)!r}: the architecture comes from the "
+                              f"checkpoint (drop the key or make it agree)")
+    try:
+        return checkpoint.replace(**changes)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: model.model_config: {err}") from None
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), plus numbers in exponent form without a dot (``5e-3``,
+    ``1E6``) read as floats, as YAML 1.2 and Python read them (YAML 1.1 makes them strings)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml_error(where: str, err: yaml.YAMLError, position: bool = True) -> ConfigError:
+    """One line: ``FILE:LINE:COLUMN: not valid YAML: the parser's problem``."""
+    mark = getattr(err, "problem_mark", None)
+    if position and mark is not None:
+        where = f"{where}:{mark.line + 1}:{mark.column + 1}"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return ConfigError(f"{where}: not valid YAML: {f'{context}: ' if context else ''}{problem}")
+
+
+def _coerce(text: str, source: str) -> Any:
+    """An override's value: a YAML scalar or flow collection; a string Python's ``float`` reads
+    (``5e-3``, ``inf``) is that float."""
+    try:
+        value = yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        raise _yaml_error(source, err, position=False) from None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def apply_overrides(doc: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed by :func:`_coerce`) to a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: '{item}' is not of the form key.path=value")
+        path, text = item.split("=", 1)
+        node = doc
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: key '{path}' crosses a non-mapping value at '{key}'")
+        node[keys[-1]] = _coerce(text, f"{source} {item}")
+    return doc
+
+
+def load_yaml(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load a mindformers-shaped YAML run config, with optional ``key=value`` overrides."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            doc = yaml.load(f, Loader=_YamlLoader)
+        except yaml.YAMLError as err:
+            raise _yaml_error(path, err) from None
+    return run_config_from_dict(apply_overrides(doc or {}, overrides or []), path)

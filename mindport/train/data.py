@@ -33,7 +33,7 @@ def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, over
             source: str = "input") -> dict:
     """Tokenize ``texts`` (special tokens added), end each with EOS, pack into ``seq_length`` samples;
     returns the index. ``source`` names the input in errors."""
-    from mindport.ckpt_tools.weights import StagingDir
+    from mindport.checkpoint.shards import StagingDir
 
     if seq_length < 2:
         raise DataError(f"seq_length = {seq_length}: expected at least 2")

@@ -15,9 +15,10 @@ import numpy as np
 from mindspore import Tensor
 
 from mindport.config import ConfigError
+from mindport.constants import IGNORE_INDEX
 from mindport.parallel.comm import collectives
 from mindport.train.data import PackedDataset
-from mindport.train.trainer import IGNORE_INDEX, next_token_targets
+from mindport.train.trainer import next_token_targets
 
 
 @dataclass

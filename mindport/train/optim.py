@@ -18,6 +18,8 @@ import math
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from mindport.parallel.sharding import is_norm
+
 
 def lr_at(step: int, peak: float, minimum: float, warmup: int, total: int) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up to ``peak`` over
@@ -31,13 +33,11 @@ def lr_at(step: int, peak: float, minimum: float, warmup: int, total: int) -> fl
 
 def no_decay_names(model) -> set[str]:
     """Parameters exempt from weight decay: every norm weight and every bias."""
-    from mindport.transformer.layers import RMSNorm
-
     names = set()
     for cell_name, cell in model.cells_and_names():
         for pname, _ in cell.parameters_and_names(expand=False):
             full = f"{cell_name}.{pname}" if cell_name else pname
-            if isinstance(cell, RMSNorm) or pname.endswith("bias"):
+            if is_norm(full) or pname.endswith("bias"):
                 names.add(full)
     return names
 

@@ -1,4 +1,4 @@
-"""The training job: a :class:`~mindport.config.RunConfig` in, checkpoints and metrics out.
+"""The training job: a :class:`~mindport.train.config.RunConfig` in, checkpoints and metrics out.
 
     data (prepared dir) -> Loader -> Trainer.train_step -> RunLogger
                                            '-> CheckpointManager every save_steps and at the end
@@ -25,8 +25,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from mindport.config import TRAINING_MODEL_KEYS, ConfigError, RunConfig
+from mindport.config import ConfigError
 from mindport.train.checkpoint import STOP_SIGNALS, CheckpointManager, agreed_stop, together
+from mindport.train.config import TRAINING_MODEL_KEYS, RunConfig
 from mindport.train.data import Loader, PackedDataset
 from mindport.train.flops import measure_matmul_flops, train_flops_per_token
 from mindport.train.logger import RunLogger
@@ -169,10 +170,9 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         fpt = train_flops_per_token(run.model, cfg.seq_length)
         world = len(groups.world.ranks)
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_flops()
-        tokens_per_step = per_rank * dp * cfg.grad_accumulation * cfg.seq_length  # the global batch
         logger = RunLogger(cfg.output_dir, cfg.train_steps, trainer.step, cfg.log_steps, fpt, peak * world, progress,
                            echo=echo) if lead else None
-        from mindport.parallel.memory import format_memory_report, memory_report
+        from mindport.train.memory import format_memory_report, memory_report
 
         echo(format_memory_report(memory_report(model.config, groups.config, cfg.batch_size, cfg.seq_length,
                                                 cfg.amp_level, cfg.recompute, rank=groups.global_rank,
@@ -192,7 +192,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
                 stop.rearm()
                 metrics["epoch"] = round(loader.epoch, 4)
                 if logger:
-                    logger.log(metrics, tokens_per_step, time.perf_counter() - t0)
+                    logger.log(metrics, run.tokens_per_step, time.perf_counter() - t0)
                 first = metrics["loss"] if first is None else first
                 last = metrics["loss"]
                 if cfg.save_steps and trainer.step % cfg.save_steps == 0:
@@ -221,7 +221,7 @@ def save(trainer: Trainer, loader: Loader, ckpts: CheckpointManager, tokenizer, 
 
 
 def restore(trainer: Trainer, loader: Loader, ckpts: CheckpointManager, path: str) -> None:
-    from mindport.ckpt_tools.safetensors_io import CheckpointError
+    from mindport.checkpoint.safetensors_io import CheckpointError
 
     weights, arrays, state = ckpts.load(path)
     weights_file, state_file = ckpts.files(path)

@@ -24,14 +24,13 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from mindport.config import ConfigError
+from mindport.constants import IGNORE_INDEX
 from mindport.dispatch import check_dtype
 from mindport.parallel.comm import collectives
 from mindport.parallel.grad_sync import GradientSync, GradNorm, sum_of_squares
 from mindport.train import amp as amp_lib
 from mindport.train.config import TrainConfig
 from mindport.train.optim import AdamW, lr_at, no_decay_names
-
-IGNORE_INDEX = -100
 
 
 def _identity(x):
@@ -82,7 +81,7 @@ class Trainer:
         decay = [n not in exempt for n in self.names]
         self.zero = groups.config.optimizer_shard and groups.dp.size > 1
         if self.zero:
-            from mindport.parallel.zero import ZeroAdamW, shard_group
+            from mindport.train.zero import ZeroAdamW, shard_group
 
             self.optimizer = ZeroAdamW(list(self.params), groups, beta1=config.beta1, beta2=config.beta2,
                                        eps=config.eps, weight_decay=config.weight_decay, decay=decay,
@@ -244,15 +243,12 @@ class Trainer:
         return out
 
     def load_fp32_weights(self, weights: dict[str, np.ndarray], source: str) -> None:
-        from mindport.ckpt_tools.safetensors_io import CheckpointError
+        from mindport.checkpoint.tensor_check import check_tensors
 
+        check_tensors({n: np.shape(weights[n]) for n in self.names if n in weights},
+                      {n: tuple(p.shape) for n, p in zip(self.names, self.params)}, source, "the model has")
         for name, param in zip(self.names, self.params):
-            if name not in weights:
-                raise CheckpointError(f"{source}: missing tensor '{name}'")
             array = np.asarray(weights[name], dtype=np.float32)
-            if tuple(array.shape) != tuple(param.shape):
-                raise CheckpointError(f"{source}: tensor '{name}' has shape {list(array.shape)}, the model has "
-                                      f"{list(param.shape)}")
             if name in self.masters:
                 self.masters[name].set_data(Tensor(array))
             param.set_data(Tensor(array).astype(param.dtype))
@@ -261,7 +257,7 @@ class Trainer:
         """Optimiser and loss-scale state: name -> Parameter (moments keyed by model parameter name,
         so O1 and O2 checkpoints resume into each other)."""
         opt = self.optimizer
-        if self.zero:  # this rank's slices (mindport.parallel.zero)
+        if self.zero:  # this rank's slices (mindport.train.zero)
             out = {"zero.step": opt.step}
             for name, w, m, v in zip(self.names, opt.master, opt.moments1, opt.moments2):
                 out.update({f"zero_master.{name}": w, f"zero_m.{name}": m, f"zero_v.{name}": v})

@@ -10,7 +10,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindport.config import ModelConfig
-from mindport.transformer.layers import dtype_of
+from mindport.dtypes import dtype_of
 
 
 class LayerCache:

@@ -13,15 +13,8 @@ from mindspore.common.initializer import initializer
 
 from mindport import dispatch
 from mindport.config import ModelConfig
-from mindport.parallel.layers import Linear  # noqa: F401  (the one projection type, re-exported)
+from mindport.dtypes import dtype_of
 from mindport.transformer import kernels  # noqa: F401  (registers the core ops)
-
-DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-
-
-def dtype_of(name: str):
-    return DTYPES[name]
-
 
 class RMSNorm(nn.Cell):
     """Root-mean-square norm with fp32 statistics (dispatches to the fused kernel on Ascend)."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from mindport.constants import IGNORE_INDEX
 from mindport.parallel.comm import ReduceFromGroup
 from mindport.parallel.layers import VocabParallelCrossEntropy
 from mindport.parallel.state import ParallelGroups
 
-IGNORE_INDEX = -100
 
 
 def token_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:

@@ -31,11 +31,11 @@ from mindspore.common.initializer import Normal, initializer
 
 from mindport import dispatch
 from mindport.config import ModelConfig
+from mindport.dtypes import dtype_of
 from mindport.ops import moe_routing  # noqa: F401  (registers the routing backends)
 from mindport.parallel.comm import AllToAll, GatherFromGroup, ReduceScatterToGroup, ShareGradient, collectives
 from mindport.parallel.layers import Linear, log_shifted_sum, region_entry, region_exit
 from mindport.parallel.state import ParallelGroups
-from mindport.transformer.layers import dtype_of
 from mindport.transformer.mlp import SwiGLU
 
 

@@ -12,9 +12,9 @@ import pytest
 from testkit.checkpoints import KINDS
 from testkit.hf_models import torch_logits
 from mindport.ckpt_tools import convert
-from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint
-from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsReader, f32_to_bf16_bits
-from mindport.ckpt_tools.shapes import parameter_shapes
+from mindport.checkpoint.hf_checkpoint import HFCheckpoint
+from mindport.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, f32_to_bf16_bits
+from mindport.config import parameter_shapes
 from mindport.config import ConfigError
 from mindport.models.registry import families
 
@@ -405,7 +405,7 @@ def test_parse_size():
 def test_writer_falls_back_to_reads_without_copy_file_range(hf_dirs, tmp_path, monkeypatch):
     import errno
 
-    from mindport.ckpt_tools import safetensors_io
+    from mindport.checkpoint import safetensors_io
 
     def unsupported(*args):
         raise OSError(errno.EXDEV, "cross-device")
@@ -419,7 +419,7 @@ def test_writer_falls_back_to_reads_without_copy_file_range(hf_dirs, tmp_path, m
 
 
 def test_writer_rejects_wrong_chunk_sizes(tmp_path):
-    from mindport.ckpt_tools.safetensors_io import SafetensorsWriter
+    from mindport.checkpoint.safetensors_io import SafetensorsWriter
 
     writer = SafetensorsWriter(str(tmp_path / "x.safetensors"), [("a", "F32", (4,))])
     with pytest.raises(CheckpointError, match="tensor 'a' has 12 bytes, declared 16"):

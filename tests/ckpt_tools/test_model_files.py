@@ -13,7 +13,7 @@ import pytest
 from testkit.checkpoints import KINDS
 from testkit.hf_models import torch_logits
 from mindport.ckpt_tools import convert
-from mindport.ckpt_tools.model_files import SOURCE_CONFIG
+from mindport.checkpoint.model_files import SOURCE_CONFIG
 
 QUIET = dict(progress=False)
 WEIGHTS = (".safetensors", ".safetensors.index.json", ".bin")
@@ -99,7 +99,7 @@ def test_export_of_a_fine_tuned_checkpoint_loads_in_transformers(hf_dirs, tmp_pa
     from transformers import AutoTokenizer
 
     from mindport import AutoConfig, AutoModelForCausalLM
-    from mindport.config import RunConfig
+    from mindport.train.config import RunConfig
     from mindport.corpus import pydoc_topics
     from mindport.tokenizer import Tokenizer
     from mindport.train.config import TrainConfig
@@ -141,7 +141,7 @@ def test_export_of_a_fine_tuned_checkpoint_loads_in_transformers(hf_dirs, tmp_pa
 
 def test_hf_config_changes_only_what_the_config_changes(hf_dirs):
     """Keys whose value the mindport config now implies differently are rewritten, nothing else."""
-    from mindport.ckpt_tools.model_files import hf_config
+    from mindport.checkpoint.model_files import hf_config
     from mindport.models.registry import family
 
     source = config_json(hf_dirs.with_model_files("xverse"))

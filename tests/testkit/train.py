@@ -12,7 +12,7 @@ def tiny_model_config(**changes):
 
 
 def run_config(output_dir: str, data_dir: str, **train):
-    from mindport.config import RunConfig
+    from mindport.train.config import RunConfig
     from mindport.train.config import TrainConfig
 
     values = dict(seed=0, output_dir=output_dir, batch_size=2, seq_length=SEQ, train_steps=6, learning_rate=3e-3,

@@ -110,7 +110,7 @@ def _yaml(tmp_path, data_dir, out, steps=4, **runner):
 
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, data_dir):
     from mindport import AutoModelForCausalLM
-    from mindport.config import load_yaml
+    from mindport.train.config import load_yaml
     from mindport.train.checkpoint import CheckpointManager
     from mindport.train.run import train
 
@@ -160,7 +160,7 @@ def test_kill_during_pruning_leaves_only_complete_checkpoints(tmp_path, data_dir
     """A deletion renames the checkpoint away first: killed while deleting, no step_* directory is
     half there (eval --load works on every one), and the next start removes the leftover."""
     from mindport import AutoModelForCausalLM
-    from mindport.config import load_yaml
+    from mindport.train.config import load_yaml
     from mindport.train.run import train
 
     out = str(tmp_path / "run")
@@ -230,7 +230,7 @@ def test_a_new_run_refuses_a_previous_runs_directory_unless_overwrite(tmp_path, 
     """Run twice into one directory: the second refuses in one line (no --resume, no --overwrite);
     --overwrite deletes the old run's checkpoints, metrics, events and curve, so nothing of it mixes
     with the new run, whose own checkpoints survive pruning; but only once the new run can start."""
-    from mindport.config import load_yaml
+    from mindport.train.config import load_yaml
     from mindport.train.checkpoint import CheckpointManager
     from mindport.train.run import train
 
@@ -264,7 +264,7 @@ def test_second_run_at_once_fails_and_sigterm_stops_with_a_checkpoint_that_resum
     """A run holds its output directory: a second one fails at once naming it and the holder's pid.
     SIGTERM: the step under way finishes, a checkpoint is saved and named, exit code 143; --resume
     then continues exactly as an uninterrupted run."""
-    from mindport.config import load_yaml
+    from mindport.train.config import load_yaml
     from mindport.train.checkpoint import CheckpointManager
     from mindport.train.run import train
 
@@ -377,7 +377,7 @@ def test_fine_tuning_takes_the_architecture_and_reported_size_from_the_checkpoin
     """With load_checkpoint and no model_config the checkpoint's model trains, and the parameter count
     and MFU reported are its own."""
     from mindport import AutoModelForCausalLM
-    from mindport.config import load_yaml
+    from mindport.train.config import load_yaml
     from mindport.train.flops import train_flops_per_token
     from mindport.train.run import train
     from testkit.train import tiny_model_config

@@ -70,3 +70,15 @@ def test_norms_and_biases_are_not_decayed():
     names = [n for n, _ in model.parameters_and_names()]
     assert exempt == {n for n in names if "norm" in n or n.endswith("bias")}
     assert "layers.0.attn.o_proj.bias" in exempt and "final_norm.weight" in exempt
+
+
+@pytest.mark.parametrize("preset", ["telechat2-tiny-gqa", "xverse-moe-tiny", "qwen-moe-tiny"])
+def test_slicing_rules_flag_exactly_the_norm_weights(preset):
+    """AMP O2, the memory report and weight decay read "is this a norm" from the slicing table."""
+    from mindport.models.auto import AutoModelForCausalLM
+    from mindport.parallel.sharding import is_norm
+    from mindport.transformer.layers import RMSNorm
+
+    model = AutoModelForCausalLM.from_preset(preset)
+    norms = {f"{cell_name}.weight" for cell_name, cell in model.cells_and_names() if isinstance(cell, RMSNorm)}
+    assert norms and {n for n, _ in model.parameters_and_names() if is_norm(n)} == norms

@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from mindport.config import ConfigError, load_yaml
+from mindport.config import ConfigError
+from mindport.train.config import load_yaml
 
 
 def test_demo_yaml_maps_wrapper_and_recompute_sections():
@@ -10,7 +11,15 @@ def test_demo_yaml_maps_wrapper_and_recompute_sections():
     t = run.train
     assert (t.amp_level, t.grad_clip, t.loss_scale, t.loss_scale_type) == ("O1", 1.0, 1.0, "static")
     assert (t.train_steps, t.warmup_steps, t.min_learning_rate, t.recompute) == (300, 20, 1e-4, False)
-    assert t.data_dir == "./mindport_demo/data" and t.tokens_per_step == 512
+    assert t.data_dir == "./mindport_demo/data" and run.tokens_per_step == 512
+
+
+def test_tokens_per_step_counts_every_data_parallel_rank_and_micro_batch():
+    run = load_yaml("configs/telechat2/demo_train.yaml", ["parallel_config.data_parallel=2"])
+    assert run.tokens_per_step == 2 * 512  # trainer.py reads batch_size rows on each dp rank
+    run = load_yaml("configs/telechat2/demo_train.yaml", ["parallel_config.pipeline_stage=2",
+                                                          "parallel_config.micro_batch_num=4"])
+    assert run.tokens_per_step == 4 * 512  # batch_size rows per micro-batch
 
 
 def test_dynamic_scale_sense_and_overrides():

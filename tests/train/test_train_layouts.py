@@ -85,7 +85,7 @@ def msrun_mindport(args, workers, log_dir):
 @pytest.fixture(scope="module")
 def references(data_dir, tmp_path_factory):
     """model -> (metrics, checkpoint) of the single-process run every layout must reproduce."""
-    from mindport.config import load_yaml
+    from mindport.train.config import load_yaml
     from mindport.train.run import train
 
     cache = {}
@@ -237,7 +237,8 @@ def test_resuming_under_another_layout_fails_clearly(reference, data_dir, tmp_pa
     """A per-rank checkpoint resumes only under its layout (here: one process)."""
     import shutil
 
-    from mindport.config import ConfigError, load_yaml
+    from mindport.config import ConfigError
+    from mindport.train.config import load_yaml
     from mindport.train.run import train
 
     _, ref_ckpt = reference
@@ -260,7 +261,7 @@ def test_parallel_layout_without_a_launcher_fails_clearly(tmp_path, data_dir):
 
 
 def test_memory_report_printed_when_training_starts(data_dir, tmp_path):
-    from mindport.config import load_yaml
+    from mindport.train.config import load_yaml
     from mindport.train.run import train
 
     cfg = write_yaml(tmp_path / "m.yaml", data_dir, tmp_path / "m", 2)

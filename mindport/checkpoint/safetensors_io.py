@@ -25,16 +25,10 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
-NUMPY_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-ITEMSIZE = {name: np.dtype(dt).itemsize for name, dt in NUMPY_DTYPES.items()}
+from mindport.dtypes import ITEMSIZE, NUMPY_DTYPES
+from mindport.errors import CheckpointError
+
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or tensor is not what mindport expected."""
 
 
 @dataclass(frozen=True)

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from mindport.ckpt_tools.hf_checkpoint import HFCheckpoint
-from mindport.ckpt_tools.model_files import carry_files, hf_config, source_hf_config
-from mindport.ckpt_tools.name_map import NameMap, Target
-from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsWriter, f32_to_bf16_bits
+from mindport.checkpoint.hf_checkpoint import HFCheckpoint
+from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
+from mindport.checkpoint.name_map import NameMap, Target
+from mindport.checkpoint.safetensors_io import f32_to_bf16_bits
+from mindport.checkpoint.tensor_check import check_shape, missing_tensor, unexpected_tensor
+from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
+from mindport.dtypes import ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
 from mindport.parallel.sharding import global_shape, shard_slices
-
-DEFAULT_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers reads it
-
 
 def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, presliced: bool = False) -> None:
     """Fill ``model``'s parameters from a checkpoint (HF names via ``name_map``; None = mindport
@@ -44,16 +42,14 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, preslic
             if target.name not in params:
                 if model.on_other_stage(target.name):
                     continue  # held by another pipeline stage
-                raise CheckpointError(f"{path}: unexpected tensor '{hf_name}' (model has no parameter "
-                                      f"'{target.name}')")
+                raise unexpected_tensor(path, hf_name, f"model has no parameter '{target.name}'")
             param = params[target.name]
             full = global_shape(target.name, tuple(param.shape), tp.size, ep.size, model.config.vocab_size)
-            expected = full if target.expert is None else full[1:]
-            info = ckpt.info(hf_name)
-            if tuple(info.shape) != expected or (target.expert is not None and target.expert >= full[0]):
-                where = "" if target.expert is None else f" (expert {target.expert} of {full[0]})"
-                raise CheckpointError(f"{path}: tensor '{hf_name}' has shape {list(info.shape)}, the config "
-                                      f"implies {list(expected)}{where}")
+            if target.expert is not None and target.expert >= full[0]:
+                raise unexpected_tensor(path, hf_name, f"expert {target.expert}, but the config gives {full[0]} "
+                                                       f"experts")
+            check_shape(path, hf_name, ckpt.info(hf_name).shape, full if target.expert is None else full[1:],
+                        "the config implies")
             index = shard_slices(target.name, full, tp.rank, tp.size, ep.rank, ep.size, model.config.vocab_pad_multiple)
             if target.expert is None:
                 _assign(param, ckpt.get(hf_name)[index])
@@ -73,7 +69,7 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, preslic
         if None in got or (got and len(got) == param.shape[0]):
             continue  # filled directly, or every local expert slot of a stack filled (and assigned)
         missing = _hf_names(name_map, name, param.shape[0], got)
-        raise CheckpointError(f"{ckpt.directory}: missing tensor '{missing}' (needed for parameter '{name}')")
+        raise missing_tensor(ckpt.directory, missing, f"needed for parameter '{name}'")
 
 
 def _hf_names(name_map: NameMap | None, our_name: str, num_experts: int, got: set) -> str:
@@ -98,83 +94,13 @@ def tensor_bytes(param, dtype_code: str) -> np.ndarray:
     data = param.astype(ms.float32).asnumpy() if param.dtype == ms.bfloat16 else param.asnumpy()
     if dtype_code == "BF16":
         return f32_to_bf16_bits(data.astype(np.float32))
-    return data.astype({"F32": np.float32, "F16": np.float16}[dtype_code])
-
-
-def plan_shards(entries: list[tuple[str, str, tuple[int, ...], int]], max_bytes: int) -> list[list]:
-    """Group (name, dtype, shape, nbytes) entries, in order, into shards of at most ``max_bytes``."""
-    shards: list[list] = [[]]
-    size = 0
-    for entry in entries:
-        if shards[-1] and size + entry[3] > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry[3]
-    return shards
-
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
-
-
-def write_sharded(out_dir: str, entries: list, fetch, max_bytes: int = DEFAULT_SHARD_BYTES,
-                  metadata: dict | None = None) -> dict[str, str]:
-    """Write ``entries`` (name, dtype, shape, nbytes) with ``fetch(name)`` -> data, plus the index.
-
-    Returns the weight map (tensor -> shard file).
-    """
-    shards = plan_shards(entries, max_bytes)
-    files = shard_names(len(shards))
-    weight_map = {}
-    for file_name, shard in zip(files, shards):
-        writer = SafetensorsWriter(os.path.join(out_dir, file_name), [(n, d, s) for n, d, s, _ in shard],
-                                   metadata or {"format": "pt"})
-        for name, *_ in shard:
-            writer.write(name, fetch(name))
-            weight_map[name] = file_name
-        writer.close()
-    if len(files) > 1:
-        total = sum(e[3] for e in entries)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-    return weight_map
-
-
-class StagingDir:
-    """A temporary sibling directory renamed onto ``final`` on success, removed on failure."""
-
-    def __init__(self, final: str, overwrite: bool):
-        self.final = os.path.abspath(final)
-        if os.path.exists(self.final) and not overwrite:
-            raise CheckpointError(f"{final}: destination exists (pass --overwrite / overwrite=True to replace it)")
-        parent = os.path.dirname(self.final)
-        os.makedirs(parent, exist_ok=True)
-        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.tmp-", dir=parent)
-
-    def __enter__(self) -> str:
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        if os.path.exists(self.final):  # --overwrite: swap, then drop the old copy
-            old = f"{self.final}.old-{os.getpid()}"
-            os.replace(self.final, old)
-            os.replace(self.path, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.path, self.final)
+    return data.astype(NUMPY_DTYPES[dtype_code])
 
 
 def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Save a live model as an HF directory: config.json, generation_config.json, safetensors, and the
-    non-weight files of the directory it was loaded from (:mod:`~mindport.ckpt_tools.model_files`)."""
+    non-weight files of the directory it was loaded from (:mod:`~mindport.checkpoint.model_files`)."""
     config = model.config
     name_map = family.name_map
     params = dict(model.parameters_and_names())
@@ -182,10 +108,10 @@ def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str |
     for our_name, param in params.items():
         dtype_name = dtype or str(param.dtype).lower()
         dtypes.add(dtype_name)
-        code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype_name]
+        code = SAFETENSORS_CODES[dtype_name]
         for hf_name, expert in name_map.to_hf(our_name, config.num_experts):
             shape = tuple(param.shape if expert is None else param.shape[1:])
-            entries.append((hf_name, code, shape, int(np.prod(shape)) * (2 if code != "F32" else 4)))
+            entries.append((hf_name, code, shape, int(np.prod(shape)) * ITEMSIZE[code]))
             source[hf_name] = (param, expert, code)
 
     def fetch(hf_name: str) -> np.ndarray:
@@ -196,7 +122,7 @@ def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str |
     source_dir = getattr(model, "source_dir", None)  # set by from_pretrained: its directory's files come along
     doc = hf_config(source_hf_config(source_dir), family, config, dtypes.pop() if len(dtypes) == 1 else None)
     with StagingDir(out_dir, overwrite) as tmp:
-        write_sharded(tmp, entries, fetch, max_shard_bytes)
+        write_shards(tmp, entries, lambda name: [fetch(name)], max_shard_bytes)
         carry_files(source_dir, tmp, to_hf=True)
         write_hf_configs(tmp, doc, config)
 

@@ -19,7 +19,7 @@ from testkit.launch import assert_close, assert_replicas_identical, msrun, rank_
 from mindport import ParallelConfig
 from mindport.parallel.sharding import shard_slices
 from mindport.parallel.state import single_process
-from mindport.parallel.zero import ZeroAdamW, pack_rows, plan_buckets, shard_length, unpack_rows
+from mindport.train.zero import ZeroAdamW, pack_rows, plan_buckets, shard_length, unpack_rows
 
 WORKER = os.path.join(os.path.dirname(__file__), "zero_worker.py")
 STEPS = 2

@@ -12,7 +12,7 @@ Parameters, gradients, optimizer states (exact, from the same tables the model u
     - gradients: 4 bytes per local element (the trainer accumulates fp32 gradients).
     - optimizer, replicated AdamW: m and v, 4 bytes per element each, and a 4-byte fp32 master
       copy of every parameter that is not fp32 (O2).
-    - optimizer, ``optimizer_shard`` (ZeRO-1, :mod:`mindport.parallel.zero`): m, v and the fp32
+    - optimizer, ``optimizer_shard`` (ZeRO-1, :mod:`mindport.train.zero`): m, v and the fp32
       master, each 4 bytes x ceil(n / parts) per parameter, parts = data_parallel (expert
       weights under expert parallelism: data_parallel / expert_parallel).
 
@@ -53,14 +53,13 @@ Peak activations (an estimate, per micro-batch of b sequences)
 """
 from __future__ import annotations
 
-from mindport.ckpt_tools.shapes import parameter_shapes
-from mindport.config import ConfigError, ModelConfig, ParallelConfig
+from mindport.config import ConfigError, ModelConfig, ParallelConfig, parameter_shapes
+from mindport.dtypes import itemsize
 from mindport.parallel.pipeline import stage_layers
-from mindport.parallel.sharding import local_shape, rule_for, stages_of_param, vocab_block
+from mindport.parallel.sharding import is_norm, local_shape, rule_for, stages_of_param, vocab_block
 from mindport.parallel.state import coordinates
-from mindport.parallel.zero import shard_length
+from mindport.train.zero import shard_length
 
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _numel(shape) -> int:
@@ -68,10 +67,6 @@ def _numel(shape) -> int:
     for x in shape:
         n *= int(x)
     return n
-
-
-def is_norm_weight(name: str) -> bool:
-    return name.endswith("norm.weight")
 
 
 def local_parameters(config: ModelConfig, parallel: ParallelConfig, rank: int = 0,
@@ -155,10 +150,10 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
     for name, shape in local.items():
         n = _numel(shape)
         count += n
-        if amp_level == "O2" and not is_norm_weight(name):
+        if amp_level == "O2" and not is_norm(name):
             dtype_bytes = 2
         else:
-            dtype_bytes = BYTES[config.param_dtype]
+            dtype_bytes = itemsize(config.param_dtype)
         param_bytes += n * dtype_bytes
         grad_bytes += 4 * n
         if parallel.optimizer_shard:

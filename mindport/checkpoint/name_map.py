@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from mindport.ckpt_tools.safetensors_io import CheckpointError
+from mindport.checkpoint.safetensors_io import CheckpointError
 
 _FIELD = re.compile(r"\{(i|e)\}")
 

@@ -4,7 +4,7 @@ usage: zero_worker.py HF_DIR OUT_DIR ['{"data_parallel": 2, "optimizer_shard": t
 
 With a layout, each rank runs the two steps on a freshly loaded model once per mode in MODES
 (comma-separated, default ``scatter,synced``), the ways of feeding
-:class:`mindport.parallel.zero.ZeroAdamW`:
+:class:`mindport.train.zero.ZeroAdamW`:
 
 - ``scatter``: unsynchronised gradients, reduce-scattered over dp by the optimizer;
 - ``synced``: gradients summed by ``GradientSync`` first, each rank cutting out its slices;
@@ -29,7 +29,7 @@ from mindport import AutoModelForCausalLM, ParallelConfig
 from mindport.parallel.comm import ReduceFromGroup
 from mindport.parallel.grad_sync import GradientSync
 from mindport.parallel.state import init_parallel
-from mindport.parallel.zero import ZeroAdamW
+from mindport.train.zero import ZeroAdamW
 
 BATCH, SEQ, STEPS = 4, 16, 2
 # eps 1e-4 as in step_worker.py: a tiny eps makes Adam's first steps ~lr*sign(g), amplifying

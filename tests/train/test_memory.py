@@ -3,8 +3,8 @@ degree doubles."""
 import pytest
 
 from mindport import AutoConfig, AutoModelForCausalLM, ParallelConfig
-from mindport.ckpt_tools.shapes import parameter_shapes
-from mindport.parallel.memory import format_memory_report, human_bytes, memory_report
+from mindport.config import parameter_shapes
+from mindport.train.memory import format_memory_report, human_bytes, memory_report
 from mindport.parallel.sharding import local_shape, rule_for, stages_of_param
 from mindport.parallel.state import groups_for, coordinates, single_process
 
@@ -41,7 +41,7 @@ def wide(tiny):
 def test_parameter_bytes_equal_the_built_model(tiny):
     from mindspore import nn
 
-    from mindport.parallel.zero import ZeroAdamW
+    from mindport.train.zero import ZeroAdamW
     from mindport.train.amp import build_o2
 
     model = AutoModelForCausalLM.from_preset("telechat2-tiny-gqa")

@@ -15,7 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mindport.ckpt_tools.safetensors_io import CheckpointError, SafetensorsReader, TensorInfo
+from mindport.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, TensorInfo
+from mindport.dtypes import TORCH_NAMES
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -49,8 +50,7 @@ class _BinFile:
             raise CheckpointError(f"{path}: cannot load as a torch checkpoint ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0][:200]})") from None
         self.path = path
-        code = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-                torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+        code = {getattr(torch, name): c for c, name in TORCH_NAMES.items()}
         self.tensors = {}
         for name, t in self.state.items():
             if t.dtype not in code:

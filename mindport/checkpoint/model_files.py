@@ -17,7 +17,8 @@ import os
 import re
 import shutil
 
-from mindport.ckpt_tools.hf_checkpoint import read_json
+from mindport.checkpoint.hf_checkpoint import read_json
+from mindport.config import MINDPORT_KEY
 
 SOURCE_CONFIG = "hf_config.json"
 # written by the directory's own writer, never carried: its config, layout, weights, training state
@@ -28,8 +29,6 @@ _DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers 5 writes "dtype", 4.x "to
 
 
 def _is_hf_config(path: str) -> bool:
-    from mindport.models.auto import MINDPORT_KEY
-
     return os.path.isfile(path) and MINDPORT_KEY not in read_json(path)
 
 
