@@ -15,13 +15,15 @@
 #
 # JOIN True (the 1- and 2-argument forms: LOG_DIR output/msrun_log, port 8118) waits for this
 # node's workers and returns the job's exit code; when a worker fails, its rank and the end of
-# its log (LOG_DIR/worker_RANK.log) are printed. JOIN False returns once the processes started.
+# its log (LOG_DIR/worker_RANK.log) are printed. Ctrl-C or SIGTERM asks this node's workers to
+# stop after their current step (mindport train saves a checkpoint) and returns 130 or 143; a
+# second one kills the job. JOIN False returns once the processes started.
 # A MASTER_PORT in use on this host is replaced by a free port in the single-node forms and
 # fails at once in the 9-argument form.
 set -euo pipefail
 
 me=msrun_launcher.sh
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 
 case $# in
   1) CMD=$1; WORKER_NUM=8; LOCAL_WORKER=8; MASTER_ADDR=127.0.0.1; MASTER_PORT=8118; NODE_RANK=0
@@ -81,9 +83,29 @@ if [[ $JOIN == False ]]; then
   exec "${MSRUN[@]}"
 fi
 
-trap 'echo "$me: interrupted (msrun stopped the workers)" >&2; exit 130' INT
+# msrun runs in a session of its own, so that a terminal's Ctrl-C reaches only this script (msrun would
+# SIGKILL the workers): SIGINT/SIGTERM here are passed to this node's workers as SIGTERM, and each
+# finishes its step and saves (mindport train) before the job ends.
+stop=0
+forward() {
+  stop=$1
+  echo "$me: $2: asking this node's workers to stop after their current step (again to kill the job)" >&2
+  trap 'kill -KILL -- -$msrun_pid 2>/dev/null; pkill -KILL -P "$msrun_pid" -f "$here/msrun_worker.py" 2>/dev/null; exit $stop' INT TERM
+  pkill -TERM -P "$msrun_pid" -f "$here/msrun_worker.py" 2>/dev/null || true
+}
+trap 'forward 130 SIGINT' INT
+trap 'forward 143 SIGTERM' TERM
+setsid "${MSRUN[@]}" 2> "$LOG_DIR/msrun.log" &
+msrun_pid=$!
 status=0
-"${MSRUN[@]}" 2> "$LOG_DIR/msrun.log" || status=$?
+while true; do  # wait returns early when a trapped signal arrives: wait again until msrun has ended
+  wait "$msrun_pid" && status=0 || status=$?
+  kill -0 "$msrun_pid" 2>/dev/null || break
+done
+if (( stop )); then
+  echo "$me: stopped (workers' logs in $LOG_DIR)" >&2
+  exit "$stop"
+fi
 (( status == 0 )) && exit 0
 
 # The last lines of a log, without MindSpore's INFO/WARNING lines and msrun_worker.py's exit line.
@@ -95,10 +117,18 @@ log_tail() {
 # msrun only says that the job failed: each worker's log ends with its exit code (msrun_worker.py)
 first_rank=$(( LOCAL_WORKER == WORKER_NUM ? 0 : NODE_RANK * LOCAL_WORKER ))
 failed=()  # "rank:code" of this node's workers that exited non-zero
+silent=()  # ranks whose log has no exit line: the worker process itself was killed (kill -9, OOM killer)
 for (( rank = first_rank; rank < first_rank + LOCAL_WORKER; rank++ )); do
   code=$(sed -n 's/^\[msrun_launcher\] exit code //p' "$LOG_DIR/worker_$rank.log" 2>/dev/null || true)
   if [[ -n $code && $code != 0 ]]; then failed+=("$rank:$code"); fi
+  if [[ -z $code ]]; then silent+=("$rank"); fi
 done
+if (( ${#failed[@]} == 0 && ${#silent[@]} > 0 )); then
+  rank=${silent[0]}
+  echo "$me: worker $rank ended without an exit code (killed by a signal?); the end of $LOG_DIR/worker_$rank.log:" >&2
+  log_tail "$LOG_DIR/worker_$rank.log" 20
+  exit "$status"
+fi
 if (( ${#failed[@]} == 0 )); then
   echo "$me: msrun failed (exit $status) and no worker of this node did; the end of $LOG_DIR/scheduler.log" \
        "and $LOG_DIR/msrun.log:" >&2

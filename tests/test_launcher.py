@@ -86,3 +86,51 @@ def test_multi_node_form_with_a_busy_port_fails_at_once_in_one_line(tmp_path):
     assert proc.stderr.splitlines() == [f"msrun_launcher.sh: error: MASTER_PORT = {port}: in use on 127.0.0.1 (or in TIME_WAIT "
                                         "after an earlier job): expected a free port (the same on every node)"]
     assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+STOPPABLE = """\
+import os, signal, sys, time
+from mindspore.communication import get_rank, init
+
+init()
+rank = get_rank()
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+open(os.path.join(sys.argv[1], f"started{rank}"), "w").close()
+while not stop:
+    time.sleep(0.05)
+open(os.path.join(sys.argv[1], f"saved{rank}"), "w").close()  # what mindport train does: finish the step, save
+sys.exit(143)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_terminal, code", [(True, 130), (False, 143)])
+def test_ctrl_c_or_sigterm_reaches_every_worker_and_the_launcher_returns_after_them(tmp_path, as_terminal, code):
+    """A terminal's Ctrl-C (SIGINT to the launcher's whole process group) or `kill` of the launcher:
+    every worker gets SIGTERM and finishes (mindport train saves a checkpoint) before the launcher
+    returns 130 / 143; msrun itself never SIGKILLs them."""
+    import signal
+    import time
+
+    script = tmp_path / "stoppable.py"
+    script.write_text(STOPPABLE)
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3")
+    proc = subprocess.Popen(["bash", LAUNCHER, f"{script} {tmp_path}", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not all((tmp_path / f"started{r}").exists() for r in (0, 1)) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        if as_terminal:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, stderr
+    assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists(), stderr
