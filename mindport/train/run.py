@@ -146,7 +146,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         per_rank, dp = trainer.rows_per_step, groups.dp.size
         loader = Loader(dataset, per_rank * dp, cfg.seed)
         rows = slice(groups.dp.rank * per_rank, (groups.dp.rank + 1) * per_rank)
-        ckpts = CheckpointManager(run_dir.checkpoints, cfg.keep_checkpoints, groups, trainer.zero)
+        ckpts = CheckpointManager(run_dir.checkpoints, cfg.keep_checkpoints, groups, trainer.optimizer.sharded_state)
 
         if resume:
             path = ckpts.latest()
