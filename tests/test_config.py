@@ -54,6 +54,14 @@ def test_yaml_overrides():
     (lambda d: d["model"]["model_config"].update(qkv_bias=1), "'qkv_bias' = 1: expected true or false"),
     (lambda d: d["parallel_config"].update(use_seq_parallel="yes please"), "'use_seq_parallel' = 'yes please'"),
     (lambda d: d["parallel_config"].update(model_parallel=True), "'model_parallel' = True: expected an integer"),
+    # layouts the trainer cannot run fail when the YAML loads, before any work
+    (lambda d: d["parallel_config"].update(expert_parallel=2), "'expert_parallel' = 2: expected a divisor of "
+     "data_parallel = 1"),
+    (lambda d: d["parallel_config"].update(pipeline_stage=2, micro_batch_num=2, context_parallel=2),
+     "'context_parallel' = 2: training with pipeline_stage > 1 runs without context parallelism"),
+    (lambda d: (d["model"]["model_config"].update(num_experts=4, moe_top_k=2, moe_intermediate_size=32),
+                d["parallel_config"].update(pipeline_stage=2, micro_batch_num=2)),
+     "'pipeline_stage' = 2: MoE models \\(num_experts = 4\\) train without pipeline stages"),
 ])
 def test_bad_yaml_gives_one_clear_error(tmp_path, edit, message):
     doc = yaml.safe_load(open(YAML))

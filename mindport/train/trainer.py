@@ -101,14 +101,7 @@ class Trainer:
         self.dynamic = config.loss_scale_type == "dynamic"
         self.step = 0  # completed optimiser steps
         self.pipeline = None
-        if groups.pp.size > 1:
-            if groups.cp.size > 1:
-                raise ConfigError(f"parallel_config: key 'context_parallel' = {groups.cp.size}: training with "
-                                  f"pipeline_stage > 1 runs without context parallelism")
-            if self.base_config.is_moe:  # the router loss pools every layer's statistics: not split yet
-                raise ConfigError(f"parallel_config: key 'pipeline_stage' = {groups.pp.size}: MoE models "
-                                  f"(num_experts = {self.base_config.num_experts}) train without pipeline stages "
-                                  f"(use expert_parallel / model_parallel)")
+        if groups.pp.size > 1:  # layouts it cannot train failed in ParallelConfig.check_model
             from mindport.parallel.schedules import PipelineSchedule
 
             self.pipeline = PipelineSchedule(model, groups, groups.config.micro_batch_num)
