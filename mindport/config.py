@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -236,13 +237,11 @@ class ParallelConfig(_Loadable):
     optimizer_shard: bool = False
     context_parallel_algo: str = "ring"
     moe_token_dispatcher: str = "alltoall"  # expert parallelism: "alltoall" | "allgather"
-    gradient_aggregation_group: int = 4
-    vocab_emb_dp: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
         _positive(self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
-                  "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
+                  "expert_parallel", "micro_batch_num")
         _one_of("context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))
         _one_of("moe_token_dispatcher", self.moe_token_dispatcher, ("alltoall", "allgather"))
         if self.micro_batch_num < self.pipeline_stage and self.pipeline_stage > 1:
@@ -315,10 +314,11 @@ TRAINING_MODEL_KEYS = ("param_dtype", "compute_dtype", "initializer_range", "rou
 
 def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
     """Build a :class:`RunConfig` from a mindformers-shaped mapping. With ``load_checkpoint`` the
-    architecture is the checkpoint's (``model.model_config`` may be omitted)."""
+    architecture is the checkpoint's (``model.model_config`` may be omitted). mindformers keys that
+    mindport does not use (``UNUSED_KEYS``) are accepted; set to another value, they get one warning line."""
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{source}: expected a mapping with a 'model: model_config:' section")
-    from mindport.train.config import train_config_from_sections
+    from mindport.train.config import UNUSED_KEYS, train_config_from_sections, unused_keys_set
 
     rest = {k: v for k, v in doc.items() if k not in ("model", "parallel_config")}
     train = train_config_from_sections(rest, source)
@@ -326,20 +326,45 @@ def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
     if not isinstance(model_section, Mapping):
         raise ConfigError(f"{source}: key 'model' missing: expected a 'model: model_config:' section (or "
                           f"load_checkpoint)")
-    extra = set(model_section) - {"model_config", "arch"}
+    extra = {k for k in model_section if k != "model_config" and f"model.{k}" not in UNUSED_KEYS}
     if extra:
         raise ConfigError(f"{source}: unknown key 'model.{sorted(extra)[0]}' (known: model_config, arch)")
     model_values = model_section.get("model_config", {} if train.load_checkpoint else None)
     if not isinstance(model_values, Mapping):
         raise ConfigError(f"{source}: key 'model.model_config' missing: expected the model's settings there")
-    model_values = {k: v for k, v in model_values.items() if k != "type"}
+    model_values = {k: v for k, v in model_values.items() if f"model.model_config.{k}" not in UNUSED_KEYS}
+    if "preset" in model_values:
+        model_values = _expand_preset(model_values, source, architecture_only=bool(train.load_checkpoint))
     if train.load_checkpoint:
         model = _checkpoint_model_config(train.load_checkpoint, model_values, source)
     else:
         model = ModelConfig.from_dict(model_values, f"{source}: model.model_config")
-    parallel = ParallelConfig.from_dict(doc.get("parallel_config") or {}, f"{source}: parallel_config")
+    parallel_values = {k: v for k, v in (doc.get("parallel_config") or {}).items()
+                       if f"parallel_config.{k}" not in UNUSED_KEYS}
+    parallel = ParallelConfig.from_dict(parallel_values, f"{source}: parallel_config")
     parallel.check_model(model, f"{source}: parallel_config")
+    unused = unused_keys_set(doc)
+    if unused:
+        print(f"{source}: warning: mindformers key(s) {', '.join(unused)} accepted but unused by mindport: "
+              f"no effect", file=sys.stderr)
     return RunConfig(model, parallel, train)
+
+
+def _expand_preset(values: Mapping[str, Any], source: str, architecture_only: bool) -> dict[str, Any]:
+    """``model_config: {preset: NAME, <key>: <value>...}``: the preset's fields, overridden by the keys
+    beside it. With ``architecture_only`` (load_checkpoint) the preset's :data:`TRAINING_MODEL_KEYS`
+    are left out, so those still come from the YAML or the checkpoint."""
+    from mindport.models.registry import find_preset
+
+    values = dict(values)
+    name = values.pop("preset")
+    try:
+        preset = find_preset(name).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: model.model_config: {err}") from None
+    if architecture_only:
+        preset = {k: v for k, v in preset.items() if k not in TRAINING_MODEL_KEYS}
+    return {**preset, **{ModelConfig.ALIASES.get(k, k): v for k, v in values.items()}}
 
 
 def _checkpoint_model_config(path: str, yaml_values: Mapping[str, Any], source: str) -> ModelConfig:

@@ -80,30 +80,57 @@ class TrainConfig(_Loadable):
         return self.batch_size * self.grad_accumulation * self.seq_length
 
 
-# YAML sections (mindformers layout) -> TrainConfig keys they may carry (None: accepted, unused).
+# YAML sections (mindformers layout) -> TrainConfig keys they may carry (and the UNUSED_KEYS below).
 _TRAIN_SECTIONS = {
     "optimizer": {"learning_rate": "learning_rate", "weight_decay": "weight_decay", "eps": "eps",
-                  "beta1": "beta1", "beta2": "beta2", "type": None},
+                  "beta1": "beta1", "beta2": "beta2"},
     "lr_schedule": {"learning_rate": "learning_rate", "lr_end": "min_learning_rate",
-                    "warmup_steps": "warmup_steps", "total_steps": "train_steps", "type": None},
+                    "warmup_steps": "warmup_steps", "total_steps": "train_steps"},
     "runner_config": {"batch_size": "batch_size", "seq_length": "seq_length", "train_steps": "train_steps",
                       "gradient_accumulation_steps": "grad_accumulation", "grad_clip": "grad_clip",
                       "amp_level": "amp_level", "amp_dtype": "amp_dtype", "loss_scale": "loss_scale",
                       "loss_scale_type": "loss_scale_type", "recompute": "recompute", "jit": "jit",
                       "save_steps": "save_steps", "keep_checkpoints": "keep_checkpoints",
-                      "log_steps": "log_steps", "peak_tflops": "peak_tflops", "epochs": None, "sink_mode": None},
+                      "log_steps": "log_steps", "peak_tflops": "peak_tflops"},
     # mindformers' wrapper cell: clipping and the loss-scale update cell
-    "runner_wrapper": {"type": None, "max_grad_norm": "grad_clip", "use_clip_grad": None, "scale_sense": None},
-    "recompute_config": {"recompute": "recompute", "select_recompute": None, "parallel_optimizer_comm_recompute": None,
-                         "mp_comm_recompute": None, "recompute_slice_activation": None},
-    "train_dataset": {"data_dir": "data_dir", "type": None},
+    "runner_wrapper": {"max_grad_norm": "grad_clip", "scale_sense": None},
+    "recompute_config": {"recompute": "recompute"},
+    "train_dataset": {"data_dir": "data_dir"},
 }
 # runner_wrapper.scale_sense (DynamicLossScaleUpdateCell / FixedLossScaleUpdateCell) -> TrainConfig keys
 _SCALE_SENSE = {"loss_scale_value": "loss_scale", "scale_factor": "loss_scale_factor",
                 "scale_window": "loss_scale_window", "type": None}
 _TOP_LEVEL_TRAIN = {"seed": "seed", "output_dir": "output_dir", "load_checkpoint": "load_checkpoint"}
-_IGNORED_TOP_LEVEL = {"run_mode", "trainer", "context", "use_parallel", "src_strategy_path_or_dir",
-                      "auto_trans_ckpt", "only_save_strategy", "resume_training"}
+# mindformers YAML keys mindport accepts but does not use -> the value that matches what mindport does;
+# a run setting another value gets one warning line (unused_keys_set). None: any value is fine (a class
+# name, or a setting with no effect here).
+UNUSED_KEYS: dict[str, Any] = {
+    "run_mode": None, "trainer": None, "context": None, "use_parallel": None, "src_strategy_path_or_dir": "",
+    "auto_trans_ckpt": False, "only_save_strategy": False, "resume_training": False,  # mindport: --resume
+    "model.arch": None, "model.model_config.type": None,
+    "parallel_config.gradient_aggregation_group": 4, "parallel_config.vocab_emb_dp": False,
+    "optimizer.type": "AdamW", "lr_schedule.type": "CosineWithWarmUpLR", "train_dataset.type": None,
+    "runner_config.epochs": 1, "runner_config.sink_mode": False,  # mindport: train_steps, no data sinking
+    "runner_wrapper.type": "MFTrainOneStepCell", "runner_wrapper.use_clip_grad": True,  # mindport: grad_clip > 0
+    "recompute_config.select_recompute": False, "recompute_config.parallel_optimizer_comm_recompute": False,
+    "recompute_config.mp_comm_recompute": True, "recompute_config.recompute_slice_activation": False,
+}
+
+
+def unused_keys_set(doc: Mapping[str, Any]) -> list[str]:
+    """``'key = value'`` for each :data:`UNUSED_KEYS` key that ``doc`` (a run YAML) sets to a value
+    other than the one matching what mindport does."""
+    out = []
+    for dotted, expected in UNUSED_KEYS.items():
+        node: Any = doc
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            if expected is not None and (node != expected or isinstance(node, bool) != isinstance(expected, bool)):
+                out.append(f"{dotted} = {node!r}")
+    return out
 
 
 def _put(values: dict[str, Any], origin: dict[str, str], field: str, value: Any, key: str, source: str) -> None:
@@ -134,7 +161,7 @@ def train_config_from_sections(doc: Mapping[str, Any], source: str) -> TrainConf
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for key, value in doc.items():
-        if key in _IGNORED_TOP_LEVEL or (key == "load_checkpoint" and not value):  # mindformers: "" = none
+        if key in UNUSED_KEYS or (key == "load_checkpoint" and not value):  # mindformers: "" = none
             continue
         if key in _TOP_LEVEL_TRAIN:
             _put(values, origin, _TOP_LEVEL_TRAIN[key], value, key, source)
@@ -142,9 +169,12 @@ def train_config_from_sections(doc: Mapping[str, Any], source: str) -> TrainConf
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: key '{key}' = {value!r}: expected a mapping")
             for sub, sub_value in value.items():
+                if f"{key}.{sub}" in UNUSED_KEYS:
+                    continue
                 if sub not in _TRAIN_SECTIONS[key]:
+                    unused = [k.split(".")[1] for k in UNUSED_KEYS if k.startswith(f"{key}.")]
                     raise ConfigError(f"{source}: unknown key '{key}.{sub}' (known: "
-                                      f"{', '.join(sorted(_TRAIN_SECTIONS[key]))})")
+                                      f"{', '.join(sorted([*_TRAIN_SECTIONS[key], *unused]))})")
                 if key == "runner_wrapper" and sub == "scale_sense":
                     _scale_sense(sub_value, source, values, origin)
                 elif _TRAIN_SECTIONS[key][sub]:
