@@ -308,17 +308,20 @@ class ParallelConfig(Loadable):
     optimizer_shard: bool = False
     context_parallel_algo: str = "ring"
     moe_token_dispatcher: str = "alltoall"  # expert parallelism: "alltoall" | "allgather"
-    gradient_aggregation_group: int = 4
-    vocab_emb_dp: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
         positive(self, "data_parallel", "model_parallel", "pipeline_stage", "context_parallel",
-                 "expert_parallel", "micro_batch_num", "gradient_aggregation_group")
+                 "expert_parallel", "micro_batch_num")
         one_of("context_parallel_algo", self.context_parallel_algo, ("ring", "all_gather"))
         one_of("moe_token_dispatcher", self.moe_token_dispatcher, ("alltoall", "allgather"))
         if self.micro_batch_num < self.pipeline_stage and self.pipeline_stage > 1:
             fail("micro_batch_num", self.micro_batch_num, f"at least pipeline_stage = {self.pipeline_stage}")
+        if self.data_parallel % self.expert_parallel:  # expert-parallel groups sit inside the data-parallel ones
+            fail("expert_parallel", self.expert_parallel, f"a divisor of data_parallel = {self.data_parallel}")
+        if self.pipeline_stage > 1 and self.context_parallel > 1:
+            raise ConfigError(f"key 'context_parallel' = {self.context_parallel}: training with pipeline_stage > 1 "
+                              f"runs without context parallelism")
 
     @property
     def world_size(self) -> int:
@@ -346,6 +349,10 @@ class ParallelConfig(Loadable):
             _divides("ffn_hidden_size", model.ffn_hidden_size, "model_parallel", tp)
         if model.is_moe:
             _divides("num_experts", model.num_experts, "expert_parallel", self.expert_parallel)
+        if model.is_moe and self.pipeline_stage > 1:  # the router loss pools every layer's statistics
+            raise ConfigError(f"key 'pipeline_stage' = {self.pipeline_stage}: MoE models (num_experts = "
+                              f"{model.num_experts}) train without pipeline stages (use expert_parallel / "
+                              f"model_parallel)")
         if model.num_layers < self.pipeline_stage:
             fail("pipeline_stage", self.pipeline_stage, f"at most num_layers = {model.num_layers}")
         stage_layer_counts(model.num_layers, self.pipeline_stage, self.offset)  # raises on a bad offset

@@ -54,6 +54,14 @@ def test_yaml_overrides():
     (lambda d: d["model"]["model_config"].update(qkv_bias=1), "'qkv_bias' = 1: expected true or false"),
     (lambda d: d["parallel_config"].update(use_seq_parallel="yes please"), "'use_seq_parallel' = 'yes please'"),
     (lambda d: d["parallel_config"].update(model_parallel=True), "'model_parallel' = True: expected an integer"),
+    # layouts the trainer cannot run fail when the YAML loads, before any work
+    (lambda d: d["parallel_config"].update(expert_parallel=2), "'expert_parallel' = 2: expected a divisor of "
+     "data_parallel = 1"),
+    (lambda d: d["parallel_config"].update(pipeline_stage=2, micro_batch_num=2, context_parallel=2),
+     "'context_parallel' = 2: training with pipeline_stage > 1 runs without context parallelism"),
+    (lambda d: (d["model"]["model_config"].update(num_experts=4, moe_top_k=2, moe_intermediate_size=32),
+                d["parallel_config"].update(pipeline_stage=2, micro_batch_num=2)),
+     "'pipeline_stage' = 2: MoE models \\(num_experts = 4\\) train without pipeline stages"),
 ])
 def test_bad_yaml_gives_one_clear_error(tmp_path, edit, message):
     doc = yaml.safe_load(open(YAML))
@@ -154,3 +162,38 @@ def test_malformed_override_is_one_line():
     with pytest.raises(ConfigError, match=r"^--set parallel_config.offset=\[1,: not valid YAML: .*expected") as err:
         load_yaml(YAML, ["parallel_config.offset=[1,"])
     assert "\n" not in str(err.value)
+
+
+def test_model_config_may_name_a_preset_and_override_its_keys(tmp_path):
+    doc = yaml.safe_load(open(YAML))
+    doc["model"]["model_config"] = {"type": "TelechatConfig", "preset": "telechat2-tiny-gqa", "n_kv_heads": 1,
+                                    "param_dtype": "float16"}
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    run = load_yaml(str(path))
+    assert run.model == AutoConfig.from_preset("telechat2-tiny-gqa", num_kv_heads=1, param_dtype="float16")
+    doc["model"]["model_config"]["preset"] = "telechat2-tiny-gqq"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="model.model_config: preset 'telechat2-tiny-gqq' unknown") as err:
+        load_yaml(str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unused_mindformers_keys_are_listed_and_warned_about_when_set(tmp_path, capsys):
+    from mindport.train.config import UNUSED_KEYS
+
+    assert {"parallel_config.gradient_aggregation_group", "parallel_config.vocab_emb_dp"} <= set(UNUSED_KEYS)
+    doc = yaml.safe_load(open(YAML))
+    doc["parallel_config"].update(gradient_aggregation_group=4, vocab_emb_dp=False)  # the values mindport matches
+    doc["runner_config"]["sink_mode"] = False
+    path = tmp_path / "unused.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    load_yaml(str(path))
+    assert capsys.readouterr().err == ""
+    load_yaml(str(path), ["parallel_config.vocab_emb_dp=true", "runner_config.sink_mode=true",
+                          "parallel_config.gradient_aggregation_group=2"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{path}: warning:")
+    for key in ("parallel_config.vocab_emb_dp = True", "runner_config.sink_mode = True",
+                "parallel_config.gradient_aggregation_group = 2"):
+        assert key in err

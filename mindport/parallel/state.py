@@ -95,9 +95,6 @@ def check_layout(config: ParallelConfig, world_size: int, model: ModelConfig | N
             f"parallel_config: data_parallel x pipeline_stage x context_parallel x model_parallel = "
             f"{config.data_parallel} x {config.pipeline_stage} x {config.context_parallel} x {config.model_parallel}"
             f" = {config.world_size}, but {world_size} processes were launched")
-    if config.data_parallel % config.expert_parallel:
-        raise ConfigError(f"parallel_config: key 'expert_parallel' = {config.expert_parallel}: expected a divisor "
-                          f"of data_parallel = {config.data_parallel}")
     if model is not None:
         config.check_model(model)
 

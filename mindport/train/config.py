@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -82,30 +83,57 @@ class TrainConfig(Loadable):
         if not self.output_dir:
             fail("output_dir", self.output_dir, "a directory path")
 
-# YAML sections (mindformers layout) -> TrainConfig keys they may carry (None: accepted, unused).
+# YAML sections (mindformers layout) -> TrainConfig keys they may carry (and the UNUSED_KEYS below).
 _TRAIN_SECTIONS = {
     "optimizer": {"learning_rate": "learning_rate", "weight_decay": "weight_decay", "eps": "eps",
-                  "beta1": "beta1", "beta2": "beta2", "type": None},
+                  "beta1": "beta1", "beta2": "beta2"},
     "lr_schedule": {"learning_rate": "learning_rate", "lr_end": "min_learning_rate",
-                    "warmup_steps": "warmup_steps", "total_steps": "train_steps", "type": None},
+                    "warmup_steps": "warmup_steps", "total_steps": "train_steps"},
     "runner_config": {"batch_size": "batch_size", "seq_length": "seq_length", "train_steps": "train_steps",
                       "gradient_accumulation_steps": "grad_accumulation", "grad_clip": "grad_clip",
                       "amp_level": "amp_level", "amp_dtype": "amp_dtype", "loss_scale": "loss_scale",
                       "loss_scale_type": "loss_scale_type", "recompute": "recompute", "jit": "jit",
                       "save_steps": "save_steps", "keep_checkpoints": "keep_checkpoints",
-                      "log_steps": "log_steps", "peak_tflops": "peak_tflops", "epochs": None, "sink_mode": None},
+                      "log_steps": "log_steps", "peak_tflops": "peak_tflops"},
     # mindformers' wrapper cell: clipping and the loss-scale update cell
-    "runner_wrapper": {"type": None, "max_grad_norm": "grad_clip", "use_clip_grad": None, "scale_sense": None},
-    "recompute_config": {"recompute": "recompute", "select_recompute": None, "parallel_optimizer_comm_recompute": None,
-                         "mp_comm_recompute": None, "recompute_slice_activation": None},
-    "train_dataset": {"data_dir": "data_dir", "type": None},
+    "runner_wrapper": {"max_grad_norm": "grad_clip", "scale_sense": None},
+    "recompute_config": {"recompute": "recompute"},
+    "train_dataset": {"data_dir": "data_dir"},
 }
 # runner_wrapper.scale_sense (DynamicLossScaleUpdateCell / FixedLossScaleUpdateCell) -> TrainConfig keys
 _SCALE_SENSE = {"loss_scale_value": "loss_scale", "scale_factor": "loss_scale_factor",
                 "scale_window": "loss_scale_window", "type": None}
 _TOP_LEVEL_TRAIN = {"seed": "seed", "output_dir": "output_dir", "load_checkpoint": "load_checkpoint"}
-_IGNORED_TOP_LEVEL = {"run_mode", "trainer", "context", "use_parallel", "src_strategy_path_or_dir",
-                      "auto_trans_ckpt", "only_save_strategy", "resume_training"}
+# mindformers YAML keys mindport accepts but does not use -> the value that matches what mindport does;
+# a run setting another value gets one warning line (unused_keys_set). None: any value is fine (a class
+# name, or a setting with no effect here).
+UNUSED_KEYS: dict[str, Any] = {
+    "run_mode": None, "trainer": None, "context": None, "use_parallel": None, "src_strategy_path_or_dir": "",
+    "auto_trans_ckpt": False, "only_save_strategy": False, "resume_training": False,  # mindport: --resume
+    "model.arch": None, "model.model_config.type": None,
+    "parallel_config.gradient_aggregation_group": 4, "parallel_config.vocab_emb_dp": False,
+    "optimizer.type": "AdamW", "lr_schedule.type": "CosineWithWarmUpLR", "train_dataset.type": None,
+    "runner_config.epochs": 1, "runner_config.sink_mode": False,  # mindport: train_steps, no data sinking
+    "runner_wrapper.type": "MFTrainOneStepCell", "runner_wrapper.use_clip_grad": True,  # mindport: grad_clip > 0
+    "recompute_config.select_recompute": False, "recompute_config.parallel_optimizer_comm_recompute": False,
+    "recompute_config.mp_comm_recompute": True, "recompute_config.recompute_slice_activation": False,
+}
+
+
+def unused_keys_set(doc: Mapping[str, Any]) -> list[str]:
+    """``'key = value'`` for each :data:`UNUSED_KEYS` key that ``doc`` (a run YAML) sets to a value
+    other than the one matching what mindport does."""
+    out = []
+    for dotted, expected in UNUSED_KEYS.items():
+        node: Any = doc
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            if expected is not None and (node != expected or isinstance(node, bool) != isinstance(expected, bool)):
+                out.append(f"{dotted} = {node!r}")
+    return out
 
 
 def _put(values: dict[str, Any], origin: dict[str, str], field: str, value: Any, key: str, source: str) -> None:
@@ -136,7 +164,7 @@ def train_config_from_sections(doc: Mapping[str, Any], source: str) -> TrainConf
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for key, value in doc.items():
-        if key in _IGNORED_TOP_LEVEL or (key == "load_checkpoint" and not value):  # mindformers: "" = none
+        if key in UNUSED_KEYS or (key == "load_checkpoint" and not value):  # mindformers: "" = none
             continue
         if key in _TOP_LEVEL_TRAIN:
             _put(values, origin, _TOP_LEVEL_TRAIN[key], value, key, source)
@@ -144,9 +172,12 @@ def train_config_from_sections(doc: Mapping[str, Any], source: str) -> TrainConf
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: key '{key}' = {value!r}: expected a mapping")
             for sub, sub_value in value.items():
+                if f"{key}.{sub}" in UNUSED_KEYS:
+                    continue
                 if sub not in _TRAIN_SECTIONS[key]:
+                    unused = [k.split(".")[1] for k in UNUSED_KEYS if k.startswith(f"{key}.")]
                     raise ConfigError(f"{source}: unknown key '{key}.{sub}' (known: "
-                                      f"{', '.join(sorted(_TRAIN_SECTIONS[key]))})")
+                                      f"{', '.join(sorted([*_TRAIN_SECTIONS[key], *unused]))})")
                 if key == "runner_wrapper" and sub == "scale_sense":
                     _scale_sense(sub_value, source, values, origin)
                 elif _TRAIN_SECTIONS[key][sub]:
@@ -181,7 +212,8 @@ TRAINING_MODEL_KEYS = ("param_dtype", "compute_dtype", "initializer_range", "rou
 
 def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
     """Build a :class:`RunConfig` from a mindformers-shaped mapping. With ``load_checkpoint`` the
-    architecture is the checkpoint's (``model.model_config`` may be omitted)."""
+    architecture is the checkpoint's (``model.model_config`` may be omitted). mindformers keys that
+    mindport does not use (``UNUSED_KEYS``) are accepted; set to another value, they get one warning line."""
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{source}: expected a mapping with a 'model: model_config:' section")
     rest = {k: v for k, v in doc.items() if k not in ("model", "parallel_config")}
@@ -190,20 +222,45 @@ def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
     if not isinstance(model_section, Mapping):
         raise ConfigError(f"{source}: key 'model' missing: expected a 'model: model_config:' section (or "
                           f"load_checkpoint)")
-    extra = set(model_section) - {"model_config", "arch"}
+    extra = {k for k in model_section if k != "model_config" and f"model.{k}" not in UNUSED_KEYS}
     if extra:
         raise ConfigError(f"{source}: unknown key 'model.{sorted(extra)[0]}' (known: model_config, arch)")
     model_values = model_section.get("model_config", {} if train.load_checkpoint else None)
     if not isinstance(model_values, Mapping):
         raise ConfigError(f"{source}: key 'model.model_config' missing: expected the model's settings there")
-    model_values = {k: v for k, v in model_values.items() if k != "type"}
+    model_values = {k: v for k, v in model_values.items() if f"model.model_config.{k}" not in UNUSED_KEYS}
+    if "preset" in model_values:
+        model_values = _expand_preset(model_values, source, architecture_only=bool(train.load_checkpoint))
     if train.load_checkpoint:
         model = _checkpoint_model_config(train.load_checkpoint, model_values, source)
     else:
         model = ModelConfig.from_dict(model_values, f"{source}: model.model_config")
-    parallel = ParallelConfig.from_dict(doc.get("parallel_config") or {}, f"{source}: parallel_config")
+    parallel_values = {k: v for k, v in (doc.get("parallel_config") or {}).items()
+                       if f"parallel_config.{k}" not in UNUSED_KEYS}
+    parallel = ParallelConfig.from_dict(parallel_values, f"{source}: parallel_config")
     parallel.check_model(model, f"{source}: parallel_config")
+    unused = unused_keys_set(doc)
+    if unused:
+        print(f"{source}: warning: mindformers key(s) {', '.join(unused)} accepted but unused by mindport: "
+              f"no effect", file=sys.stderr)
     return RunConfig(model, parallel, train)
+
+
+def _expand_preset(values: Mapping[str, Any], source: str, architecture_only: bool) -> dict[str, Any]:
+    """``model_config: {preset: NAME, <key>: <value>...}``: the preset's fields, overridden by the keys
+    beside it. With ``architecture_only`` (load_checkpoint) the preset's :data:`TRAINING_MODEL_KEYS`
+    are left out, so those still come from the YAML or the checkpoint."""
+    from mindport.models.registry import find_preset
+
+    values = dict(values)
+    name = values.pop("preset")
+    try:
+        preset = find_preset(name).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: model.model_config: {err}") from None
+    if architecture_only:
+        preset = {k: v for k, v in preset.items() if k not in TRAINING_MODEL_KEYS}
+    return {**preset, **{ModelConfig.ALIASES.get(k, k): v for k, v in values.items()}}
 
 
 def _checkpoint_model_config(path: str, yaml_values: Mapping[str, Any], source: str) -> ModelConfig:

@@ -14,8 +14,10 @@ kernel (16.4M parameters: 25 ms vs 116 ms). Norm weights and biases are never de
 from __future__ import annotations
 
 import math
+from typing import Protocol, Sequence
 
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from mindport.parallel.sharding import is_norm
@@ -62,20 +64,55 @@ def adamw_step(param, m, v, grad, lr, weight_decay, beta_powers, betas, eps):
     return _APPLY_ADAM(param, m, v, beta_powers[0], beta_powers[1], lr, betas[0], betas[1], eps, grad)
 
 
+class Optimizer(Protocol):
+    """What the trainer needs of an optimizer (:class:`AdamW`, ``mindport.parallel.zero.ZeroAdamW``).
+
+    One step: ``pieces = reduce_grads(grads)`` (fp32 gradients of this rank, summed over the
+    replicas: full tensors, or this rank's slices when ``shard_groups`` says over which group each
+    is split), a rescale of the pieces (clip, loss scale), then ``update(pieces, lr)``, which also
+    writes the model's parameters.
+    """
+
+    sharded_state: bool  # the state differs between data-parallel ranks (one state file per rank)
+    shard_groups: list | None  # per parameter, the Group its pieces are split over (None: whole tensors)
+    full_masters: tuple  # per parameter, the full fp32 master the optimizer updates (None: the parameter)
+
+    def reduce_grads(self, grads: Sequence[Tensor]) -> tuple: ...
+
+    def update(self, pieces: Sequence[Tensor], lr: Tensor): ...
+
+    def state_tensors(self, names: Sequence[str]) -> dict[str, Parameter]: ...
+
+    def master_weights(self) -> list[Tensor]: ...
+
+    def load_weights(self, arrays: Sequence[np.ndarray]) -> None: ...
+
+
 class AdamW(nn.Cell):
     """AdamW over ``params``; ``decay[i]`` says whether params[i] is weight-decayed.
 
-    ``construct(grads, lr)`` updates in place and returns True. State: ``exp_avg.*``,
+    ``construct(grads, lr)`` (= ``update``) updates in place and returns True. State: ``exp_avg.*``,
     ``exp_avg_sq.*`` (fp32, shaped like the params) and ``step`` (completed updates).
+    ``masters[i]`` (O2): an fp32 copy of a low-precision params[i]; the update runs on it and
+    params[i] is rewritten from it. ``groups``: gradients are summed over the replicas
+    (:class:`~mindport.parallel.grad_sync.GradientSync`) in :meth:`reduce_grads`.
     """
 
-    def __init__(self, params, decay: list[bool], beta1: float, beta2: float, eps: float, weight_decay: float):
+    sharded_state = False
+    shard_groups = None
+
+    def __init__(self, params, decay: list[bool], beta1: float, beta2: float, eps: float, weight_decay: float, *,
+                 masters: Sequence[Parameter | None] | None = None, groups=None):
         super().__init__()
-        self.params = ParameterTuple(params)
+        masters = list(masters) if masters is not None else [None] * len(params)
+        self.model_params = ParameterTuple(params)
+        self.full_masters = tuple(masters)
+        self.params = ParameterTuple([m if m is not None else p for p, m in zip(params, masters)])
         for p in self.params:
             if p.dtype != ms.float32:
                 raise TypeError(f"AdamW: parameter '{p.name}' is {p.dtype}; the optimiser updates fp32 (master) "
                                 "weights")
+        self.copy_back = tuple((p, m) for p, m in zip(params, masters) if m is not None)
         self.exp_avg = self.params.clone("exp_avg", "zeros")
         self.exp_avg_sq = self.params.clone("exp_avg_sq", "zeros")
         self.decay = tuple(bool(d) for d in decay)
@@ -83,8 +120,18 @@ class AdamW(nn.Cell):
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.weight_decay = Tensor(weight_decay, ms.float32)
         self.betas = (Tensor(beta1, ms.float32), Tensor(beta2, ms.float32))
+        if groups is None:
+            self.sync = None
+        else:
+            from mindport.parallel.grad_sync import GradientSync
 
-    def construct(self, grads, lr):
+            self.sync = GradientSync(list(params), groups)
+
+    def reduce_grads(self, grads) -> tuple:
+        grads = tuple(g.astype(ms.float32) for g in grads)
+        return grads if self.sync is None else self.sync(grads)
+
+    def update(self, grads, lr):
         t = self.step + 1.0
         ops.assign(self.step, t)
         powers, eps = bias_correction(t, self.beta1, self.beta2, self.eps)
@@ -93,4 +140,28 @@ class AdamW(nn.Cell):
             out = adamw_step(self.params[i], self.exp_avg[i], self.exp_avg_sq[i], grads[i].astype(ms.float32), lr,
                              self.weight_decay if self.decay[i] else None, powers, self.betas, eps)
             done = ops.depend(done, out)
+        for param, master in self.copy_back:
+            done = ops.depend(done, ops.assign(param, ops.depend(master, done).astype(param.dtype)))
         return done
+
+    def construct(self, grads, lr):
+        return self.update(grads, lr)
+
+    def state_tensors(self, names) -> dict[str, Parameter]:
+        """Step and moments, keyed by model parameter name (O1 and O2 checkpoints resume into each other)."""
+        out = {"optimizer.step": self.step}
+        for name, m, v in zip(names, self.exp_avg, self.exp_avg_sq):
+            out[f"exp_avg.{name}"] = m
+            out[f"exp_avg_sq.{name}"] = v
+        return out
+
+    def master_weights(self) -> list[Tensor]:
+        """The full fp32 weights: what the update runs on."""
+        return list(self.params)
+
+    def load_weights(self, arrays) -> None:
+        """Set every parameter (and its fp32 master) from full fp32 arrays."""
+        for param, master, array in zip(self.model_params, self.full_masters, arrays):
+            if master is not None:
+                master.set_data(Tensor(array))
+            param.set_data(Tensor(array).astype(param.dtype))

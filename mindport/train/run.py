@@ -155,7 +155,8 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         per_rank, dp = trainer.rows_per_step, groups.dp.size
         loader = Loader(dataset, per_rank * dp, cfg.seed)
         rows = slice(groups.dp.rank * per_rank, (groups.dp.rank + 1) * per_rank)
-        ckpts = CheckpointManager(run_dir.checkpoints, cfg.keep_checkpoints, groups, trainer.zero, cfg.load_checkpoint)
+        ckpts = CheckpointManager(run_dir.checkpoints, cfg.keep_checkpoints, groups, trainer.optimizer.sharded_state,
+                                  cfg.load_checkpoint)
         together(groups, f"{cfg.output_dir}: deleting the previous run", lambda: lead and run_dir.delete_previous_run(echo))
 
         if resume:

@@ -27,10 +27,10 @@ from mindport.config import ConfigError
 from mindport.constants import IGNORE_INDEX
 from mindport.dispatch import check_dtype
 from mindport.parallel.comm import collectives
-from mindport.parallel.grad_sync import GradientSync, GradNorm, sum_of_squares
+from mindport.parallel.grad_sync import GradNorm, sum_of_squares
 from mindport.train import amp as amp_lib
 from mindport.train.config import TrainConfig
-from mindport.train.optim import AdamW, lr_at, no_decay_names
+from mindport.train.optim import AdamW, Optimizer, lr_at, no_decay_names
 
 
 def _identity(x):
@@ -79,39 +79,28 @@ class Trainer:
         self.params = ms.ParameterTuple([p for _, p in named])
         exempt = no_decay_names(model)
         decay = [n not in exempt for n in self.names]
-        self.zero = groups.config.optimizer_shard and groups.dp.size > 1
-        if self.zero:
-            from mindport.train.zero import ZeroAdamW, shard_group
+        masters = [self.masters.get(n) for n in self.names]
+        if groups.config.optimizer_shard and groups.dp.size > 1:  # ZeRO-1: reduce-scatters over dp itself
+            from mindport.train.zero import ZeroAdamW
 
-            self.optimizer = ZeroAdamW(list(self.params), groups, beta1=config.beta1, beta2=config.beta2,
-                                       eps=config.eps, weight_decay=config.weight_decay, decay=decay,
-                                       bias_correction=True, masters=[self.masters.get(n) for n in self.names])
-            self.masters = {}  # the optimizer's master slices replace the full fp32 copies
-            self.grad_sync = _identity  # ZeroAdamW reduce-scatters over dp itself
-            shard_groups = [shard_group(n, groups) for n in self.names]
+            self.optimizer: Optimizer = ZeroAdamW(list(self.params), groups, beta1=config.beta1, beta2=config.beta2,
+                                                  eps=config.eps, weight_decay=config.weight_decay, decay=decay,
+                                                  bias_correction=True, masters=masters)
         else:
-            self.optimizer = AdamW([self.masters.get(n, p) for n, p in named], decay, config.beta1, config.beta2,
-                                   config.eps, config.weight_decay)
-            self.grad_sync = GradientSync(list(self.params), groups)
-            shard_groups = None
-        self.grad_norm = GradNorm(self.names, groups, shard_groups)
+            self.optimizer = AdamW(list(self.params), decay, config.beta1, config.beta2, config.eps,
+                                   config.weight_decay, masters=masters, groups=groups)
+        # the full fp32 copies the optimizer keeps (ZeRO keeps slices instead)
+        self.masters = {n: m for n, m in zip(self.names, self.optimizer.full_masters) if m is not None}
+        self.grad_norm = GradNorm(self.names, groups, self.optimizer.shard_groups)
         # the loss each rank computes is its share of the global mean (tokens of dp/cp ranks; only
         # the last pipeline stage has one): summed over those groups it is the global loss
         self.loss_sums = [collectives(g) for g in (groups.dp, groups.cp, groups.pp) if g.size > 1]
-        self.copy_back = tuple((p, self.masters[n]) for n, p in named if n in self.masters)
         self.scaler = amp_lib.loss_scaler(config.loss_scale_type, config.loss_scale, config.loss_scale_factor,
                                           config.loss_scale_window)
         self.dynamic = config.loss_scale_type == "dynamic"
         self.step = 0  # completed optimiser steps
         self.pipeline = None
-        if groups.pp.size > 1:
-            if groups.cp.size > 1:
-                raise ConfigError(f"parallel_config: key 'context_parallel' = {groups.cp.size}: training with "
-                                  f"pipeline_stage > 1 runs without context parallelism")
-            if self.base_config.is_moe:  # the router loss pools every layer's statistics: not split yet
-                raise ConfigError(f"parallel_config: key 'pipeline_stage' = {groups.pp.size}: MoE models "
-                                  f"(num_experts = {self.base_config.num_experts}) train without pipeline stages "
-                                  f"(use expert_parallel / model_parallel)")
+        if groups.pp.size > 1:  # layouts it cannot train failed in ParallelConfig.check_model
             from mindport.parallel.schedules import PipelineSchedule
 
             self.pipeline = PipelineSchedule(model, groups, groups.config.micro_batch_num)
@@ -145,9 +134,7 @@ class Trainer:
         def apply(grads, lr, inv_micro):
             # grads = sum over micro-batches of d(scale * loss); one multiply turns them into the
             # clipped mean gradient: coef = 1 / (micro * scale), times the clip factor
-            pieces = self.grad_sync(tuple(g.astype(ms.float32) for g in grads))
-            if self.zero:
-                pieces = optimizer.scatter_grads(pieces)  # this rank's slices, summed over dp
+            pieces = optimizer.reduce_grads(grads)  # summed over the replicas (ZeRO: this rank's slices)
             coef = inv_micro / scaler.scale_value
             norm = self.grad_norm(ops.stack([sum_of_squares(g) for g in pieces])) * coef
             finite = ops.isfinite(norm)  # an inf/nan anywhere makes the norm non-finite
@@ -157,11 +144,9 @@ class Trainer:
             if self.dynamic:
                 scaler.adjust(finite)
                 if finite:
-                    self._update(pieces, lr)
+                    optimizer.update(pieces, lr)
             else:
-                self._update(pieces, lr)
-            for param, master in self.copy_back:
-                ops.assign(param, master.astype(param.dtype))
+                optimizer.update(pieces, lr)
             return norm, finite
 
         def fused(ids, cos, sin, mask, targets, lr):
@@ -172,9 +157,6 @@ class Trainer:
         wrap = ms.jit if self.compiled else _identity
         self._micro, self._accumulate, self._fused = wrap(micro), wrap(accumulate), wrap(fused)
         self._apply = ms.jit(apply) if self.config.jit else apply
-
-    def _update(self, grads, lr):
-        return self.optimizer.update(grads, lr) if self.zero else self.optimizer(grads, lr)
 
     def _inputs(self, batch: np.ndarray):
         """Model inputs and next-token targets of one micro-batch (this rank's zigzag share under
@@ -234,38 +216,19 @@ class Trainer:
     def fp32_weights(self) -> dict[str, np.ndarray]:
         """Model parameter name -> fp32 array of this rank (the master copy under O2; gathered from
         the data-parallel ranks' slices under ZeRO + O2, a collective)."""
-        if self.zero and self.level == "O2":
-            return {n: w.asnumpy() for n, w in zip(self.names, self.optimizer.gather("master"))}
-        out = {}
-        for name, param in zip(self.names, self.params):
-            src = self.masters.get(name, param)
-            out[name] = src.astype(ms.float32).asnumpy() if src.dtype != ms.float32 else src.asnumpy()
-        return out
+        return {n: w.asnumpy() for n, w in zip(self.names, self.optimizer.master_weights())}
 
     def load_fp32_weights(self, weights: dict[str, np.ndarray], source: str) -> None:
         from mindport.checkpoint.tensor_check import check_tensors
 
         check_tensors({n: np.shape(weights[n]) for n in self.names if n in weights},
                       {n: tuple(p.shape) for n, p in zip(self.names, self.params)}, source, "the model has")
-        for name, param in zip(self.names, self.params):
-            array = np.asarray(weights[name], dtype=np.float32)
-            if name in self.masters:
-                self.masters[name].set_data(Tensor(array))
-            param.set_data(Tensor(array).astype(param.dtype))
+        self.optimizer.load_weights([np.asarray(weights[n], dtype=np.float32) for n in self.names])
 
     def state_tensors(self) -> dict:
         """Optimiser and loss-scale state: name -> Parameter (moments keyed by model parameter name,
         so O1 and O2 checkpoints resume into each other)."""
-        opt = self.optimizer
-        if self.zero:  # this rank's slices (mindport.train.zero)
-            out = {"zero.step": opt.step}
-            for name, w, m, v in zip(self.names, opt.master, opt.moments1, opt.moments2):
-                out.update({f"zero_master.{name}": w, f"zero_m.{name}": m, f"zero_v.{name}": v})
-        else:
-            out = {"optimizer.step": opt.step}
-            for name, m, v in zip(self.names, opt.exp_avg, opt.exp_avg_sq):
-                out[f"exp_avg.{name}"] = m
-                out[f"exp_avg_sq.{name}"] = v
+        out = self.optimizer.state_tensors(self.names)
         out["loss_scale.value"] = self.scaler.scale_value
         if self.dynamic:
             out["loss_scale.counter"] = self.scaler.counter

@@ -170,13 +170,15 @@ class ZeroAdamW(nn.Cell):
 
     ``opt(grads, lr=None)``: one step from this rank's (unsynchronised, or with ``grads_synced``
     summed) gradients, in parameter order; every rank ends with the same full parameters.
-    The trainer's split form: ``shards = opt.scatter_grads(grads)``, a rescale of the shards
+    The trainer's split form (:class:`mindport.train.optim.Optimizer`): ``shards = opt.reduce_grads(grads)``, a rescale of the shards
     (clipping, loss scale; the norm from :class:`mindport.parallel.grad_sync.GradNorm`), then
     ``opt.update(shards, lr)``. ``lr`` (a scalar Tensor) overrides the fixed ``learning_rate``.
 
     ``masters``: optional fp32 tensors (one per parameter) to seed the master slices from, when the
     model's parameters are low precision (O2) and a full-precision copy exists at start.
     """
+
+    sharded_state = True
 
     def __init__(self, params, groups: ParallelGroups, learning_rate: float = 1e-3, beta1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.0, *, decay=None,
@@ -216,6 +218,9 @@ class ZeroAdamW(nn.Cell):
                     rank_of[slot.index] = group.rank
         self.slots = [slot_of[i] for i in range(len(params))]
         self.parts = [shard_parts(p.name, groups) for p in params]
+        self.shard_groups = [shard_group(p.name, groups) for p in params]
+        self.ranks = [rank_of[i] for i in range(len(params))]
+        self.full_masters = (None,) * len(params)  # the masters are sliced: see master_weights()
 
         seeds = list(masters) if masters is not None else [None] * len(params)
         if len(seeds) != len(params):
@@ -226,17 +231,22 @@ class ZeroAdamW(nn.Cell):
             if tuple(full.shape) != self.shapes[i]:
                 raise ValueError(f"ZeroAdamW: master for '{p.name}' has shape {tuple(full.shape)}, expected "
                                  f"{self.shapes[i]}")
-            start, stop = shard_range(self.slots[i].numel, self.parts[i], rank_of[i])
-            piece = np.zeros(self.slots[i].length, np.float32)
-            piece[:stop - start] = full.astype(ms.float32).asnumpy().reshape(-1)[start:stop]
+            piece = self._my_slice(i, full.astype(ms.float32).asnumpy())
             master.append(Parameter(Tensor(piece), name=f"zero_master.{p.name}", requires_grad=False))
             m.append(Parameter(Tensor(np.zeros_like(piece)), name=f"zero_m.{p.name}", requires_grad=False))
             v.append(Parameter(Tensor(np.zeros_like(piece)), name=f"zero_v.{p.name}", requires_grad=False))
         self.master, self.moments1, self.moments2 = ParameterTuple(master), ParameterTuple(m), ParameterTuple(v)
         self.sync = None if grads_synced else GradientSync(params, _without_data_parallel(groups), bucket_bytes)
 
+    def _my_slice(self, i: int, full: np.ndarray) -> np.ndarray:
+        """This rank's L elements (zero-padded) of parameter i's full fp32 values."""
+        start, stop = shard_range(self.slots[i].numel, self.parts[i], self.ranks[i])
+        piece = np.zeros(self.slots[i].length, np.float32)
+        piece[:stop - start] = full.reshape(-1)[start:stop]
+        return piece
+
     # ------------------------------------------------------------------ the step
-    def scatter_grads(self, grads) -> tuple:
+    def reduce_grads(self, grads) -> tuple:
         """This rank's slices (fp32, L elements each) of the gradients summed over the replicas."""
         grads = tuple(g.astype(ms.float32) for g in grads)
         if self.sync is not None:
@@ -284,7 +294,7 @@ class ZeroAdamW(nn.Cell):
         return done
 
     def construct(self, grads, lr=None):
-        return self.update(self.scatter_grads(grads), lr)
+        return self.update(self.reduce_grads(grads), lr)
 
     # ------------------------------------------------------------------ state
     def gather(self, which: str = "master") -> list[Tensor]:
@@ -298,6 +308,26 @@ class ZeroAdamW(nn.Cell):
                 fulls = unpack_rows(comm.all_gather(row, 0), bucket, [self.shapes[s.index] for s in bucket])
                 for slot, full in zip(bucket, fulls):
                     out[slot.index] = full
+        return out
+
+    def master_weights(self) -> list[Tensor]:
+        """The full fp32 weights: the parameters when all are fp32 (each update writes them from the
+        masters), else gathered from the master slices (a collective)."""
+        if all(p.dtype == ms.float32 for p in self.params):
+            return list(self.params)
+        return self.gather("master")
+
+    def load_weights(self, arrays) -> None:
+        """Set every parameter and this rank's master slices from full fp32 arrays."""
+        for i, (param, array) in enumerate(zip(self.params, arrays)):
+            param.set_data(Tensor(array).astype(param.dtype))
+            self.master[i].set_data(Tensor(self._my_slice(i, np.asarray(array, np.float32))))
+
+    def state_tensors(self, names) -> dict[str, Parameter]:
+        """This rank's slices and the step, keyed by model parameter name."""
+        out = {"zero.step": self.step}
+        for name, w, m, v in zip(names, self.master, self.moments1, self.moments2):
+            out.update({f"zero_master.{name}": w, f"zero_m.{name}": m, f"zero_v.{name}": v})
         return out
 
     def state_bytes(self) -> int:

@@ -52,11 +52,11 @@ def run(hf_dir: str, groups, mode: str | None, dump: dict) -> None:
     else:
         optimizer = ZeroAdamW(params, groups, **HYPER, grads_synced=mode == "synced")
     sync = GradientSync(params, groups)
-    scatter, update = (optimizer.scatter_grads, optimizer.update) if mode else (None, None)
+    scatter, update = (optimizer.reduce_grads, optimizer.update) if mode else (None, None)
     if mode == "jit":
         @ms.jit
         def scatter(grads):
-            return optimizer.scatter_grads(grads)
+            return optimizer.reduce_grads(grads)
 
         @ms.jit
         def update(shards):
