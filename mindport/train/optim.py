@@ -65,7 +65,7 @@ def adamw_step(param, m, v, grad, lr, weight_decay, beta_powers, betas, eps):
 
 
 class Optimizer(Protocol):
-    """What the trainer needs of an optimizer (:class:`AdamW`, ``mindport.parallel.zero.ZeroAdamW``).
+    """What the trainer needs of an optimizer (:class:`AdamW`, ``mindport.train.zero.ZeroAdamW``).
 
     One step: ``pieces = reduce_grads(grads)`` (fp32 gradients of this rank, summed over the
     replicas: full tensors, or this rank's slices when ``shard_groups`` says over which group each
