@@ -70,8 +70,14 @@ if [[ $(port_state) == in-use ]]; then
 fi
 
 eval "ARGS=($CMD)"  # CMD is a shell command line: honour its quoting ("--prompt 'two words'")
-if [[ ${ARGS[0]} == mindport ]]; then  # msrun runs a Python script: use the CLI module's file
+if [[ ${ARGS[0]} =~ ^python(3(\.[0-9]+)?)?$ ]]; then  # "python script.py ...": msrun adds the interpreter
+  ARGS=("${ARGS[@]:1}")
+fi
+if [[ ${ARGS[0]:-} == mindport ]]; then  # msrun runs a Python script: use the CLI module's file
   ARGS[0]=$(python -c 'import mindport.cli as c; print(c.__file__)')
+elif [[ ! -f ${ARGS[0]:-} ]]; then
+  echo "$me: error: CMD = '$CMD': expected a Python script with its arguments or a mindport command" >&2
+  exit 2
 fi
 
 here=$(cd "$(dirname "$0")" && pwd)

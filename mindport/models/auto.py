@@ -72,6 +72,9 @@ class AutoModelForCausalLM:
         if dtype:
             dispatch.check_dtype(dtype, "dtype")
             overrides.update(param_dtype=dtype, compute_dtype=dtype)
+        for key in ("param_dtype", "compute_dtype"):  # a caller's value is named as the caller's, not the file's
+            if key in overrides:
+                dispatch.check_dtype(overrides[key], f"key '{key}'")
         config, is_hf = read_config(path, **overrides)
         check_device_dtypes(config, _config_path(path))
         model = AutoModelForCausalLM.from_config(config)

@@ -112,8 +112,11 @@ def rank_directory(path: str, groups) -> str:
     run = groups.config
     for key, ours in (("tp", run.model_parallel), ("pp", run.pipeline_stage), ("ep", run.expert_parallel)):
         if layout.get(key) != ours:
-            raise ConfigError(f"{layout_path}: key '{key}' = {layout.get(key)!r}: expected {ours} to match this "
-                              f"run's parallel_config (reshard with `mindport convert merge` + `split`)")
+            option = {"tp": "model_parallel (`--model-parallel`)", "pp": "pipeline_stage",
+                      "ep": "expert_parallel"}[key]
+            raise ConfigError(f"{layout_path}: key '{key}' = {layout.get(key)!r}: expected {ours}, this run's "
+                              f"{option}: run with that layout under msrun, or join the shards with `mindport "
+                              f"convert merge --src {path} --dst DIR` (and `split` for another layout)")
     return os.path.join(path, rank_dir_name(export_rank(groups)))
 
 

@@ -167,6 +167,9 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
                 ckpts.together(f"{path}: resuming", lambda: restore(trainer, loader, ckpts, path))
                 echo(f"resume: continuing from {path} (step {trainer.step}, {loader.consumed} samples consumed)")
 
+        if stop_after is not None and stop_after < trainer.step:
+            raise ConfigError(f"--stop-after = {stop_after}: expected at least the step resumed from "
+                              f"({trainer.step}) in {ckpts.directory}")
         start, end = trainer.step, cfg.train_steps if stop_after is None else min(stop_after, cfg.train_steps)
         fpt = train_flops_per_token(run.model, cfg.seq_length)
         world = len(groups.world.ranks)

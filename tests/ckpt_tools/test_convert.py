@@ -383,6 +383,13 @@ def test_cli(hf_dirs, tmp_path, capsys):
     assert main(["convert", "merge", "--src", ranks, "--dst", merged]) == 0
     assert stored(merged) == stored(ms_dir)
     capsys.readouterr()
+    from mindport import AutoModelForCausalLM
+    from mindport.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:  # a per-rank export read by one process: the message says how
+        AutoModelForCausalLM.from_pretrained(ranks)
+    assert "key 'tp' = 2: expected 1, this run's model_parallel (`--model-parallel`)" in str(err.value)
+    assert f"`mindport convert merge --src {ranks} --dst DIR`" in str(err.value)
     assert main(["convert", "hf2ms", "--src", src, "--dst", ms_dir]) == 2
     err = capsys.readouterr().err
     assert err == f"mindport: error: {ms_dir}: destination exists (pass --overwrite / overwrite=True to replace it)\n"

@@ -60,6 +60,8 @@ def test_bfloat16_on_cpu_fails_in_one_line_everywhere(capsys, tmp_path, model_di
             AutoModelForCausalLM.from_preset(PRESET, **{key: "bfloat16"})
     with pytest.raises(ConfigError, match=f"^dtype {BF16_ON_CPU}"):
         AutoModelForCausalLM.from_pretrained(fp32, dtype="bfloat16")
+    with pytest.raises(ConfigError, match=f"^key 'param_dtype' {BF16_ON_CPU}"):  # the caller's value, not the file's
+        AutoModelForCausalLM.from_pretrained(fp32, param_dtype="bfloat16")
 
     line = _one_line_error(capsys, ["generate", "--load", fp32, "--prompt", "x", "--dtype", "bfloat16"])
     assert f"dtype {BF16_ON_CPU}" in line
