@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mindport.ckpt_tools.name_map import NameMap
 from mindport.config import ConfigError, ModelConfig
 
-FAMILY_MODULES = ("telechat2", "xverse", "mixtral", "qwen_moe")
 _REQUIRED = [f.name for f in dataclasses.fields(ModelConfig)
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name != "family"]
 
@@ -80,16 +80,14 @@ def _read_rope_parameters(hf: dict, values: dict, source: str) -> None:
         raise ConfigError(f"{source}: key 'rope_type' = {rope_type!r}: expected 'default' (plain RoPE)")
 
 
-def families() -> dict[str, Family]:
+def families(package: str = "mindport.research") -> dict[str, Family]:
+    """Every family folder in ``package`` (each sub-package's ``FAMILY``), found as the CLI
+    commands are: a new ``research/<family>/`` is picked up without editing this file."""
     found = {}
-    for module in FAMILY_MODULES:
-        try:
-            fam = importlib.import_module(f"mindport.research.{module}").FAMILY
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("mindport.research."):
-                continue  # family not shipped in this build
-            raise
-        found[fam.name] = fam
+    for info in sorted(pkgutil.iter_modules(importlib.import_module(package).__path__), key=lambda m: m.name):
+        if info.ispkg and not info.name.startswith("_"):
+            fam = importlib.import_module(f"{package}.{info.name}").FAMILY
+            found[fam.name] = fam
     return found
 
 
