@@ -62,3 +62,9 @@ def test_a_new_family_folder_is_discovered_without_editing_the_registry(tmp_path
             del sys.modules[name]
     assert list(found) == ["toy"] and found["toy"].presets == {"toy-tiny": {}}
 
+
+
+def test_chat_formats_live_with_their_family():
+    fams = families()
+    assert fams["telechat2"].chat.name == "telechat2" and fams["qwen_moe"].chat.name == "chatml"
+    assert fams["telechat2"].chat.template.endswith("{{ '<_bot>' }}{%- endif %}")
