@@ -22,20 +22,12 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from mindport.models.registry import ChatFormat, chat_formats, family
+
 SPM_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-# TeleChat2's special tokens, reserved right after unk/bos/eos/pad in the tokenizers we train.
-TELECHAT_SPECIALS = ("<_user>", "<_bot>", "<_end>", "<_system>")
-TELECHAT_TEMPLATE = (  # TeleChat2's published template, abridged to the roles it uses
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' %}{{ '<_system>' + message['content'] }}"
-    "{%- elif message['role'] == 'user' %}{{ '<_user>' + message['content'] }}"
-    "{%- else %}{{ '<_bot>' + message['content'] + '<_end>' }}{%- endif %}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{ '<_bot>' }}{%- endif %}")
-
 
 class TokenizerError(ValueError):
     """A tokenizer file, template or input mindport cannot use."""
@@ -159,43 +151,42 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def chat_format(self) -> str:
-        """"telechat2" or "chatml", from the chat template (chat_template.jinja or tokenizer_config.json's
-        chat_template) or else the vocabulary."""
+        """"telechat2" or "chatml": see :meth:`chat`."""
+        return self.chat().name
+
+    def chat(self) -> ChatFormat:
+        """The family chat format (TeleChat2's or ChatML) of the chat template (chat_template.jinja
+        or tokenizer_config.json's chat_template), or else of the vocabulary."""
         template = self.chat_template
         if isinstance(template, list):  # HF allows named templates; use the default one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
+        formats = chat_formats()
+        known = " and ".join(f"{fmt.title}'s {'/'.join(fmt.markers)}" for fmt in formats)
         if template:
-            if "<|im_start|>" in template:
-                return "chatml"
-            if "<_user>" in template and "<_bot>" in template:
-                return "telechat2"
+            for fmt in formats:
+                if all(marker in template for marker in fmt.markers):
+                    return fmt
             first = " ".join(str(template).split())[:60]
-            raise TokenizerError(f"{self.source}: unknown chat template '{first}...' (mindport knows TeleChat2's "
-                                 "<_user>/<_bot> and ChatML's <|im_start|>)")
-        if self.token_to_id("<_user>") is not None and self.token_to_id("<_bot>") is not None:
-            return "telechat2"
-        if self.token_to_id("<|im_start|>") is not None:
-            return "chatml"
+            raise TokenizerError(f"{self.source}: unknown chat template '{first}...' (mindport knows {known})")
+        for fmt in formats:
+            if all(self.token_to_id(marker) is not None for marker in fmt.markers):
+                return fmt
         raise TokenizerError(f"{self.source}: no chat template (no chat_template.jinja, no chat_template in "
-                             "tokenizer_config.json, and the vocabulary has neither <_user>/<_bot> nor <|im_start|>)")
+                             f"tokenizer_config.json, and the vocabulary has none of {known})")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` ([{"role": "user", "content": "..."}, ...])."""
-        kind = self.chat_format()
+        fmt = self.chat()
         parts = []
         for m in messages:
             role, content = m.get("role"), m.get("content", "")
             if role not in ("system", "user", "assistant", "bot"):
                 raise TokenizerError(f"chat message role {role!r}: expected system, user or assistant")
-            if kind == "telechat2":
-                parts.append({"system": "<_system>", "user": "<_user>"}.get(role, "<_bot>") + content
-                             + ("<_end>" if role in ("assistant", "bot") else ""))
-            else:
-                role = "assistant" if role == "bot" else role
-                parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+            prefix, suffix = fmt.roles["assistant" if role == "bot" else role]
+            parts.append(prefix + content + suffix)
         if add_generation_prompt:
-            parts.append("<_bot>" if kind == "telechat2" else "<|im_start|>assistant\n")
+            parts.append(fmt.generation_prompt)
         return "".join(parts)
 
     def stop_ids(self) -> list[int]:
@@ -278,7 +269,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, see
     """
     import sentencepiece as spm
 
-    minimum = 4 + len(TELECHAT_SPECIALS) + 256 + 1  # specials + byte fallback + one merge
+    chat = family("telechat2").chat
+    minimum = 4 + len(chat.specials) + 256 + 1  # specials + byte fallback + one merge
     if vocab_size < minimum:
         raise TokenizerError(f"vocab_size = {vocab_size}: expected at least {minimum} (special tokens + 256 bytes)")
     corpus = list(paragraphs(texts))
@@ -288,7 +280,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, see
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(corpus), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(TELECHAT_SPECIALS),
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(chat.specials),
             byte_fallback=True, character_coverage=0.9995, split_digits=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=False, max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
             hard_vocab_limit=True)
@@ -299,7 +291,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str, see
     with open(path, "wb") as f:
         f.write(proto.getvalue())
     config = {"tokenizer_class": "SentencePiece", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "chat_template": TELECHAT_TEMPLATE}
+              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "chat_template": chat.template}
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return Tokenizer.load(out_dir)

@@ -11,8 +11,9 @@ from typing import Callable, Sequence
 import numpy as np
 from mindspore import Tensor
 
-from mindport.models.causal_lm import MASK_VALUE
-from mindport.transformer.kv_cache import CompiledDecoder, KVCache
+from mindport.infer.decoder import CompiledDecoder
+from mindport.transformer.attention import MASK_VALUE
+from mindport.transformer.kv_cache import KVCache
 
 
 def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +84,9 @@ def _stepper(model, batch: int, total: int, use_cache: bool):
         cache = KVCache(model.config, batch, total, model.groups.tp.size)
         return lambda ids, mask, past: _last(model, model.forward(*model.prepare(ids, mask, past_len=past),
                                                                     caches=cache.layers)[0])
-    decoders = model.__dict__.setdefault("_compiled_decoders", {})
-    decoder = decoders.get((batch, total)) or decoders.setdefault((batch, total), CompiledDecoder(model, batch, total))
+    decoder = model.compiled_decoders.get((batch, total))
+    if decoder is None:
+        decoder = model.compiled_decoders[(batch, total)] = CompiledDecoder(model, batch, total)
 
     def step(ids, mask, past):
         ids_t, cos, sin, step_mask, q_scale = model.prepare(ids, mask, past_len=past)

@@ -86,7 +86,7 @@ class AutoModelForCausalLM:
             load_into_model(model, ckpt, registry.family(config.family).name_map if is_hf else None, presliced)
         finally:
             ckpt.close()
-        model.source_dir = path  # save_pretrained carries this directory's non-weight files
+        model.source_dir = path
         return model
 
 

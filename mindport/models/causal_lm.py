@@ -13,12 +13,12 @@ from mindport.parallel.comm import collectives
 from mindport.parallel.layers import VocabParallelEmbedding, VocabParallelHead, vocab_rows
 from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.state import ParallelGroups
+from mindport.transformer.attention import MASK_VALUE
 from mindport.transformer.block import DecoderLayer
 from mindport.transformer.layers import RMSNorm, as_tensor
 from mindport.transformer.loss import CausalLMLoss
+from mindport.transformer.moe import RouterStats
 from mindport.transformer.rope import logn_scale, rope_tables
-
-MASK_VALUE = float(np.finfo(np.float32).min)
 
 dispatch.configure_runtime()
 
@@ -72,6 +72,8 @@ class CausalLM(nn.Cell):
             self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
             self.lm_head = VocabParallelHead(config, groups)
             self.loss_fn = CausalLMLoss(groups, vocab_rows(config, groups)[2])
+        self.source_dir: str | None = None  # from_pretrained's directory: save_pretrained carries its files
+        self.compiled_decoders: dict = {}  # (batch, max_len) -> infer.decoder.CompiledDecoder, filled by generate
 
     def on_other_stage(self, name: str) -> bool:
         """True if parameter ``name`` of the full model lives on another pipeline stage."""
@@ -164,7 +166,7 @@ class CausalLM(nn.Cell):
             return x, router_loss, dropped
         return self.lm_head(self.final_norm(x)), router_loss, dropped
 
-    def router_loss(self, stats: list) -> tuple[Tensor, Tensor]:
+    def router_loss(self, stats: list[RouterStats]) -> tuple[Tensor, Tensor]:
         """Switch/Mixtral load balancing over all MoE layers' routing slots pooled
         (E * sum(mean f * mean P)), plus the router z-loss, weighted by their coefficients.
 
@@ -176,16 +178,16 @@ class CausalLM(nn.Cell):
         zero = ops.zeros((), ms.float32)
         if not stats:
             return zero, zero
-        f = ops.stack([s[0] for s in stats]).mean(0)
-        p = ops.stack([s[1] for s in stats]).mean(0)
-        z = ops.stack([s[2] for s in stats]).mean()
+        f = ops.stack([s.fraction for s in stats]).mean(0)
+        p = ops.stack([s.probability for s in stats]).mean(0)
+        z = ops.stack([s.z_loss for s in stats]).mean()
         ranks = 1
         for comm in self.data_comms:
             f = comm.all_reduce(ops.stop_gradient(f))
             ranks *= comm.group.size
         f, p, z = f / ranks, p / ranks, z / ranks
         balance = self.config.num_experts * (f * p).sum()
-        dropped = ops.stack([s[3] for s in stats]).sum().astype(ms.float32)
+        dropped = ops.stack([s.dropped for s in stats]).sum().astype(ms.float32)
         return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z, dropped
 
     def loss(self, logits: Tensor, router_loss: Tensor, labels: Tensor) -> Tensor:

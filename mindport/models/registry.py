@@ -8,15 +8,28 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mindport.checkpoint.name_map import NameMap
 from mindport.config import ConfigError, ModelConfig
 
-FAMILY_MODULES = ("telechat2", "xverse", "mixtral", "qwen_moe")
 _REQUIRED = [f.name for f in dataclasses.fields(ModelConfig)
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name != "family"]
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A family's chat format as data: the markers that identify it in a chat template or a
+    vocabulary, and how each role's message is wrapped."""
+    name: str  # "telechat2" | "chatml"
+    title: str  # for messages: "TeleChat2"
+    markers: tuple[str, ...]  # all present in a template (or vocabulary): this format
+    roles: dict[str, tuple[str, str]]  # system / user / assistant -> (prefix, suffix) around the content
+    generation_prompt: str  # opens the assistant's reply
+    template: str = ""  # the jinja template written into the tokenizers mindport trains
+    specials: tuple[str, ...] = ()  # special tokens reserved in the tokenizers mindport trains
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,7 @@ class Family:
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields when the HF key is absent
     from_hf_hook: Callable[[dict, dict], None] | None = None  # (hf, fields) -> edit fields in place
     to_hf_hook: Callable[[ModelConfig, dict], None] | None = None  # (config, hf) -> edit hf in place
+    chat: ChatFormat | None = None
 
     @property
     def name_map(self) -> NameMap:
@@ -80,16 +94,14 @@ def _read_rope_parameters(hf: dict, values: dict, source: str) -> None:
         raise ConfigError(f"{source}: key 'rope_type' = {rope_type!r}: expected 'default' (plain RoPE)")
 
 
-def families() -> dict[str, Family]:
+def families(package: str = "mindport.research") -> dict[str, Family]:
+    """Every family folder in ``package`` (each sub-package's ``FAMILY``), found as the CLI
+    commands are: a new ``research/<family>/`` is picked up without editing this file."""
     found = {}
-    for module in FAMILY_MODULES:
-        try:
-            fam = importlib.import_module(f"mindport.research.{module}").FAMILY
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("mindport.research."):
-                continue  # family not shipped in this build
-            raise
-        found[fam.name] = fam
+    for info in sorted(pkgutil.iter_modules(importlib.import_module(package).__path__), key=lambda m: m.name):
+        if info.ispkg and not info.name.startswith("_"):
+            fam = importlib.import_module(f"{package}.{info.name}").FAMILY
+            found[fam.name] = fam
     return found
 
 
@@ -117,3 +129,9 @@ def find_preset(name: str) -> ModelConfig:
             return fam.preset(name)
     known = [p for fam in families().values() for p in fam.presets]
     raise ConfigError(f"preset {name!r} unknown (known: {', '.join(known)})")
+
+
+def chat_formats() -> list[ChatFormat]:
+    """The chat formats the families declare."""
+    return [fam.chat for fam in families().values() if fam.chat is not None]
+

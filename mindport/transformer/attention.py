@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from mindport import dispatch
 from mindport.config import ModelConfig
 from mindport.parallel.layers import Linear, RowParallelLinear, region_entry
 from mindport.parallel.state import ParallelGroups
+
+MASK_VALUE = float(np.finfo(np.float32).min)  # additive mask of a hidden position
 
 
 class Attention(nn.Cell):

@@ -23,6 +23,7 @@ on every tp rank, back-propagate 1/tp of themselves on each so that sum counts t
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import mindspore as ms
 import numpy as np
@@ -39,23 +40,30 @@ from mindport.parallel.state import ParallelGroups
 from mindport.transformer.mlp import SwiGLU
 
 
-class RouterStats:
-    """Per-layer routing statistics a model turns into its auxiliary losses and metrics."""
+class RouterStats(NamedTuple):
+    """One MoE layer's routing statistics for this rank's tokens; the model pools them over
+    layers into its auxiliary losses (:meth:`CausalLM.router_loss`) and metrics."""
 
-    @staticmethod
-    def load_balancing(logits: Tensor, experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-        """(f, P): fraction of routing slots per expert summed over the k choices, and mean router
-        probability per expert; the Switch/Mixtral loss is E * sum(f * P) over pooled layers."""
-        probs = ops.softmax(logits.astype(ms.float32), -1)  # (T, E)
-        one_hot = ops.one_hot(experts, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))  # (T, k, E)
-        return one_hot.mean(0).sum(0), probs.mean(0)
+    fraction: Tensor     # f (E,): fraction of routing slots per expert, summed over the k choices
+    probability: Tensor  # P (E,): mean router probability per expert
+    z_loss: Tensor       # (): mean squared logsumexp of the router logits
+    dropped: Tensor      # (): routing slots dropped over capacity
 
-    @staticmethod
-    def z_loss(logits: Tensor) -> Tensor:
-        x = logits.astype(ms.float32)
-        top = ops.stop_gradient(x.max(-1, keepdims=True))
-        lse = top.squeeze(-1) + log_shifted_sum(ops.exp(x - top).sum(-1))  # logsumexp, reproducibly rounded
-        return ops.square(lse).mean()
+
+def load_balancing(logits: Tensor, experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """(f, P) of logits (T, E) and chosen experts (T, k); the Switch/Mixtral loss is
+    E * sum(f * P) over pooled layers."""
+    probs = ops.softmax(logits.astype(ms.float32), -1)  # (T, E)
+    one_hot = ops.one_hot(experts, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))  # (T, k, E)
+    return one_hot.mean(0).sum(0), probs.mean(0)
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """Mean squared logsumexp of logits (T, E)."""
+    x = logits.astype(ms.float32)
+    top = ops.stop_gradient(x.max(-1, keepdims=True))
+    lse = top.squeeze(-1) + log_shifted_sum(ops.exp(x - top).sum(-1))  # logsumexp, reproducibly rounded
+    return ops.square(lse).mean()
 
 
 class Experts(nn.Cell):
@@ -94,19 +102,137 @@ class Experts(nn.Cell):
         return ops.cat(outs, 0)
 
 
+Route = Callable[[Tensor, Tensor, int], tuple]
+"""``route(logits (T, E), tokens (T, H), capacity)`` -> (weights (T, k), experts (T, k),
+rows (N, H) grouped by expert, slot_rows (N,) (-1: dropped), counts (E,)): the fused operator."""
+
+
+class LocalDispatcher:
+    """No expert parallelism: this rank's tokens go to all E experts here."""
+
+    def __init__(self, route: Route, combine: Callable, capacity: Callable[[int], int]):
+        self.route, self.unpermute_combine, self.capacity = route, combine, capacity
+
+    def dispatch(self, tokens: Tensor, logits: Tensor):
+        """tokens (T, H), logits (T, E) -> (rows (N, H), counts (E,), plan for :meth:`combine`)."""
+        weights, experts, rows, slot_rows, counts = self.route(logits, tokens, self.capacity(tokens.shape[0]))
+        return rows, counts, (weights, experts, slot_rows, counts)
+
+    def combine(self, expert_out: Tensor, plan) -> tuple[Tensor, Tensor, Tensor]:
+        """expert_out (N, H) -> (out (T, H), experts (T, k), kept slots ())."""
+        weights, experts, slot_rows, counts = plan
+        return self.unpermute_combine(expert_out, slot_rows, weights), experts, counts.sum()
+
+
+class AllGatherDispatcher(LocalDispatcher):
+    """Every rank gathers the ep group's tokens, routes them all and runs its own experts on
+    their rows; a reduce-scatter returns each rank its tokens' summed outputs."""
+
+    def __init__(self, route: Route, combine: Callable, capacity: Callable[[int], int], router: nn.Cell,
+                 groups: ParallelGroups, local_experts: int, top_k: int):
+        super().__init__(route, combine, capacity)
+        self.router, self.top_k = router, top_k
+        self.ep, self.rank = groups.ep.size, groups.ep.rank
+        self.first, self.last = self.rank * local_experts, (self.rank + 1) * local_experts  # my experts
+        self.gather = GatherFromGroup(groups.ep, 0)
+        self.reduce_scatter = ReduceScatterToGroup(groups.ep, 0)
+
+    def dispatch(self, tokens: Tensor, logits: Tensor):
+        t = tokens.shape[0]
+        all_tokens = self.gather(tokens)  # (ep*T, H)
+        all_logits = self.router(all_tokens).astype(ms.float32)
+        weights, experts, rows, slot_rows, counts = self.route(all_logits, all_tokens, self.capacity(t * self.ep))
+        sizes = counts.asnumpy()
+        start, mine = int(sizes[:self.first].sum()), int(sizes[self.first:self.last].sum())
+        plan = (weights, experts, slot_rows, rows.shape[0], start, mine, t)
+        return rows[start:start + mine], counts[self.first:self.last], plan  # my experts' rows only
+
+    def combine(self, expert_out: Tensor, plan):
+        weights, experts, slot_rows, n, start, mine, t = plan
+        h = expert_out.shape[1]
+        parts = [p for p, size in ((ops.zeros((start, h), expert_out.dtype), start), (expert_out, mine),
+                                   (ops.zeros((n - start - mine, h), expert_out.dtype), n - start - mine)) if size]
+        partial = self.unpermute_combine(ops.cat(parts, 0), slot_rows, weights)  # (ep*T, H): my experts' share
+        out = self.reduce_scatter(partial)  # summed over ranks, my tokens
+        k = self.top_k
+        kept = (slot_rows[self.rank * t * k:(self.rank + 1) * t * k] >= 0).astype(ms.int32).sum()
+        return out, experts[self.rank * t:(self.rank + 1) * t], kept
+
+
+class AllToAllDispatcher(LocalDispatcher):
+    """Each rank routes its own tokens, exchanges per-expert counts, drops over capacity in the
+    group's token order, and one all-to-all sends each row to its expert's rank (padded to the
+    largest block); a second brings the outputs back.
+
+    Index tables (host numpy): ``send_rows[j]`` are my rows for rank j's experts; ``grouped``
+    orders the received (ep, width) rows by my local expert, sources in rank order.
+    """
+
+    def __init__(self, route: Route, combine: Callable, capacity: Callable[[int], int],
+                 groups: ParallelGroups, local_experts: int):
+        super().__init__(route, combine, capacity)
+        self.ep, self.rank, self.local_experts = groups.ep.size, groups.ep.rank, local_experts
+        self.comm = collectives(groups.ep)
+        self.all_to_all = AllToAll(groups.ep, 0, 0)
+
+    def dispatch(self, tokens: Tensor, logits: Tensor):
+        ep, n_local, rank = self.ep, self.local_experts, self.rank
+        weights, experts, rows, slot_rows, counts = self.route(logits, tokens, 0)  # dropless locally
+        n, h = rows.shape
+        all_counts = self.comm.all_gather(ops.expand_dims(counts, 0), 0).asnumpy().astype(np.int64)  # (ep, E)
+        capacity = self.capacity(tokens.shape[0] * ep)
+        if capacity:  # slots of lower ranks come first in token order
+            before = np.cumsum(all_counts, 0) - all_counts
+            kept_all = np.clip(capacity - before, 0, all_counts)
+        else:
+            kept_all = all_counts
+        kept = kept_all[rank]
+        block = np.cumsum(all_counts[rank]) - all_counts[rank]
+        send_rows = [np.concatenate([np.arange(block[e], block[e] + kept[e]) for e in range(j * n_local, (j + 1) * n_local)])
+                     for j in range(ep)]
+        width = max(1, int(max(kept_all[i, j * n_local:(j + 1) * n_local].sum() for i in range(ep) for j in range(ep))))
+        send_index = np.full((ep, width), n, np.int32)  # n: an appended zero row
+        for j, idx in enumerate(send_rows):
+            send_index[j, :len(idx)] = idx
+        received = self.all_to_all(_gather_rows(rows, send_index.reshape(-1)).reshape(ep, width, h))
+        mine = kept_all[:, rank * n_local:(rank + 1) * n_local]  # (ep src, local experts)
+        offsets = np.cumsum(mine, 1) - mine
+        grouped = np.concatenate([i * width + offsets[i, e] + np.arange(mine[i, e])
+                                  for e in range(n_local) for i in range(ep)]).astype(np.int32)
+        expert_rows = ops.gather(received.reshape(ep * width, h), Tensor(grouped), 0)
+        plan = (weights, experts, slot_rows, send_rows, width, grouped, n, int(kept.sum()))
+        return expert_rows, Tensor(mine.sum(0).astype(np.int32)), plan
+
+    def combine(self, expert_out: Tensor, plan):
+        weights, experts, slot_rows, send_rows, width, grouped, n, kept = plan
+        ep, h = self.ep, expert_out.shape[1]
+        back_index = np.full(ep * width, len(grouped), np.int32)
+        back_index[grouped] = np.arange(len(grouped), dtype=np.int32)
+        returned = self.all_to_all(_gather_rows(expert_out, back_index).reshape(ep, width, h))
+        row_index = np.full(n, ep * width, np.int32)
+        for j, idx in enumerate(send_rows):
+            row_index[idx] = j * width + np.arange(len(idx))
+        rows_out = _gather_rows(returned.reshape(ep * width, h), row_index)  # (N, H) in this rank's row order
+        keep_row = row_index < ep * width
+        slots = slot_rows.asnumpy()
+        slots = np.where((slots >= 0) & keep_row[np.maximum(slots, 0)], slots, -1).astype(np.int32)
+        return self.unpermute_combine(rows_out, Tensor(slots), weights), experts, Tensor(kept, ms.int32)
+
+
+def _gather_rows(x: Tensor, index: np.ndarray) -> Tensor:
+    """x (n, H) gathered at ``index``, where index n selects a zero row."""
+    x_ext = ops.cat([x, ops.zeros((1, x.shape[1]), x.dtype)], 0)
+    return ops.gather(x_ext, Tensor(index), 0)
+
+
 class MoE(nn.Cell):
     """Router, routed experts (E/ep per expert-parallel rank), optional shared expert.
 
-    Expert parallelism (``expert_parallel`` > 1) has two token dispatchers with the same
-    capacity and drop semantics as one process holding every token of the ep group in rank
-    order (capacity counts the group's tokens; a slot keeps its place in token order):
-
-    - ``allgather``: every rank gathers the group's tokens, routes them all, runs its own
-      experts on the rows routed to them, and a reduce-scatter returns each rank its tokens'
-      summed outputs. Two collectives a layer.
-    - ``alltoall``: each rank routes its own tokens, exchanges per-expert counts, drops over
-      capacity in global token order, and one all-to-all sends each row to its expert's rank
-      (padded to the largest block), a second brings the outputs back.
+    The token dispatcher is chosen once, from ``moe_token_dispatcher`` and the ep size
+    (:class:`LocalDispatcher` without expert parallelism). Both expert-parallel dispatchers
+    (:class:`AllGatherDispatcher`, two collectives a layer, and :class:`AllToAllDispatcher`)
+    have the same capacity and drop semantics as one process holding every token of the ep
+    group in rank order (capacity counts the group's tokens; a slot keeps its place in token order).
     """
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups):
@@ -118,15 +244,7 @@ class MoE(nn.Cell):
         self.entry, self.exit = region_entry(groups), region_exit(groups)
         self.router = Linear(h, config.num_experts, False, config)
         self.tp_share = ShareGradient(groups.tp)  # router statistics: replicated over tp (module docstring)
-        self.ep, self.ep_rank = groups.ep.size, groups.ep.rank
-        self.local_experts = config.num_experts // self.ep
         self.experts = Experts(config, groups)
-        self.dispatcher = groups.config.moe_token_dispatcher if self.ep > 1 else "local"
-        if self.ep > 1:
-            self.ep_comm = collectives(groups.ep)
-            self.ep_gather = GatherFromGroup(groups.ep, 0)
-            self.ep_scatter = ReduceScatterToGroup(groups.ep, 0)
-            self.ep_all_to_all = AllToAll(groups.ep, 0, 0)
         self.shared = None
         self.shared_gate = None
         if config.shared_expert_intermediate_size:
@@ -136,95 +254,34 @@ class MoE(nn.Cell):
                 self.shared_gate = Linear(h, 1, False, config)
         self.gating_permute = dispatch.get("moe_gating_permute")
         self.unpermute_combine = dispatch.get("moe_unpermute_combine")
+        self.token_dispatcher = self._token_dispatcher(groups)
+
+    def _token_dispatcher(self, groups: ParallelGroups) -> LocalDispatcher:
+        common = (self.route, self.unpermute_combine, self.capacity)
+        local_experts = self.num_experts // groups.ep.size
+        if groups.ep.size == 1:
+            return LocalDispatcher(*common)
+        if groups.config.moe_token_dispatcher == "allgather":
+            return AllGatherDispatcher(*common, self.router, groups, local_experts, self.top_k)
+        return AllToAllDispatcher(*common, groups, local_experts)
 
     def capacity(self, num_tokens: int) -> int:
         if not self.capacity_factor:
             return 0
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def _route(self, logits: Tensor, tokens: Tensor, capacity: int):
+    def route(self, logits: Tensor, tokens: Tensor, capacity: int):
+        """See :data:`Route`."""
         return self.gating_permute(logits, tokens, self.top_k, self.norm_topk_prob, self.norm_eps, capacity)
 
-    def _local(self, tokens: Tensor, logits: Tensor):
-        weights, experts, rows, slot_rows, counts = self._route(logits, tokens, self.capacity(tokens.shape[0]))
-        out = self.unpermute_combine(self.experts(rows, counts), slot_rows, weights)
-        return out, experts, counts.sum()
-
-    def _allgather(self, tokens: Tensor, logits: Tensor):
-        t = tokens.shape[0]
-        all_tokens = self.ep_gather(tokens)  # (ep*T, H)
-        all_logits = self.router(all_tokens).astype(ms.float32)
-        weights, experts, rows, slot_rows, counts = self._route(all_logits, all_tokens, self.capacity(t * self.ep))
-        sizes = counts.asnumpy()
-        e0, e1 = self.ep_rank * self.local_experts, (self.ep_rank + 1) * self.local_experts
-        start, mine = int(sizes[:e0].sum()), int(sizes[e0:e1].sum())
-        n, h = rows.shape
-        local = self.experts(rows[start:start + mine], counts[e0:e1])  # my experts' rows only
-        parts = [p for p, size in ((ops.zeros((start, h), local.dtype), start), (local, mine),
-                                   (ops.zeros((n - start - mine, h), local.dtype), n - start - mine)) if size]
-        partial = self.unpermute_combine(ops.cat(parts, 0), slot_rows, weights)  # (ep*T, H): my experts' share
-        out = self.ep_scatter(partial)  # summed over ranks, my tokens
-        mine_slots = slot_rows[self.ep_rank * t * self.top_k:(self.ep_rank + 1) * t * self.top_k]
-        kept = (mine_slots >= 0).astype(ms.int32).sum()
-        return out, experts[self.ep_rank * t:(self.ep_rank + 1) * t], kept
-
-    def _alltoall(self, tokens: Tensor, logits: Tensor):
-        ep, k = self.ep, self.top_k
-        n_local = self.local_experts
-        weights, experts, rows, slot_rows, counts = self._route(logits, tokens, 0)  # dropless locally
-        n, h = rows.shape
-        all_counts = self.ep_comm.all_gather(ops.expand_dims(counts, 0), 0).asnumpy().astype(np.int64)  # (ep, E)
-        capacity = self.capacity(tokens.shape[0] * ep)
-        if capacity:  # slots of lower ranks come first in token order
-            before = np.cumsum(all_counts, 0) - all_counts
-            kept_all = np.clip(capacity - before, 0, all_counts)
-        else:
-            kept_all = all_counts
-        kept = kept_all[self.ep_rank]
-        block = np.cumsum(all_counts[self.ep_rank]) - all_counts[self.ep_rank]
-        send_rows = [np.concatenate([np.arange(block[e], block[e] + kept[e]) for e in range(j * n_local, (j + 1) * n_local)])
-                     for j in range(ep)]
-        width = max(1, int(max(kept_all[i, j * n_local:(j + 1) * n_local].sum() for i in range(ep) for j in range(ep))))
-        pad = n  # index of an appended zero row
-        send_index = np.full((ep, width), pad, np.int32)
-        for j, idx in enumerate(send_rows):
-            send_index[j, :len(idx)] = idx
-        rows_ext = ops.cat([rows, ops.zeros((1, h), rows.dtype)], 0)
-        received = self.ep_all_to_all(ops.gather(rows_ext, Tensor(send_index.reshape(-1)), 0).reshape(ep, width, h))
-        # group the received rows by my local expert, sources in rank order
-        mine = kept_all[:, self.ep_rank * n_local:(self.ep_rank + 1) * n_local]  # (ep src, local experts)
-        offsets = np.cumsum(mine, 1) - mine
-        grouped = np.concatenate([i * width + offsets[i, e] + np.arange(mine[i, e])
-                                  for e in range(n_local) for i in range(ep)]).astype(np.int32)
-        flat = received.reshape(ep * width, h)
-        y = self.experts(ops.gather(flat, Tensor(grouped), 0), Tensor(mine.sum(0).astype(np.int32)))
-        back_index = np.full(ep * width, len(grouped), np.int32)
-        back_index[grouped] = np.arange(len(grouped), dtype=np.int32)
-        y_ext = ops.cat([y, ops.zeros((1, h), y.dtype)], 0)
-        returned = self.ep_all_to_all(ops.gather(y_ext, Tensor(back_index), 0).reshape(ep, width, h))
-        row_index = np.full(n, ep * width, np.int32)
-        for j, idx in enumerate(send_rows):
-            row_index[idx] = j * width + np.arange(len(idx))
-        ret_ext = ops.cat([returned.reshape(ep * width, h), ops.zeros((1, h), returned.dtype)], 0)
-        expert_out = ops.gather(ret_ext, Tensor(row_index), 0)  # (N, H) in this rank's row order
-        keep_row = row_index < ep * width
-        slots = slot_rows.asnumpy()
-        slots = np.where((slots >= 0) & keep_row[np.maximum(slots, 0)], slots, -1).astype(np.int32)
-        out = self.unpermute_combine(expert_out, Tensor(slots), weights)
-        return out, experts, Tensor(int(kept.sum()), ms.int32)
-
-    def construct(self, x: Tensor):
-        """x (B, S, H) -> (out (B, S, H), (f (E,), P (E,), z-loss, dropped slots)) for this rank's tokens."""
+    def construct(self, x: Tensor) -> tuple[Tensor, RouterStats]:
+        """x (B, S, H) -> (out (B, S, H), this rank's tokens' :class:`RouterStats`)."""
         x = self.entry(x)  # sequence parallel: gather the token shards
         b, s, h = x.shape
         tokens = x.reshape(b * s, h)
         logits = self.router(tokens).astype(ms.float32)  # (T, E)
-        if self.dispatcher == "allgather":
-            out, experts, kept = self._allgather(tokens, logits)
-        elif self.dispatcher == "alltoall":
-            out, experts, kept = self._alltoall(tokens, logits)
-        else:
-            out, experts, kept = self._local(tokens, logits)
+        rows, counts, plan = self.token_dispatcher.dispatch(tokens, logits)
+        out, experts, kept = self.token_dispatcher.combine(self.experts(rows, counts), plan)
         out = out.astype(x.dtype)
         if self.shared is not None:
             shared = self.shared(tokens)
@@ -233,6 +290,5 @@ class MoE(nn.Cell):
             out = out + shared.astype(out.dtype)
         out = self.exit(out.reshape(b, s, h))
         stats_logits = self.tp_share(logits)
-        f, p = RouterStats.load_balancing(stats_logits, experts, self.num_experts)
-        dropped = b * s * self.top_k - kept
-        return out, (f, p, RouterStats.z_loss(stats_logits), dropped)
+        f, p = load_balancing(stats_logits, experts, self.num_experts)
+        return out, RouterStats(f, p, z_loss(stats_logits), b * s * self.top_k - kept)

@@ -1,6 +1,11 @@
 """Every family's tiny preset: slicing-rule coverage, parameter count, HF save/load round trip."""
+import os
+import sys
+
 import numpy as np
 import pytest
+
+import mindport.research
 
 from mindport import AutoConfig, AutoModelForCausalLM
 from mindport.models.registry import families
@@ -31,3 +36,35 @@ def test_hf_round_trip_reproduces_logits(preset, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert again.config == model.config
     assert np.array_equal(again(ids).asnumpy(), model(ids).asnumpy())
+
+
+def test_every_research_folder_is_a_discovered_family():
+    folders = {d for d in os.listdir(mindport.research.__path__[0])
+               if not d.startswith("_") and os.path.isfile(os.path.join(mindport.research.__path__[0], d, "__init__.py"))}
+    assert folders == {"telechat2", "xverse", "mixtral", "qwen_moe"}
+    assert {f.name for f in families().values()} == {"telechat2", "xverse", "mixtral", "qwen_moe"}
+
+
+def test_a_new_family_folder_is_discovered_without_editing_the_registry(tmp_path, monkeypatch):
+    package = tmp_path / "more_families"
+    (package / "toy").mkdir(parents=True)
+    (package / "_shared.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "toy" / "__init__.py").write_text(
+        "from mindport.models.registry import Family\n"
+        "FAMILY = Family(name='toy', model_types=('toy',), arch={}, hf_fields={}, hf_export={},\n"
+        "                presets={'toy-tiny': {}}, names=[])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        found = families("more_families")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("more_families")]:
+            del sys.modules[name]
+    assert list(found) == ["toy"] and found["toy"].presets == {"toy-tiny": {}}
+
+
+
+def test_chat_formats_live_with_their_family():
+    fams = families()
+    assert fams["telechat2"].chat.name == "telechat2" and fams["qwen_moe"].chat.name == "chatml"
+    assert fams["telechat2"].chat.template.endswith("{{ '<_bot>' }}{%- endif %}")

@@ -94,3 +94,20 @@ def test_capacity_drops_and_counts_slots(tmp_path):
     slots = 2 * 16 * 3 * 2  # tokens x top-k x layers
     assert float(none_dropped.asnumpy()) == 0 and slots / 2 <= float(dropped.asnumpy()) < slots
     assert np.abs(capped(ids).asnumpy() - dropless(ids).asnumpy()).max() > 1e-3
+
+
+def test_router_stats_are_named_and_pooled_into_the_router_loss():
+    from mindport.transformer.moe import LocalDispatcher, RouterStats
+
+    model = AutoModelForCausalLM.from_preset("mixtral-tiny")
+    moe = model.layers["0"].mlp
+    assert type(moe.token_dispatcher) is LocalDispatcher  # chosen once: no expert parallelism
+    ids = np.random.default_rng(2).integers(0, 256, (2, 8))
+    x = model.embed(model.prepare(ids)[0])
+    _, stats = moe(x)
+    assert isinstance(stats, RouterStats) and stats.fraction.shape == stats.probability.shape == (4,)
+    loss, dropped = model.router_loss([stats])
+    c = model.config
+    expected = (c.router_aux_loss_coef * 4 * float((stats.fraction * stats.probability).sum().asnumpy())
+                + c.router_z_loss_coef * float(stats.z_loss.asnumpy()))
+    assert abs(float(loss.asnumpy()) - expected) <= 1e-6 and int(dropped.asnumpy()) == int(stats.dropped.asnumpy())
