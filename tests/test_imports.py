@@ -17,7 +17,7 @@ SOURCES = {"mindport": ROOT / "mindport", "mindport.research": ROOT / "research"
 # layer (no circle allowed) and the layers below.
 LAYERS = [
     ("ground floor: errors, constants, dtypes", ["mindport.errors", "mindport.constants", "mindport.dtypes",
-                                                 "mindport.corpus", "mindport.tokenizer"]),
+                                                 "mindport.corpus"]),
     ("config dataclasses", ["mindport.config"]),
     ("checkpoint file library", ["mindport.checkpoint"]),
     ("op dispatch and custom operators", ["mindport.dispatch", "mindport.ops"]),
@@ -26,6 +26,7 @@ LAYERS = [
     ("inference: decoding loop, KV-cache driving", ["mindport.infer"]),  # the model's generate() calls it
     # research/<family> is data the registry loads by name; it builds its FAMILY with models.registry.Family
     ("models and family data", ["mindport.models", "mindport.research"]),
+    ("tokenizers (chat formats come from the families)", ["mindport.tokenizer"]),
     ("training", ["mindport.train"]),
     ("conversion tool", ["mindport.ckpt_tools"]),
     ("command line and public API", ["mindport.commands", "mindport.cli", "mindport"]),
