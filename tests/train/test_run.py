@@ -156,6 +156,20 @@ def _wait_for(condition, proc, what, seconds=240):
     assert proc.poll() is None and condition(), f"{what}: {proc.communicate(timeout=30)}"
 
 
+def _signal_after_two_steps(run, out: str, signum: int, meanwhile=None) -> tuple[str, str]:
+    """Once training run ``run`` (writing to ``out``) has logged two steps: ``meanwhile()``, then send
+    ``signum`` and wait for it to end; its (stdout, stderr). A run still alive afterwards is killed."""
+    try:
+        _wait_for(lambda: len(read_metrics(out)) >= 2, run, "two steps")
+        if meanwhile:
+            meanwhile()
+        run.send_signal(signum)
+        return run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+
 def test_kill_during_pruning_leaves_only_complete_checkpoints(tmp_path, data_dir):
     """A deletion renames the checkpoint away first: killed while deleting, no step_* directory is
     half there (eval --load works on every one), and the next start removes the leftover."""
@@ -272,18 +286,15 @@ def test_second_run_at_once_fails_and_sigterm_stops_with_a_checkpoint_that_resum
     out = str(tmp_path / "run")
     config = _yaml(tmp_path, data_dir, out, steps=steps, save_steps=1)
     run = _mindport("train", "--config", config, "--no-progress", env={"MINDPORT_TEST_SLOW_SAVE": "0.3"})
-    try:
-        _wait_for(lambda: len(read_metrics(out)) >= 2, run, "two steps")
+
+    def second_run_fails_at_once():
         second = _mindport("train", "--config", config, "--no-progress", "--resume")
         _, stderr = second.communicate(timeout=240)
         assert second.returncode == 2 and stderr.strip() == (
             f"mindport: error: {out}: in use by another training run (pid {run.pid}; lock "
             f"{out}/.mindport-train.lock): wait for it to end or choose another output_dir"), stderr
-        run.send_signal(signal.SIGTERM)
-        stdout, stderr = run.communicate(timeout=240)
-    finally:
-        if run.poll() is None:
-            run.kill()
+
+    stdout, stderr = _signal_after_two_steps(run, out, signal.SIGTERM, meanwhile=second_run_fails_at_once)
     assert run.returncode == 143, stderr[-3000:]
     stopped = read_metrics(out)[-1]["step"]
     ckpts = CheckpointManager(os.path.join(out, "checkpoints"))
@@ -309,13 +320,7 @@ def test_ctrl_c_between_compiled_steps_stops_with_130(tmp_path, data_dir):
     out = str(tmp_path / "run")
     run = _mindport("train", "--config", _yaml(tmp_path, data_dir, out, steps=1000, save_steps=1), "--no-progress",
                     env={"MINDPORT_TEST_SLOW_SAVE": "2:5"})  # step 2's save waits 5 s: the signal lands there
-    try:
-        _wait_for(lambda: len(read_metrics(out)) >= 2, run, "two steps")
-        run.send_signal(signal.SIGINT)
-        stdout, stderr = run.communicate(timeout=240)
-    finally:
-        if run.poll() is None:
-            run.kill()
+    stdout, stderr = _signal_after_two_steps(run, out, signal.SIGINT)
     assert run.returncode == 130, stderr[-3000:]
     assert f"SIGINT: stopped after step 2; checkpoint {CheckpointManager(out + '/checkpoints').path(2)}" in stdout
 
