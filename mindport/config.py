@@ -319,9 +319,6 @@ class ParallelConfig(Loadable):
             fail("micro_batch_num", self.micro_batch_num, f"at least pipeline_stage = {self.pipeline_stage}")
         if self.data_parallel % self.expert_parallel:  # expert-parallel groups sit inside the data-parallel ones
             fail("expert_parallel", self.expert_parallel, f"a divisor of data_parallel = {self.data_parallel}")
-        if self.pipeline_stage > 1 and self.context_parallel > 1:
-            raise ConfigError(f"key 'context_parallel' = {self.context_parallel}: training with pipeline_stage > 1 "
-                              f"runs without context parallelism")
 
     @property
     def world_size(self) -> int:
@@ -333,6 +330,18 @@ class ParallelConfig(Loadable):
             self._check_model(model)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+    def check_training(self, model: ModelConfig, source: str = "parallel_config") -> None:
+        """Fail before any work when training cannot run this layout (loading, converting and
+        generating can: :meth:`check_model`)."""
+        self.check_model(model, source)
+        if self.pipeline_stage > 1 and self.context_parallel > 1:
+            raise ConfigError(f"{source}: key 'context_parallel' = {self.context_parallel}: training with "
+                              f"pipeline_stage > 1 runs without context parallelism")
+        if model.is_moe and self.pipeline_stage > 1:  # the router loss pools every layer's statistics
+            raise ConfigError(f"{source}: key 'pipeline_stage' = {self.pipeline_stage}: MoE models (num_experts = "
+                              f"{model.num_experts}) train without pipeline stages (use expert_parallel / "
+                              f"model_parallel)")
 
     def _check_model(self, model: ModelConfig) -> None:
         tp = self.model_parallel
@@ -349,10 +358,6 @@ class ParallelConfig(Loadable):
             _divides("ffn_hidden_size", model.ffn_hidden_size, "model_parallel", tp)
         if model.is_moe:
             _divides("num_experts", model.num_experts, "expert_parallel", self.expert_parallel)
-        if model.is_moe and self.pipeline_stage > 1:  # the router loss pools every layer's statistics
-            raise ConfigError(f"key 'pipeline_stage' = {self.pipeline_stage}: MoE models (num_experts = "
-                              f"{model.num_experts}) train without pipeline stages (use expert_parallel / "
-                              f"model_parallel)")
         if model.num_layers < self.pipeline_stage:
             fail("pipeline_stage", self.pipeline_stage, f"at most num_layers = {model.num_layers}")
         stage_layer_counts(model.num_layers, self.pipeline_stage, self.offset)  # raises on a bad offset

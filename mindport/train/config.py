@@ -238,7 +238,7 @@ def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
     parallel_values = {k: v for k, v in (doc.get("parallel_config") or {}).items()
                        if f"parallel_config.{k}" not in UNUSED_KEYS}
     parallel = ParallelConfig.from_dict(parallel_values, f"{source}: parallel_config")
-    parallel.check_model(model, f"{source}: parallel_config")
+    parallel.check_training(model, f"{source}: parallel_config")
     unused = unused_keys_set(doc)
     if unused:
         print(f"{source}: warning: mindformers key(s) {', '.join(unused)} accepted but unused by mindport: "

@@ -64,6 +64,7 @@ class Trainer:
         self.config = config
         self.base_config = model.config
         self.groups = groups = model.groups
+        groups.config.check_training(model.config)  # layouts the trainer cannot run fail before any work
         self.level = config.amp_level
         self.masters: dict = {}
         if self.level != "O0":
@@ -100,7 +101,7 @@ class Trainer:
         self.dynamic = config.loss_scale_type == "dynamic"
         self.step = 0  # completed optimiser steps
         self.pipeline = None
-        if groups.pp.size > 1:  # layouts it cannot train failed in ParallelConfig.check_model
+        if groups.pp.size > 1:
             from mindport.parallel.schedules import PipelineSchedule
 
             self.pipeline = PipelineSchedule(model, groups, groups.config.micro_batch_num)
