@@ -119,7 +119,7 @@ def export_hf(model, family, out_dir: str, overwrite: bool = False, dtype: str |
         data = tensor_bytes(param, code)
         return data if expert is None else data[expert]
 
-    source_dir = getattr(model, "source_dir", None)  # set by from_pretrained: its directory's files come along
+    source_dir = model.source_dir  # from_pretrained's directory: its non-weight files come along
     doc = hf_config(source_hf_config(source_dir), family, config, dtypes.pop() if len(dtypes) == 1 else None)
     with StagingDir(out_dir, overwrite) as tmp:
         write_shards(tmp, entries, lambda name: [fetch(name)], max_shard_bytes)
