@@ -14,6 +14,7 @@ from mindspore import Tensor
 from mindport.infer.decoder import CompiledDecoder
 from mindport.transformer.attention import MASK_VALUE
 from mindport.transformer.kv_cache import KVCache
+from mindport.transformer.layers import as_array
 
 
 def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +122,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, do_sample: bool = False
                                                           else config.eos_token_id or 0)
     ids, mask = left_pad(input_ids, pad)
     if attention_mask is not None:
-        mask = np.asarray(attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else attention_mask)
+        mask = as_array(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask: shape {mask.shape}: expected {ids.shape}")
     if ids.min() < 0 or ids.max() >= config.vocab_size:

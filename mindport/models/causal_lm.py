@@ -15,7 +15,7 @@ from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.state import ParallelGroups
 from mindport.transformer.attention import MASK_VALUE
 from mindport.transformer.block import DecoderLayer
-from mindport.transformer.layers import RMSNorm, as_tensor
+from mindport.transformer.layers import RMSNorm, as_array, as_tensor
 from mindport.transformer.loss import CausalLMLoss
 from mindport.transformer.moe import RouterStats
 from mindport.transformer.rope import logn_scale, rope_tables
@@ -27,10 +27,10 @@ def check_token_ids(input_ids, labels, vocab_size: int) -> None:
     """One-line errors, on the host before any graph runs, for an id outside [0, vocab_size) in
     ``input_ids`` (B, S), and for ``labels`` not shaped like ``input_ids`` or holding an id that is
     neither ``IGNORE_INDEX`` nor in range (numpy arrays, lists or Tensors)."""
-    ids = _host(input_ids)
+    ids = as_array(input_ids)
     named = [("input_ids", ids, (ids < 0) | (ids >= vocab_size))]
     if labels is not None:
-        target = _host(labels)
+        target = as_array(labels)
         if target.shape != ids.shape:
             raise ValueError(f"labels: shape {target.shape}: expected the shape of input_ids {ids.shape}")
         named.append(("labels", target, ((target < 0) & (target != IGNORE_INDEX)) | (target >= vocab_size)))
@@ -40,10 +40,6 @@ def check_token_ids(input_ids, labels, vocab_size: int) -> None:
             allowed = f"{IGNORE_INDEX} (ignored) or " if name == "labels" else ""
             raise ValueError(f"{name}: id {int(values[where])} at position {where}: expected {allowed}"
                              f"0 <= id < vocab_size = {vocab_size}")
-
-
-def _host(x) -> np.ndarray:
-    return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x)
 
 
 class CausalLM(nn.Cell):
@@ -117,7 +113,7 @@ class CausalLM(nn.Cell):
         ``total_len`` tokens); the attention core then derives causality from the positions
         and the mask is not used.
         """
-        ids = np.asarray(input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids)
+        ids = as_array(input_ids)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids: shape {ids.shape}: expected (batch, seq_len) with seq_len >= 1")
         b, s = ids.shape
@@ -130,8 +126,7 @@ class CausalLM(nn.Cell):
             if attention_mask is None:
                 keep = np.ones((b, total), dtype=bool)
             else:
-                keep = np.asarray(attention_mask.asnumpy() if isinstance(attention_mask, Tensor)
-                                  else attention_mask) != 0
+                keep = as_array(attention_mask) != 0
                 if keep.shape != (b, total):
                     raise ValueError(f"attention_mask: shape {keep.shape}: expected {(b, total)}")
             positions = np.maximum(np.cumsum(keep, axis=1) - 1, 0)[:, past_len:]  # (B, S)

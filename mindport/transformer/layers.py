@@ -29,6 +29,11 @@ class RMSNorm(nn.Cell):
         return self.norm(x, self.weight.astype(x.dtype), self.eps)
 
 
+def as_array(x) -> np.ndarray:
+    """The host (numpy) copy of token ids or a mask given as a numpy array, list or Tensor."""
+    return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x)
+
+
 def as_tensor(x, dtype=ms.int32) -> Tensor:
     """Accept numpy arrays, lists or Tensors for token ids."""
     if isinstance(x, Tensor):
