@@ -9,6 +9,17 @@ concatenated and cut into samples; the tail that does not fill a sample is dropp
 published pretraining layout of these families: ``<s> doc </s><s> doc </s>...`` packed
 across sample boundaries.
 
+Supervised fine-tuning data (``mindport data prepare --format alpaca|chat``) adds two files of
+the same (num_samples, seq_length) shape, and ``index.json`` says which are present
+(``"labels": true``, ``"segments": true``):
+
+- ``labels.bin`` (int32): the label of each position, aligned with the tokens as transformers'
+  ``labels`` are (position t is trained to predict ``labels[t + 1]``); ``IGNORE_INDEX`` (-100)
+  where no loss is taken (prompts, padding). Absent: labels = tokens.
+- ``segments.bin`` (uint16): 1..k for the k sequences (conversations) packed into a sample, 0 for
+  padding. Attention never crosses a segment and positions restart at each one. Absent: each
+  sample is one causal sequence (the pretraining layout above).
+
 The loader visits samples in a seeded random order, one permutation per epoch; its whole state
 is the number of samples consumed, so a resumed run continues with the next unseen sample.
 """
@@ -16,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -25,8 +37,22 @@ INDEX_FILE = "index.json"
 FORMAT = "mindport-packed-v1"
 
 
+LABELS_FILE = "labels.bin"
+SEGMENTS_FILE = "segments.bin"
+
+
 class DataError(ValueError):
     """A data directory or its use does not fit."""
+
+
+@dataclass
+class Batch:
+    """Rows of samples. input_ids, labels (B, S) int32 (labels as in ``labels.bin``: the tokens
+    themselves for pretraining data); segment_ids (B, S) int32 as in ``segments.bin``, or None
+    when every row is one causal sequence."""
+    input_ids: np.ndarray
+    labels: np.ndarray
+    segment_ids: np.ndarray | None = None
 
 
 def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, overwrite: bool = True,
