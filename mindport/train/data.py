@@ -136,6 +136,11 @@ class PackedDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         return np.asarray(self.tokens[i], dtype=np.int32)
 
+    def batch(self, indices) -> Batch:
+        """The samples at ``indices`` as one :class:`Batch` (labels = tokens, one sequence per row)."""
+        ids = np.stack([self[int(i)] for i in indices])
+        return Batch(ids, ids.copy())
+
     def check(self, seq_length: int, vocab_size: int) -> None:
         if self.seq_length != seq_length:
             raise DataError(f"{self.directory}: samples of {self.seq_length} tokens, the run wants seq_length = "
