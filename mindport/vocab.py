@@ -24,16 +24,10 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
-from mindport.tokenizer import (CHAT_TEMPLATE_FILE, CONFIG_FILE, HF_FILE, SPM_FILE, Tokenizer, TokenizerError,
-                                paragraphs)
-
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-# every file a tokenizer directory may hold (transformers' slow and fast files): a resized model takes
-# the new tokenizer's and drops the old model's, so no stale vocabulary is left beside the new one
-TOKENIZER_FILES = (SPM_FILE, HF_FILE, CONFIG_FILE, CHAT_TEMPLATE_FILE, SPECIAL_TOKENS_MAP, "added_tokens.json",
-                   "vocab.json", "merges.txt")
+from mindport.checkpoint.model_files import SPECIAL_TOKENS_MAP
+from mindport.tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, Tokenizer, TokenizerError, paragraphs
 
 
 @dataclass
@@ -54,6 +48,23 @@ def pieces(tok: Tokenizer) -> list[str]:
     if tok.kind == "sentencepiece":
         return [tok._b.id_to_piece(i) for i in range(tok.vocab_size)]
     return [tok._b.id_to_token(i) for i in range(tok.vocab_size)]
+
+
+def piece_splitter(tok: Tokenizer) -> Callable[[str], list[int]]:
+    """``split(piece) -> ids``: the pieces of ``tok`` its model splits a piece string into, in piece space
+    (no normaliser, pre-tokenizer or dummy prefix: "▁中国" -> ["▁中", "国"], a byte-level "ä¸Ń" stays
+    byte-level). Used to initialise a new token's embedding from the old pieces it is made of."""
+    if tok.kind == "hf":
+        model = tok._b.model
+        return lambda piece: [t.id for t in model.tokenize(piece)]
+    import sentencepiece as spm
+
+    proto = _load_proto(tok.source)
+    norm = proto.normalizer_spec
+    norm.name, norm.precompiled_charsmap = "identity", b""
+    norm.add_dummy_prefix = norm.remove_extra_whitespaces = False
+    processor = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return lambda piece: processor.encode(piece.replace("\u2581", " "))
 
 
 # ---------------------------------------------------------------------------- sentencepiece
