@@ -151,10 +151,12 @@ def _train_hf(base_path: str, texts: Iterable[str], count: int) -> dict:
 
 
 def _extend_hf(base_file: str, source: str | None, texts, count: int) -> tuple[bytes, int, int, int]:
-    spec = json.loads(open(base_file, encoding="utf-8").read())
+    with open(base_file, encoding="utf-8") as f:
+        spec = json.load(f)
     model = _bpe_model(spec, base_file)
     if source:
-        other = json.loads(open(source, encoding="utf-8").read())
+        with open(source, encoding="utf-8") as f:
+            other = json.load(f)
         _bpe_model(other, source)
     else:
         other = _train_hf(base_file, texts, count)

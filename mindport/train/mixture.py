@@ -75,7 +75,6 @@ class Mixture:
                                     f"{first.directory}: every source must be prepared with one tokenizer and "
                                     f"seq_length")
         self.counts = apportion(len(self), self.weights)
-        self.directory = ", ".join(d.directory for d in self.datasets)
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets)
