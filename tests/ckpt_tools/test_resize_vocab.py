@@ -77,22 +77,36 @@ def test_resize_vocab_mean_initialises_new_rows_and_keeps_the_old_model(tokenize
     assert new_logits.shape[-1] == rows
 
 
-def test_resize_vocab_of_a_telechat_checkpoint(tokenizer_pair, tiny_telechat_hf, tmp_path):
+def test_resize_vocab_of_a_sharded_bf16_telechat_checkpoint(tokenizer_pair, tiny_telechat_hf, tmp_path):
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from transformers import AutoTokenizer
+
     from mindport import AutoConfig
+    from testkit.checkpoints import rewrite
 
     old_tok_dir, new_tok_dir = tokenizer_pair
-    src = str(tmp_path / "src")
-    shutil.copytree(tiny_telechat_hf, src)
-    # the tiny model has 256 rows: give it a tokenizer of 400 by resizing to the old tokenizer first
-    mid = str(tmp_path / "mid")
-    assert main(["convert", "resize-vocab", "--src", _with_tokenizer(src, old_tok_dir), "--tokenizer", old_tok_dir,
-                 "--dst", mid]) == 0
-    dst = str(tmp_path / "dst")
-    assert main(["convert", "resize-vocab", "--src", mid, "--tokenizer", new_tok_dir, "--dst", dst]) == 0
-    before, after = load_file(os.path.join(mid, "model.safetensors")), load_file(os.path.join(dst, "model.safetensors"))
-    assert np.array_equal(after["transformer.word_embeddings.weight"][:OLD_VOCAB],
-                          before["transformer.word_embeddings.weight"])
-    assert AutoConfig.from_pretrained(dst).vocab_size == after["lm_head.weight"].shape[0] > OLD_VOCAB
+    src = _with_tokenizer(rewrite(tiny_telechat_hf, str(tmp_path / "src"), dtype="bf16", fmt="sharded"), old_tok_dir)
+    # the tiny model has 256 rows, its tokenizer 400: the first resize gives the old tokenizer its rows
+    mid, dst = str(tmp_path / "mid"), str(tmp_path / "dst")
+    for source, tokenizer, target in ((src, old_tok_dir, mid), (mid, new_tok_dir, dst)):
+        assert main(["convert", "resize-vocab", "--src", source, "--tokenizer", tokenizer, "--dst", target,
+                     "--max-shard-size", "60KB"]) == 0
+
+    def tensors(directory):
+        return {k: v for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")
+                for k, v in load_torch(os.path.join(directory, f)).items()}
+
+    before, after = tensors(mid), tensors(dst)
+    name = "transformer.word_embeddings.weight"
+    assert after[name].dtype == torch.bfloat16 and torch.equal(after[name][:OLD_VOCAB], before[name])
+    old_tok, new_tok = AutoTokenizer.from_pretrained(mid), AutoTokenizer.from_pretrained(dst)
+    for i in range(OLD_VOCAB, len(new_tok)):
+        pieces = old_tok(new_tok.decode([i]), add_special_tokens=False).input_ids
+        expected = before[name][pieces].double().mean(dim=0).to(torch.bfloat16)
+        torch.testing.assert_close(after[name][i], expected, rtol=8e-3, atol=1e-6)  # one bf16 ulp
+    assert AutoConfig.from_pretrained(dst).vocab_size == after["lm_head.weight"].shape[0] == len(new_tok)
+    assert os.path.isfile(os.path.join(dst, "model.safetensors.index.json"))
 
 
 def test_resize_vocab_refuses_a_tokenizer_that_moves_old_ids(tokenizer_pair, tmp_path, capsys):
