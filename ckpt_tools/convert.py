@@ -52,7 +52,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
-from mindport.checkpoint.model_files import carry_files, hf_config, source_hf_config
+from mindport.checkpoint.model_files import carry_files, hf_config, replace_tokenizer, source_hf_config
 from mindport.checkpoint.safetensors_io import (CheckpointError, FileRange, SafetensorsReader, bf16_bits_to_f32,
                                                 f32_to_bf16_bits)
 from mindport.checkpoint.tensor_check import check_shape, check_tensors, missing_tensor, unexpected_tensor
@@ -186,6 +186,53 @@ class _Out:
             return
         for src, box in self.parts:
             yield from _cast(_box_chunks(src, src.shape, box, 0, ITEMSIZE[src.dtype]), src.dtype, self.dtype)
+
+
+class _ResizedRows(_Out):
+    """A vocabulary tensor (V, H) grown to (V', H): row i is the source's row i, or, for each i in
+    ``means``, the mean (accumulated in float64) of the source rows it lists, all rows when empty."""
+
+    def __init__(self, name: str, src: _Src, rows: int, means: dict[int, list[int]]):
+        super().__init__(name, src.dtype, (rows, src.shape[1]), parts=[(src, _full(src.shape))])
+        self.src, self.means = src, means
+
+    def _rows(self, first: int, count: int) -> np.ndarray:
+        """Source rows [first, first + count) as float32, (count, H)."""
+        row = self.shape[1] * ITEMSIZE[self.dtype]
+        raw = np.frombuffer(self.src.read(first * row, count * row), _RAW[ITEMSIZE[self.dtype]])
+        return _to_f32(raw, self.dtype).reshape(count, self.shape[1])
+
+    def _mean_of_all(self) -> np.ndarray:
+        old_rows = self.src.shape[0]
+        step = max(1, CHUNK_BYTES // (self.shape[1] * ITEMSIZE[self.dtype]))
+        total = sum(self._rows(r, min(step, old_rows - r)).sum(axis=0, dtype=np.float64)
+                    for r in range(0, old_rows, step))
+        return total / old_rows
+
+    def chunks(self) -> Iterator:
+        row = self.shape[1] * ITEMSIZE[self.dtype]
+        mean_of_all = self._mean_of_all() if any(not rows for rows in self.means.values()) else None
+        i, block = 0, []
+        while i < self.shape[0]:
+            if i not in self.means:  # a run of kept rows, copied as one byte range
+                if block:
+                    yield _from_f32(np.stack(block).astype(np.float32), self.dtype)
+                    block = []
+                end = i
+                while end < self.shape[0] and end not in self.means:
+                    end += 1
+                yield self.src.range(i * row, (end - i) * row)
+                i = end
+                continue
+            rows = self.means[i]
+            block.append(np.concatenate([self._rows(j, 1) for j in rows]).mean(axis=0, dtype=np.float64) if rows
+                         else mean_of_all)
+            if len(block) * row >= CHUNK_BYTES:
+                yield _from_f32(np.stack(block).astype(np.float32), self.dtype)
+                block = []
+            i += 1
+        if block:
+            yield _from_f32(np.stack(block).astype(np.float32), self.dtype)
 
 
 def _box_chunks(src: _Src, shape: Shape, box: Box, base: int, item: int) -> Iterator:
@@ -555,6 +602,86 @@ def merge(src: str, dst: str, overwrite: bool = False, max_shard_bytes: int | No
     finally:
         for source in sources:
             source.close()
+
+
+VOCAB_PARAMS = ("embed.weight", "lm_head.weight")  # the parameters with one row per token
+
+
+@dataclass
+class ResizeSummary(Summary):
+    old_rows: int = 0
+    tokens: int = 0  # the new tokenizer's
+    rows: int = 0  # written: tokens padded to a multiple of pad_to_multiple
+    pad_to_multiple: int = 1
+    from_pieces: int = 0  # new rows initialised as the mean of their pieces' rows
+    from_all: int = 0  # padding rows and tokens no old piece covers: the mean of all old rows
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()}\nvocabulary {self.old_rows} -> {self.rows} rows ({self.tokens} tokens, padded "
+                f"to a multiple of {self.pad_to_multiple}); {self.from_pieces} new rows = mean of their pieces' "
+                f"old rows, {self.from_all} = mean of all old rows")
+
+
+def _new_row_sources(old, new, old_rows: int, rows: int) -> dict[int, list[int]]:
+    """Each row to initialise -> the old rows to average (empty: all). A token without a row of its own
+    (new, or past the old model's rows) gets the rows of the pieces the old tokenizer's model splits it
+    into; new padding rows and tokens made of no stored old row get the mean of all old rows. The old
+    model's own padding rows that no token takes are kept."""
+    from mindport.vocab import check_extends, piece_splitter, pieces
+
+    check_extends(old, new)
+    split, new_pieces = piece_splitter(old), pieces(new)
+    means = {}
+    for i in range(min(old.vocab_size, old_rows), rows):
+        if i < old_rows and (i < old.vocab_size or i >= new.vocab_size):
+            continue  # a padding row of the old model no token uses: kept
+        parts = split(new_pieces[i]) if i < new.vocab_size and new_pieces[i] is not None else []
+        means[i] = [j for j in parts if j < old_rows]
+    return means
+
+
+def resize_vocab(src: str, tokenizer: str, dst: str, pad_to_multiple: int = 1, overwrite: bool = False,
+                 max_shard_bytes: int | None = None, progress: bool = True) -> ResizeSummary:
+    """HF model directory ``src`` with the vocabulary of ``tokenizer`` (an extension of ``src``'s own):
+    embedding and lm_head rows of old tokens copied, each new token's row the mean of the old rows of
+    its pieces (Chinese-Mixtral's initialisation), rows padded to a multiple of ``pad_to_multiple``
+    (recorded as config.json's ``make_vocab_size_divisible_by``), every other tensor copied byte for
+    byte. ``dst`` gets the new tokenizer's files instead of the old ones."""
+    from mindport.models.registry import family
+    from mindport.models.weights import write_hf_configs
+    from mindport.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    _check_paths(src, dst, overwrite)
+    if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, int) or pad_to_multiple < 1:
+        raise ConfigError(f"pad_to_multiple = {pad_to_multiple!r}: expected a positive integer")
+    config = _read_model_config(src, want_hf=True)
+    fam = family(config.family)
+    old, new = Tokenizer.load(src), Tokenizer.load(tokenizer)
+    old_rows = config.vocab_size
+    rows = -(-max(new.vocab_size, old_rows) // pad_to_multiple) * pad_to_multiple
+    means = _new_row_sources(old, new, old_rows, rows)
+    resized = config.replace(vocab_size=rows)
+    with _Source(src) as source:
+        _plan_from_hf(source, fam.name_map, config, None)  # every tensor checked against config.json
+        outs = []
+        for _, names in source.by_file():
+            for hf_name in names:
+                tensor = source.tensors[hf_name]
+                if fam.name_map.to_ours(hf_name).name in VOCAB_PARAMS:
+                    outs.append(_ResizedRows(hf_name, tensor, rows, means))
+                else:
+                    outs.append(_Out(hf_name, tensor.dtype, tensor.shape, parts=[(tensor, _full(tensor.shape))]))
+        doc = hf_config(source_hf_config(src), fam, resized, None)
+        doc["make_vocab_size_divisible_by"] = pad_to_multiple
+        with StagingDir(dst, overwrite) as tmp, _progress(len(outs), progress) as bar:
+            nbytes = _write_files(tmp, outs, max_shard_bytes or DEFAULT_SHARD_BYTES, {"format": "pt"}, bar)
+            carry_files(src, tmp, to_hf=True)
+            replace_tokenizer(os.path.dirname(new.source), tmp)
+            write_hf_configs(tmp, doc, resized)
+    from_all = sum(1 for parts in means.values() if not parts)
+    return ResizeSummary(len(outs), nbytes, time.perf_counter() - start, dst, old_rows, new.vocab_size, rows,
+                         pad_to_multiple, len(means) - from_all, from_all)
 
 
 def _check_layout_doc(layout_path: str, layout: dict) -> tuple[dict, list]:

@@ -26,6 +26,10 @@ _OWN_FILES = {"config.json", "layout.json"}
 _OWN_DIRS = re.compile(r"^(rank_\d+|train_state)$")
 _WEIGHTS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)(\.index\.json)?$")
 _DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers 5 writes "dtype", 4.x "torch_dtype"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# every file of a tokenizer (transformers' slow and fast ones, sentencepiece's)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   SPECIAL_TOKENS_MAP, "added_tokens.json", "vocab.json", "merges.txt")
 
 
 def _is_hf_config(path: str) -> bool:
@@ -65,6 +69,18 @@ def carry_files(src: str | None, dst: str, to_hf: bool = False) -> list[str]:
             os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
             shutil.copyfile(os.path.join(src, rel), os.path.join(dst, rel))
             copied.append(rel)
+    return copied
+
+
+def replace_tokenizer(tokenizer_dir: str, dst: str) -> list[str]:
+    """Give model directory ``dst`` the tokenizer files of ``tokenizer_dir`` instead of its own (none of
+    the old ones is left beside the new, e.g. a stale tokenizer.json that transformers would prefer)."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(dst, name)):
+            os.remove(os.path.join(dst, name))
+    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, name))]
+    for name in copied:
+        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(dst, name))
     return copied
 
 

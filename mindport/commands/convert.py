@@ -30,7 +30,7 @@ def _parallel(p) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert checkpoints: hf2ms, ms2hf, split, merge",
+    p = sub.add_parser("convert", help="convert checkpoints: hf2ms, ms2hf, split, merge, resize-vocab",
                        description="Streaming checkpoint conversion, one tensor in memory at a time. Output is "
                                    "written to a temporary directory renamed into place at the end. Every "
                                    "non-weight file (tokenizer, generation_config.json, remote code) comes along, "
@@ -58,6 +58,16 @@ def add_parser(sub) -> None:
     merge = csub.add_parser("merge", help="per-rank shards (layout.json + rank_XXXX/) -> one mindport directory")
     _common(merge)
     merge.set_defaults(func=run_merge)
+
+    resize = csub.add_parser("resize-vocab", help="HF directory -> the same model with an extended tokenizer's "
+                                                  "vocabulary (new rows = mean of their pieces' rows)")
+    _common(resize)
+    resize.add_argument("--tokenizer", required=True,
+                        help="the new tokenizer (mindport tokenizer extend of the model's own): its files go into --dst")
+    resize.add_argument("--pad-to-multiple", type=int, default=1, metavar="N",
+                        help="pad the vocabulary rows to a multiple of N (e.g. 64 x tensor parallel size); "
+                             "recorded in config.json")
+    resize.set_defaults(func=run_resize_vocab)
 
 
 def _done(summary) -> int:
@@ -90,3 +100,10 @@ def run_merge(args) -> int:
     from mindport.ckpt_tools.convert import merge
 
     return _done(merge(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size))
+
+
+def run_resize_vocab(args) -> int:
+    from mindport.ckpt_tools.convert import resize_vocab
+
+    return _done(resize_vocab(args.src, args.tokenizer, args.dst, pad_to_multiple=args.pad_to_multiple,
+                              overwrite=args.overwrite, max_shard_bytes=args.max_shard_size))

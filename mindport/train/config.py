@@ -50,6 +50,7 @@ class TrainConfig(Loadable):
     keep_checkpoints: int = 2
     log_steps: int = 1
     data_dir: str | None = None  # a `mindport data prepare` directory
+    data_dirs: list | None = None  # or a weighted mixture of them: [{path, weight}, ...] (mindport.train.mixture)
     load_checkpoint: str | None = None  # initial weights (HF or mindport model directory); None: random init
     peak_tflops: float = 0.0  # MFU denominator; 0: measure MindSpore's fp32 matmul rate at start
 
@@ -82,6 +83,24 @@ class TrainConfig(Loadable):
             fail("peak_tflops", self.peak_tflops, "a non-negative number (0: measure)")
         if not self.output_dir:
             fail("output_dir", self.output_dir, "a directory path")
+        if self.data_dirs is not None:
+            self._check_mixture()
+
+    def _check_mixture(self) -> None:
+        key = "train_dataset.data_dirs"
+        if self.data_dir:
+            fail(key, self.data_dirs, f"no data_dir beside it (train_dataset.data_dir = {self.data_dir!r}): one or "
+                                      f"the other")
+        if not isinstance(self.data_dirs, list) or not self.data_dirs:
+            fail(key, self.data_dirs, "a non-empty list of {path: DIR, weight: NUMBER}")
+        for k, source in enumerate(self.data_dirs):
+            if not isinstance(source, dict) or set(source) != {"path", "weight"}:
+                fail(f"{key}[{k}]", source, "a mapping with exactly the keys path and weight")
+            if not isinstance(source["path"], str) or not source["path"]:
+                fail(f"{key}[{k}].path", source["path"], "a `mindport data prepare` directory")
+            weight = source["weight"]
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+                fail(f"{key}[{k}].weight", weight, "a positive number")
 
 # YAML sections (mindformers layout) -> TrainConfig keys they may carry (and the UNUSED_KEYS below).
 _TRAIN_SECTIONS = {
@@ -98,7 +117,7 @@ _TRAIN_SECTIONS = {
     # mindformers' wrapper cell: clipping and the loss-scale update cell
     "runner_wrapper": {"max_grad_norm": "grad_clip", "scale_sense": None},
     "recompute_config": {"recompute": "recompute"},
-    "train_dataset": {"data_dir": "data_dir"},
+    "train_dataset": {"data_dir": "data_dir", "data_dirs": "data_dirs"},
 }
 # runner_wrapper.scale_sense (DynamicLossScaleUpdateCell / FixedLossScaleUpdateCell) -> TrainConfig keys
 _SCALE_SENSE = {"loss_scale_value": "loss_scale", "scale_factor": "loss_scale_factor",

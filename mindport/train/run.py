@@ -28,7 +28,8 @@ from mindspore import Tensor
 from mindport.config import ConfigError
 from mindport.train.checkpoint import STOP_SIGNALS, CheckpointManager, agreed_stop, together
 from mindport.train.config import TRAINING_MODEL_KEYS, RunConfig
-from mindport.train.data import Loader, PackedDataset
+from mindport.train.data import Batch, Loader, PackedDataset
+from mindport.train.mixture import Mixture, MixtureLoader
 from mindport.train.flops import measure_matmul_flops, train_flops_per_token
 from mindport.train.logger import RunLogger
 from mindport.train.run_dir import RunDirectory
@@ -129,9 +130,9 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
     from mindport.parallel.state import current
 
     cfg = run.train
-    if not cfg.data_dir:
+    if not cfg.data_dir and not cfg.data_dirs:
         raise ConfigError("train_dataset.data_dir: not set (point it at a `mindport data prepare` output, "
-                          "e.g. --set train_dataset.data_dir=DIR)")
+                          "e.g. --set train_dataset.data_dir=DIR, or give a mixture in train_dataset.data_dirs)")
     start_time = time.perf_counter()
     groups = model.groups if model is not None else current()
     lead = groups.global_rank == 0
@@ -142,7 +143,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
              lambda: lead and run_dir.open(resume, overwrite, echo))
     with run_dir, StopRequest(echo) as stop:
         seed_everything(cfg.seed)
-        dataset = PackedDataset(cfg.data_dir)
+        dataset = PackedDataset(cfg.data_dir) if cfg.data_dir else Mixture(cfg.data_dirs)
         dataset.check(cfg.seq_length, run.model.vocab_size)
         tokenizer = None
         if dataset.tokenizer_dir:
@@ -153,7 +154,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         trainer = Trainer(model, cfg)
         # data parallel: every rank draws the same global batch and keeps its own rows of it
         per_rank, dp = trainer.rows_per_step, groups.dp.size
-        loader = Loader(dataset, per_rank * dp, cfg.seed)
+        loader = (Loader if cfg.data_dir else MixtureLoader)(dataset, per_rank * dp, cfg.seed)
         rows = slice(groups.dp.rank * per_rank, (groups.dp.rank + 1) * per_rank)
         ckpts = CheckpointManager(run_dir.checkpoints, cfg.keep_checkpoints, groups, trainer.optimizer.sharded_state,
                                   cfg.load_checkpoint)
@@ -191,7 +192,8 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         try:
             while trainer.step < end and stopped is None:
                 t0 = time.perf_counter()
-                micro = [loader.next_batch()[rows] for _ in range(cfg.grad_accumulation)]
+                batches = [loader.next_batch() for _ in range(cfg.grad_accumulation)]
+                micro = [(b.input_ids if isinstance(b, Batch) else b)[rows] for b in batches]  # until run.py slices Batches
                 metrics = trainer.train_step(micro)
                 stop.rearm()
                 metrics["epoch"] = round(loader.epoch, 4)

@@ -96,6 +96,7 @@ def hf_moe(kind: str, tmp_path, **overrides):
     torch.manual_seed(0)
     common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, rms_norm_eps=1e-6,
                   max_position_embeddings=64, tie_word_embeddings=False, attn_implementation="eager")
+    common.update({key: overrides.pop(key) for key in list(overrides) if key in common})
     if kind == "mixtral":
         cfg = MixtralConfig(**common, num_key_value_heads=2, intermediate_size=48, num_local_experts=4,
                             num_experts_per_tok=2, router_aux_loss_coef=0.02, **overrides)
