@@ -61,3 +61,23 @@ def _save(tok, directory: str, config: dict) -> str:
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f)
     return directory
+
+
+def with_chat_template(directory: str, template: str, special_tokens: tuple[str, ...] = (), **config) -> str:
+    """Give a built tokenizer directory ``template`` (as chat_template.jinja), extra special tokens
+    (added to its tokenizer.json) and tokenizer_config.json entries."""
+    if special_tokens:
+        from tokenizers import Tokenizer
+
+        path = os.path.join(directory, "tokenizer.json")
+        tok = Tokenizer.from_file(path)
+        tok.add_special_tokens(list(special_tokens))
+        tok.save(path)
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        merged = {**json.load(f), **config}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(merged, f)
+    with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(template)
+    return directory
