@@ -8,10 +8,7 @@ import pytest
 from mindport.models.registry import family
 from mindport.tokenizer import Tokenizer
 from testkit import tokenizers
-
-SYSTEM = {"role": "system", "content": "Be brief."}
-CHAT = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "the quick fox"},
-        {"role": "user", "content": "你好 again"}, {"role": "assistant", "content": "On the other hand 龘"}]
+from testkit.tokenizers import CHAT, CHATML_GENERATION, SYSTEM, TELECHAT_GENERATION, chat_dir
 
 # The published chat formats of SYSTEM + CHAT[:3] with the generation prompt (facts: research/<family>/chat_template.jinja)
 PUBLISHED = {
@@ -21,30 +18,6 @@ PUBLISHED = {
     "mixtral": "<s> [INST] Be brief.\n\nHello world [/INST] the quick fox</s> [INST] 你好 again [/INST]",
     "xverse": "Be brief.\n\nHuman: Hello world\n\nAssistant: the quick fox</s>Human: 你好 again\n\nAssistant: ",
 }
-# tokenizer shape and the special tokens its template writes
-DIRS = {"telechat2": ("sentencepiece", (), {}), "mixtral": ("metaspace_bos", (), {}),
-        "xverse": ("metaspace_bos", (), {}),
-        "qwen_moe": ("byte_level", ("<|im_start|>", "<|im_end|>"), {"eos_token": "<|im_end|>"})}
-
-# ChatML with {% generation %} around each assistant reply and its end of turn
-CHATML_GENERATION = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>\\n' }}"
-    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-# TeleChat2-like, for a sentencepiece tokenizer (byte-fallback pieces inside the marked replies)
-TELECHAT_GENERATION = (
-    "{% for message in messages %}{% if message.role == 'assistant' %}{{ '<_bot>' }}{% generation %}"
-    "{{ message.content + '<_end>' }}{% endgeneration %}{% else %}{{ '<_user>' + message.content }}{% endif %}"
-    "{% endfor %}")
-
-
-def chat_dir(tmp_path, name: str, template: str | None = None) -> str:
-    kind, specials, config = DIRS.get(name, DIRS["qwen_moe"])
-    directory = tokenizers.build(kind, str(tmp_path / name))
-    return tokenizers.with_chat_template(directory, template or family(name).chat_template, specials, **config)
-
-
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_family_templates_render_the_published_format_and_equal_transformers(tmp_path, name):
     from transformers import AutoTokenizer
