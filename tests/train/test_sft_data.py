@@ -154,3 +154,25 @@ def test_alpaca_missing_output_is_named(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x"}])
     with pytest.raises(DataError, match=f"^{path}:1: key 'output' missing"):
         list(read_records([path], "alpaca"))
+
+
+def test_cli_prepares_chat_data_and_reports_counts(tmp_path, capsys):
+    from mindport.cli import main
+
+    directory = chat_dir(tmp_path, "telechat2")
+    # a system message each: TeleChat2's default system prompt is long in this small vocabulary
+    records = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [SYSTEM] + m[-2:]} for m in RECORDS] +
+                          [{"messages": [SYSTEM, {"role": "user", "content": "fox " * 200}, CHAT[1]]}])
+    args = ["data", "prepare", "--format", "chat", "--input", records, "--tokenizer", directory,
+            "--out", str(tmp_path / "out"), "--seq-length", "128", "--pack"]
+    assert main(args) == 0
+    line = capsys.readouterr().out
+    assert "4 chat records (0 truncated, 1 dropped" in line and "packed" in line
+    assert main(args) == 2 and "destination exists" in capsys.readouterr().err  # nothing replaced by accident
+    assert main(args + ["--overwrite"]) == 0
+    index, tokens, labels, segments = read_out(str(tmp_path / "out"))
+    assert index["num_conversations"] == 3 and index["dropped_records"] == 1 and index["input_format"] == "chat"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "out", "telechat2"]  # no staging left over
+    assert Tokenizer.load(str(tmp_path / "out" / "tokenizer")).chat_template == Tokenizer.load(directory).chat_template
+    assert main(["data", "prepare", "--format", "alpaca", "--tokenizer", directory, "--out", str(tmp_path / "x")]) == 2
+    assert "--format alpaca: needs --input" in capsys.readouterr().err
