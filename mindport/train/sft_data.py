@@ -32,7 +32,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from mindport.chat_template import token_mask
 from mindport.constants import IGNORE_INDEX
+from mindport.tokenizer import TokenizerError
 from mindport.train.data import FORMAT, LABELS_FILE, SEGMENTS_FILE, TOKENS_FILE, DataError, write_index
 
 RECORD_FORMATS = ("chat", "alpaca")
@@ -195,9 +197,10 @@ def assistant_spans(tokenizer, messages: Messages, where: str) -> tuple[str, lis
 
 def encode_conversation(tokenizer, messages: Messages, train_on_prompt: bool = False,
                         where: str = "record") -> Conversation:
-    from mindport.chat_template import token_mask
-
-    text, spans = assistant_spans(tokenizer, messages, where)
+    try:
+        text, spans = assistant_spans(tokenizer, messages, where)
+    except TokenizerError as err:  # the template refused the record (raise_exception): say which record
+        raise DataError(f"{where}: {err}") from None
     ids, offsets = tokenizer.encode_with_offsets(text)
     mask = token_mask(offsets, spans)
     labels = list(ids) if train_on_prompt else [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]

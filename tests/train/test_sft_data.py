@@ -150,6 +150,13 @@ def test_a_bad_record_fails_naming_file_line_and_field(tmp_path, record, message
     assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_record_the_template_refuses_is_named(tmp_path):
+    tok = Tokenizer.load(chat_dir(tmp_path, "mixtral"))  # roles must alternate
+    with pytest.raises(DataError, match=r"chat.jsonl:2: .*chat_template.jinja: template error: Mixtral-Instruct"):
+        prepare_chat(tmp_path, tok, [CHAT[:2], [CHAT[0], CHAT[0], CHAT[1]]])
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
 def test_alpaca_missing_output_is_named(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x"}])
     with pytest.raises(DataError, match=f"^{path}:1: key 'output' missing"):
