@@ -198,8 +198,9 @@ class Tokenizer:
                            ("unk_token", self._b.unk_id()), ("pad_token", self._b.pad_id())):
                 if found[key] is None and i >= 0:
                     found[key] = self._b.id_to_piece(i)
+        found = {k: v for k, v in found.items() if v is not None}
         extra = [_token_text(t) for t in self.config.get("additional_special_tokens") or []]
-        return {**{k: v for k, v in found.items() if v is not None}, **({"additional_special_tokens": extra} if extra else {})}
+        return {**found, "additional_special_tokens": extra} if extra else found
 
     def _template(self, name: str | None) -> str:
         template, origin = self.chat_template, self.chat_template_source
