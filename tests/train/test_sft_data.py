@@ -51,7 +51,7 @@ def test_generation_template_labels_are_transformers_assistant_mask(tmp_path):
         assert (labels[row, n:] == IGNORE_INDEX).all() and (tokens[row, n:] == tok.pad_id).all()
 
 
-@pytest.mark.parametrize("name", ["telechat2", "qwen_moe", "mixtral"])
+@pytest.mark.parametrize("name", ["telechat2", "qwen_moe", "mixtral", "xverse"])
 def test_prefix_masks_train_each_assistant_turn_and_its_end_of_turn(tmp_path, name):
     """No {% generation %}: ids are still transformers' whole-render ids, and the supervised tokens are
     exactly each assistant reply followed by the template's end-of-turn text."""
@@ -66,8 +66,26 @@ def test_prefix_masks_train_each_assistant_turn_and_its_end_of_turn(tmp_path, na
     trained = labels[0] != IGNORE_INDEX
     runs = np.split(np.arange(len(trained)), np.flatnonzero(np.diff(trained.astype(int))) + 1)
     replies = [theirs.decode(tokens[0, r]) for r in runs if trained[r[0]]]
-    end = {"telechat2": "<_end>\n", "qwen_moe": "<|im_end|>\n", "mixtral": "</s>"}[name]
+    end = {"telechat2": "<_end>\n", "qwen_moe": "<|im_end|>\n", "mixtral": "</s>", "xverse": "</s>"}[name]
     assert [r.strip() for r in replies] == [m["content"] + end.strip() for m in RECORDS[0] if m["role"] == "assistant"]
+
+
+def test_prefix_masks_equal_transformers_mask_of_the_same_template_with_generation_blocks(tmp_path):
+    """Qwen1.5's ChatML template has no {% generation %}; with the blocks added around each reply and its
+    end of turn it renders the same text, and transformers' mask of it equals the prefix-rendered labels."""
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer.load(chat_dir(tmp_path, "qwen_moe"))
+    theirs = AutoTokenizer.from_pretrained(chat_dir(tmp_path / "marked", "qwen_moe", CHATML_GENERATION))
+    records = [[SYSTEM] + CHAT, [SYSTEM] + CHAT[:2]]
+    prepare_chat(tmp_path, tok, records, seq_length=128)
+    _, tokens, labels, _ = read_out(str(tmp_path / "out"))
+    for row, messages in enumerate(records):
+        ref = theirs.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)
+        n = len(ref["input_ids"])
+        assert tok.apply_chat_template(messages, tokenize=False) == theirs.apply_chat_template(messages, tokenize=False)
+        np.testing.assert_array_equal(tokens[row, :n], ref["input_ids"])
+        np.testing.assert_array_equal(labels[row, :n], np.where(ref["assistant_masks"], ref["input_ids"], IGNORE_INDEX))
 
 
 def test_packing_keeps_conversations_whole_and_in_order(tmp_path):
