@@ -22,8 +22,10 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=packages,
     package_dir=package_dir,
-    package_data={"mindport.ops": ["*/csrc/*.cc", "csrc/*.h"], "mindport": ["configs/*/*.yaml"]},
+    package_data={"mindport.ops": ["*/csrc/*.cc", "csrc/*.h"], "mindport": ["configs/*/*.yaml"],
+                  "mindport.research": ["*/chat_template.jinja"]},
     install_requires=[
+        "jinja2>=3.1.6",  # chat templates, run in its sandbox as transformers runs them
         "mindspore==2.10.0",
         "numpy>=1.26,<2",
         "pyyaml>=6.0",

@@ -45,9 +45,7 @@ class Extension:
 
 def pieces(tok: Tokenizer) -> list[str]:
     """The token string of every id, ``[0, vocab_size)`` (None where an HF vocabulary has a gap)."""
-    if tok.kind == "sentencepiece":
-        return [tok._b.id_to_piece(i) for i in range(tok.vocab_size)]
-    return [tok._b.id_to_token(i) for i in range(tok.vocab_size)]
+    return [tok.id_to_token(i) for i in range(tok.vocab_size)]
 
 
 def piece_splitter(tok: Tokenizer) -> Callable[[str], list[int]]:
@@ -55,7 +53,7 @@ def piece_splitter(tok: Tokenizer) -> Callable[[str], list[int]]:
     (no normaliser, pre-tokenizer or dummy prefix: "▁中国" -> ["▁中", "国"], a byte-level "ä¸Ń" stays
     byte-level). Used to initialise a new token's embedding from the old pieces it is made of."""
     if tok.kind == "hf":
-        model = tok._b.model
+        model = tok.backend.model
         return lambda piece: [t.id for t in model.tokenize(piece)]
     import sentencepiece as spm
 

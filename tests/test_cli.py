@@ -81,14 +81,15 @@ def test_bad_inputs_give_one_line_errors(capsys, tmp_path, tiny_saved):
                  "--out", str(tmp_path / "d")])
 
 
-def test_unknown_chat_template_is_a_one_line_error(capsys, tmp_path, tiny_saved):
+def test_failing_chat_template_is_a_one_line_error(capsys, tmp_path, tiny_saved):
     import json
     import shutil
 
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_saved, model_dir)
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "[INST] {{ x }} [/INST]"}))
-    assert "unknown chat template" in _error(capsys, ["generate", "--load", str(model_dir), "--prompt", "hi", "--chat"])
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ raise_exception('no') }}"}))
+    assert f"{model_dir / 'tokenizer_config.json'}: template error: no" in _error(
+        capsys, ["generate", "--load", str(model_dir), "--prompt", "hi", "--chat"])
 
 
 def test_generate_streams_text(capsys, tiny_saved):
@@ -98,8 +99,27 @@ def test_generate_streams_text(capsys, tiny_saved):
     assert main(["generate", "--load", tiny_saved, "--prompt", "The for", "--max-new-tokens", "8", "--greedy",
                  "--stream"]) == 0
     assert capsys.readouterr().out == plain  # the streamed pieces add up to the same text
-    assert main(["generate", "--load", tiny_saved, "--prompt", "hello", "--chat", "--max-new-tokens", "4",
-                 "--top-k", "5", "--top-p", "0.9", "--seed", "3"]) == 0
+    assert main(["generate", "--load", tiny_saved, "--prompt", "hello", "--chat", "--system", "", "--max-new-tokens",
+                 "4", "--top-k", "5", "--top-p", "0.9", "--seed", "3"]) == 0
+
+
+def test_generate_chat_sends_the_template_ids_and_stops_at_the_end_of_turn(capsys, monkeypatch, tiny_saved):
+    """--chat: the prompt ids are the chat template's (TeleChat2's, system included), and the reply stops at
+    EOS or the template's end-of-turn token <_end>."""
+    from mindport.models.causal_lm import CausalLM
+    from mindport.tokenizer import Tokenizer
+
+    seen = {}
+
+    def fake_generate(self, input_ids, max_new_tokens, **kwargs):
+        seen.update(ids=[int(i) for i in input_ids[0]], stop=kwargs["eos_token_id"])
+        return input_ids
+
+    monkeypatch.setattr(CausalLM, "generate", fake_generate)
+    assert main(["generate", "--load", tiny_saved, "--prompt", "hello", "--chat", "--system", "S"]) == 0
+    tok = Tokenizer.load(tiny_saved)
+    assert seen["ids"] == tok.encode("<_system>S\n<_user>hello<_bot>", add_special_tokens=False)
+    assert seen["stop"] == [tok.eos_id, tok.token_to_id("<_end>")]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -26,8 +26,8 @@ LAYERS = [
     ("inference: decoding loop, KV-cache driving", ["mindport.infer"]),  # the model's generate() calls it
     # research/<family> is data the registry loads by name; it builds its FAMILY with models.registry.Family
     ("models and family data", ["mindport.models", "mindport.research"]),
-    ("tokenizers (chat formats come from the families), vocabulary extension",
-     ["mindport.tokenizer", "mindport.vocab"]),
+    ("tokenizers, chat templates (default templates come from the families), vocabulary extension",
+     ["mindport.chat_template", "mindport.tokenizer", "mindport.vocab"]),
     ("training", ["mindport.train"]),
     ("conversion tool", ["mindport.ckpt_tools"]),
     ("command line and public API", ["mindport.commands", "mindport.cli", "mindport"]),

@@ -10,7 +10,10 @@ def add_parser(sub) -> None:
     p.add_argument("--load", required=True, help="model directory (checkpoint, mindport or HF format)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model directory)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template "
+                   "(the tokenizer's, else the model family's published one); the reply stops at its end of turn")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the prompt (default: "
+                   "none, so the template's own default applies, e.g. TeleChat2's and Qwen1.5's system prompts)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
@@ -79,13 +82,17 @@ def _check(args) -> None:
 def run(args) -> int:
     import numpy as np
 
-    from mindport.models.auto import AutoModelForCausalLM
+    from mindport.models.auto import AutoConfig, AutoModelForCausalLM
     from mindport.tokenizer import Tokenizer
 
     _check(args)
-    tok = Tokenizer.load(args.tokenizer or args.load)
-    prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    ids = tok.encode(prompt, add_special_tokens=not args.chat)  # a chat template holds its own special tokens
+    # the model family's published chat template applies when the tokenizer has none
+    tok = Tokenizer.load(args.tokenizer or args.load, family=AutoConfig.from_pretrained(args.load).family)
+    if args.chat:  # the template writes its own special tokens
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        ids = tok.apply_chat_template(system + [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt: encodes to no tokens")
     rank = 0
@@ -98,7 +105,7 @@ def run(args) -> int:
     if max(ids) >= model.config.vocab_size:
         raise ValueError(f"{args.load}: the tokenizer produced id {max(ids)}, outside the model's vocabulary "
                          f"({model.config.vocab_size}); pass the model's own tokenizer with --tokenizer")
-    stop = tok.stop_ids()
+    stop = tok.stop_ids(chat=args.chat)  # a chat reply also ends at the template's end-of-turn token
     streamer = TextStreamer(tok, stop, None if args.stream and rank == 0 else (lambda s: None), ids)
     prompt_text = "" if args.chat else streamer.decoder.prompt_text  # printed text = decode(prompt ids + reply)
     if rank:

@@ -20,19 +20,6 @@ _REQUIRED = [f.name for f in dataclasses.fields(ModelConfig)
 
 
 @dataclass(frozen=True)
-class ChatFormat:
-    """A family's chat format as data: the markers that identify it in a chat template or a
-    vocabulary, and how each role's message is wrapped."""
-    name: str  # "telechat2" | "chatml"
-    title: str  # for messages: "TeleChat2"
-    markers: tuple[str, ...]  # all present in a template (or vocabulary): this format
-    roles: dict[str, tuple[str, str]]  # system / user / assistant -> (prefix, suffix) around the content
-    generation_prompt: str  # opens the assistant's reply
-    template: str = ""  # the jinja template written into the tokenizers mindport trains
-    specials: tuple[str, ...] = ()  # special tokens reserved in the tokenizers mindport trains
-
-
-@dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
@@ -44,7 +31,16 @@ class Family:
     hf_defaults: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields when the HF key is absent
     from_hf_hook: Callable[[dict, dict], None] | None = None  # (hf, fields) -> edit fields in place
     to_hf_hook: Callable[[ModelConfig, dict], None] | None = None  # (config, hf) -> edit hf in place
-    chat: ChatFormat | None = None
+    chat_template_file: str | None = None  # the family chat model's template (research/<family>/chat_template.jinja)
+    chat_tokens: tuple[str, ...] = ()  # special tokens that template writes (reserved by `mindport tokenizer train`)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template of the family's tokenizers (used when a tokenizer has none)."""
+        if self.chat_template_file is None:
+            return None
+        with open(self.chat_template_file, encoding="utf-8") as f:
+            return f.read()
 
     @property
     def name_map(self) -> NameMap:
@@ -129,9 +125,3 @@ def find_preset(name: str) -> ModelConfig:
             return fam.preset(name)
     known = [p for fam in families().values() for p in fam.presets]
     raise ConfigError(f"preset {name!r} unknown (known: {', '.join(known)})")
-
-
-def chat_formats() -> list[ChatFormat]:
-    """The chat formats the families declare."""
-    return [fam.chat for fam in families().values() if fam.chat is not None]
-

@@ -98,10 +98,15 @@ def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, over
                  "num_documents": docs, "num_tokens": total, "dropped_tail_tokens": total - samples * seq_length,
                  "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id,
                  "tokenizer": os.path.abspath(tokenizer.source)}
-        with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-        tokenizer.save(os.path.join(tmp, "tokenizer"))
+        write_index(tmp, index, tokenizer)
     return index
+
+
+def write_index(directory: str, index: dict, tokenizer) -> None:
+    """index.json and the tokenizer (OUT/tokenizer) beside the data files."""
+    with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+    tokenizer.save(os.path.join(directory, "tokenizer"))
 
 
 class PackedDataset:

@@ -1,4 +1,6 @@
 """Mixtral-8x7B and Chinese-Mixtral-8x7B (HF ``mixtral``; transformers 4.x tensor names)."""
+import os
+
 from mindport.models.registry import Family
 from mindport.research._llama_names import LLAMA_ATTENTION_NAMES, LLAMA_HF_FIELDS
 
@@ -28,4 +30,4 @@ FAMILY = Family(
     arch=dict(rope_theta=1e6, norm_topk_prob=True, norm_topk_eps=0.0, bos_token_id=1, eos_token_id=2),
     hf_fields=HF_FIELDS, hf_export={"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
                                     "tie_word_embeddings": False, "hidden_act": "silu"},
-    presets=PRESETS, names=NAMES)
+    presets=PRESETS, names=NAMES, chat_template_file=os.path.join(os.path.dirname(__file__), "chat_template.jinja"))

@@ -1,6 +1,8 @@
 """Qwen1.5-MoE-A2.7B (HF ``qwen2_moe``): q/k/v biases, a sigmoid-gated shared expert."""
+import os
+
 from mindport.config import ConfigError
-from mindport.models.registry import ChatFormat, Family
+from mindport.models.registry import Family
 from mindport.research._llama_names import LLAMA_ATTENTION_NAMES, LLAMA_HF_FIELDS
 
 NAMES = LLAMA_ATTENTION_NAMES + [
@@ -43,14 +45,12 @@ PRESETS = {
                           shared_expert_intermediate_size=48, max_position_embeddings=64, router_aux_loss_coef=0.001),
 }
 
-CHAT = ChatFormat(  # ChatML
-    name="chatml", title="ChatML", markers=("<|im_start|>",),
-    roles={role: (f"<|im_start|>{role}\n", "<|im_end|>\n") for role in ("system", "user", "assistant")},
-    generation_prompt="<|im_start|>assistant\n")
+CHAT_TEMPLATE = os.path.join(os.path.dirname(__file__), "chat_template.jinja")  # ChatML; sources inside
 
 FAMILY = Family(
     name="qwen_moe", model_types=("qwen2_moe",),
     arch=dict(qkv_bias=True, shared_expert_gate=True, norm_topk_eps=0.0, rope_theta=10000.0),
     hf_fields=HF_FIELDS, hf_export={"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
                                     "tie_word_embeddings": False, "hidden_act": "silu"},
-    presets=PRESETS, names=NAMES, from_hf_hook=_from_hf, to_hf_hook=_to_hf, chat=CHAT)
+    presets=PRESETS, names=NAMES, from_hf_hook=_from_hf, to_hf_hook=_to_hf,
+    chat_template_file=CHAT_TEMPLATE)

@@ -1,5 +1,7 @@
 """TeleChat2 (3B/7B/35B/115B): presets, config.json fields and HF names (facts: shared/MODELS.md)."""
-from mindport.models.registry import ChatFormat, Family
+import os
+
+from mindport.models.registry import Family
 
 MODEL_TYPES = ("telechat",)
 ARCHITECTURES = ("TelechatForCausalLM", "TeleChatForCausalLM", "TeleChat2ForCausalLM")
@@ -57,17 +59,8 @@ NAMES = [
     ("lm_head.weight", "lm_head.weight"),
 ]
 
-CHAT = ChatFormat(
-    name="telechat2", title="TeleChat2", markers=("<_user>", "<_bot>"),
-    roles={"system": ("<_system>", ""), "user": ("<_user>", ""), "assistant": ("<_bot>", "<_end>")},
-    generation_prompt="<_bot>",
-    template=(  # TeleChat2's published template, abridged to the roles it uses
-        "{%- for message in messages %}"
-        "{%- if message['role'] == 'system' %}{{ '<_system>' + message['content'] }}"
-        "{%- elif message['role'] == 'user' %}{{ '<_user>' + message['content'] }}"
-        "{%- else %}{{ '<_bot>' + message['content'] + '<_end>' }}{%- endif %}"
-        "{%- endfor %}{%- if add_generation_prompt %}{{ '<_bot>' }}{%- endif %}"),
-    specials=("<_user>", "<_bot>", "<_end>", "<_system>"))  # reserved right after unk/bos/eos/pad
+CHAT_TEMPLATE = os.path.join(os.path.dirname(__file__), "chat_template.jinja")  # sources inside
+CHAT_TOKENS = ("<_user>", "<_bot>", "<_end>", "<_system>")
 
 FAMILY = Family(name="telechat2", model_types=MODEL_TYPES, arch=ARCH, hf_fields=HF_FIELDS, hf_export=HF_EXPORT,
-                presets=PRESETS, names=NAMES, chat=CHAT)
+                presets=PRESETS, names=NAMES, chat_template_file=CHAT_TEMPLATE, chat_tokens=CHAT_TOKENS)

@@ -1,5 +1,7 @@
 """XVERSE: dense (XVERSE-65B and smaller) and MoE (XVERSE-MoE-A4.2B). One model_type, "xverse";
 the MoE variant is told apart by ``num_experts`` in config.json, not by ``architectures``."""
+import os
+
 from mindport.models.registry import Family
 from mindport.research._llama_names import LLAMA_ATTENTION_NAMES, LLAMA_HF_FIELDS
 
@@ -60,4 +62,5 @@ FAMILY = Family(
               eos_token_id=3),
     hf_fields=HF_FIELDS, hf_export={"model_type": "xverse", "architectures": ["XverseForCausalLM"],
                                     "tie_word_embeddings": False},
-    presets=PRESETS, names=NAMES, from_hf_hook=_from_hf, to_hf_hook=_to_hf)
+    presets=PRESETS, names=NAMES, from_hf_hook=_from_hf, to_hf_hook=_to_hf,
+    chat_template_file=os.path.join(os.path.dirname(__file__), "chat_template.jinja"))

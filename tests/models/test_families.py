@@ -64,7 +64,8 @@ def test_a_new_family_folder_is_discovered_without_editing_the_registry(tmp_path
 
 
 
-def test_chat_formats_live_with_their_family():
+def test_each_family_carries_its_chat_template():
     fams = families()
-    assert fams["telechat2"].chat.name == "telechat2" and fams["qwen_moe"].chat.name == "chatml"
-    assert fams["telechat2"].chat.template.endswith("{{ '<_bot>' }}{%- endif %}")
+    for name in ("telechat2", "xverse", "mixtral", "qwen_moe"):
+        assert fams[name].chat_template.startswith("{#-") and "https://" in fams[name].chat_template, name
+    assert fams["telechat2"].chat_tokens == ("<_user>", "<_bot>", "<_end>", "<_system>")

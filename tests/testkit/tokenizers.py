@@ -61,3 +61,55 @@ def _save(tok, directory: str, config: dict) -> str:
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f)
     return directory
+
+
+def with_chat_template(directory: str, template: str, special_tokens: tuple[str, ...] = (), **config) -> str:
+    """Give a built tokenizer directory ``template`` (as chat_template.jinja), extra special tokens
+    (added to its tokenizer.json) and tokenizer_config.json entries."""
+    if special_tokens:
+        from tokenizers import Tokenizer
+
+        path = os.path.join(directory, "tokenizer.json")
+        tok = Tokenizer.from_file(path)
+        tok.add_special_tokens(list(special_tokens))
+        tok.save(path)
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        merged = {**json.load(f), **config}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(merged, f)
+    with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(template)
+    return directory
+
+
+# Conversations and templates for the chat-template and SFT-data tests
+SYSTEM = {"role": "system", "content": "Be brief."}
+CHAT = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "the quick fox"},
+        {"role": "user", "content": "你好 again"}, {"role": "assistant", "content": "On the other hand 龘"}]
+
+# tokenizer shape and the special tokens its template writes
+DIRS = {"telechat2": ("sentencepiece", (), {}), "mixtral": ("metaspace_bos", (), {}),
+        "xverse": ("metaspace_bos", (), {}),
+        "qwen_moe": ("byte_level", ("<|im_start|>", "<|im_end|>"), {"eos_token": "<|im_end|>"})}
+
+# ChatML with {% generation %} around each assistant reply and its end of turn
+CHATML_GENERATION = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>\\n' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# TeleChat2-like, for a sentencepiece tokenizer (byte-fallback pieces inside the marked replies)
+TELECHAT_GENERATION = (
+    "{% for message in messages %}{% if message.role == 'assistant' %}{{ '<_bot>' }}{% generation %}"
+    "{{ message.content + '<_end>' }}{% endgeneration %}{% else %}{{ '<_user>' + message.content }}{% endif %}"
+    "{% endfor %}")
+
+
+def chat_dir(tmp_path, name: str, template: str | None = None) -> str:
+    """A tokenizer directory shaped like family ``name``'s, with ``template`` or that family's default."""
+    from mindport.models.registry import family
+
+    kind, specials, config = DIRS[name]
+    directory = build(kind, str(tmp_path / name))
+    return with_chat_template(directory, template or family(name).chat_template, specials, **config)

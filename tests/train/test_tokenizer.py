@@ -20,14 +20,15 @@ def test_trained_sentencepiece_round_trips_and_has_telechat_ids(tok_dir):
 
 
 def test_telechat_chat_template(tok_dir):
+    """A trained tokenizer carries TeleChat2's template; its end of turn <_end> stops a chat reply."""
     tok = Tokenizer.load(tok_dir)
-    assert tok.chat_format() == "telechat2"
     text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                    {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"}])
-    assert text == "<_system>S<_user>Q<_bot>A<_end><_user>Q2<_bot>"
+                                    {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert text == "<_system>S\n<_user>Q<_bot>A<_end>\n<_user>Q2<_bot>"
     ids = tok.encode("<_user>hi<_bot>", add_special_tokens=False)  # as a chat prompt is encoded
     assert ids[0] == tok.token_to_id("<_user>") and ids[-1] == tok.token_to_id("<_bot>")
-    assert tok.token_to_id("<_end>") in tok.stop_ids() and tok.eos_id in tok.stop_ids()
+    assert tok.stop_ids(chat=True) == [tok.eos_id, tok.token_to_id("<_end>")] and tok.stop_ids() == [tok.eos_id]
 
 
 def _hf_tokenizer_dir(tmp_path, chat_template):
@@ -56,18 +57,37 @@ def test_hf_tokenizer_json_and_chatml(tmp_path):
     tok = Tokenizer.load(_hf_tokenizer_dir(tmp_path, CHATML))
     assert tok.kind == "hf" and tok.eos_id == tok.token_to_id("<|im_end|>")
     assert tok.decode(tok.encode("hello world")) == "hello world"
-    assert tok.chat_format() == "chatml"
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False) == \
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}]))
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert ids[0] == tok.token_to_id("<|im_start|>")
 
 
-def test_unknown_chat_template_is_one_clear_line(tmp_path):
-    tok = Tokenizer.load(_hf_tokenizer_dir(tmp_path, "{{ bos }}[INST] {{ m }} [/INST]"))
-    with pytest.raises(TokenizerError, match="unknown chat template") as err:
-        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+def test_template_errors_are_one_line_naming_the_template_file(tmp_path):
+    """A template that raises, or does not compile, fails in one line naming the file it came from."""
+    directory = _hf_tokenizer_dir(tmp_path, "{{ raise_exception('only user messages') }}")
+    with pytest.raises(TokenizerError, match=f"^{tmp_path / 'tokenizer_config.json'}: template error: only user") as err:
+        Tokenizer.load(directory).apply_chat_template([{"role": "user", "content": "hi"}])
     assert "\n" not in str(err.value)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}")
+    with pytest.raises(TokenizerError, match=f"^{tmp_path / 'chat_template.jinja'}: template syntax error at line 1"):
+        Tokenizer.load(directory).apply_chat_template([{"role": "user", "content": "hi"}])
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: no chat template"):
+        Tokenizer.load(directory).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert Tokenizer.load(directory, family="qwen_moe").apply_chat_template(  # the family default
+        [{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>system\n")
+
+
+def test_named_templates(tmp_path):
+    named = [{"name": "default", "template": CHATML}, {"name": "plain", "template": "{{ messages[0].content }}"}]
+    tok = Tokenizer.load(_hf_tokenizer_dir(tmp_path, named))
+    hi = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(hi, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n"
+    assert tok.apply_chat_template(hi, tokenize=False, chat_template="plain") == "hi"
+    with pytest.raises(TokenizerError, match="chat template 'other' not found"):
+        tok.apply_chat_template(hi, chat_template="other")
 
 
 def test_bad_inputs(tmp_path):
@@ -132,10 +152,10 @@ def test_chat_template_jinja_is_read_and_saved(tmp_path):
     (tmp_path / "src" / "chat_template.jinja").write_text(CHATML)
     tok = Tokenizer.load(directory)
     assert tok.chat_template == AutoTokenizer.from_pretrained(directory).chat_template == CHATML
-    assert tok.chat_format() == "chatml"
+    assert tok.chat_template_source == str(tmp_path / "src" / "chat_template.jinja")
     tok.save(str(tmp_path / "copy"))
     assert (tmp_path / "copy" / "chat_template.jinja").read_text() == CHATML
-    assert Tokenizer.load(str(tmp_path / "copy")).chat_format() == "chatml"
+    assert Tokenizer.load(str(tmp_path / "copy")).chat_template == CHATML
 
 
 def test_empty_input_files_are_named(tmp_path):
