@@ -31,8 +31,9 @@ def _topic_summary(doc: str, max_chars: int = 240) -> tuple[str, str]:
 
 def chat_examples() -> list[dict]:
     """Synthetic conversations built from the corpus (the demo's SFT set), as ``{"messages": [...]}``
-    records: each topic asked about in three phrasings and answered with its first prose paragraph;
-    every third record has a system prompt, every fifth goes on to a second topic."""
+    records: a system prompt, each topic asked about in three phrasings and answered with its first
+    prose paragraph; every fifth record goes on to a second topic. (Every record has a system prompt:
+    TeleChat2's template adds a long default one to a conversation without.)"""
     topics, seen = [], set()
     for doc in pydoc_topics():
         title, answer = _topic_summary(doc)
@@ -42,8 +43,8 @@ def chat_examples() -> list[dict]:
             topics.append((subject, answer))
     records = []
     for k, (question, (subject, answer)) in enumerate((q, t) for q in QUESTIONS for t in topics):
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}] if k % 3 == 0 else []
-        messages += [{"role": "user", "content": question.format(subject)}, {"role": "assistant", "content": answer}]
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question.format(subject)},
+                    {"role": "assistant", "content": answer}]
         if k % 5 == 0:
             other_subject, other_answer = topics[(k * 7 + 1) % len(topics)]
             messages += [{"role": "user", "content": QUESTIONS[1].format(other_subject)},

@@ -6,7 +6,7 @@ def test_chat_examples_are_well_formed_conversations_answered_from_the_corpus():
     records = chat_examples()
     corpus = " ".join(" ".join(doc.split()) for doc in pydoc_topics())
     assert len(records) > 150
-    assert sum(r["messages"][0]["content"] == SYSTEM_PROMPT for r in records) > len(records) // 4
+    assert all(r["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT} for r in records)
     assert sum(len(r["messages"]) >= 4 for r in records) > len(records) // 8  # multi-turn records
     for record in records:
         turns = [m for m in record["messages"] if m["role"] != "system"]
