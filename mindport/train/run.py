@@ -32,7 +32,7 @@ from mindport.train.data import Loader, PackedDataset
 from mindport.train.flops import measure_matmul_flops, train_flops_per_token
 from mindport.train.logger import RunLogger
 from mindport.train.run_dir import RunDirectory
-from mindport.train.trainer import Trainer
+from mindport.train.trainer import CONTEXT_PARALLEL_SEGMENTS, Trainer
 
 
 @dataclass
@@ -144,6 +144,8 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         seed_everything(cfg.seed)
         dataset = PackedDataset(cfg.data_dir)
         dataset.check(cfg.seq_length, run.model.vocab_size)
+        if dataset.segments is not None and groups.cp.size > 1:
+            raise ConfigError(f"{cfg.data_dir}: {CONTEXT_PARALLEL_SEGMENTS}")
         tokenizer = None
         if dataset.tokenizer_dir:
             from mindport.tokenizer import Tokenizer
@@ -191,7 +193,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         try:
             while trainer.step < end and stopped is None:
                 t0 = time.perf_counter()
-                micro = [loader.next_batch()[rows] for _ in range(cfg.grad_accumulation)]
+                micro = [loader.next_batch().rows(rows) for _ in range(cfg.grad_accumulation)]
                 metrics = trainer.train_step(micro)
                 stop.rearm()
                 metrics["epoch"] = round(loader.epoch, 4)
