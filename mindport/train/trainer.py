@@ -184,17 +184,15 @@ class Trainer:
                 raise ConfigError(CONTEXT_PARALLEL_SEGMENTS)
             share = context_parallel_batch(ids, cp.size, cp.rank, batch.labels)
             local, targets, prepare = share.ids, share.targets, lambda: share.model_inputs(self.model)
-        elif batch.segment_ids is not None:  # packed rows: a mask and tables of their own
-            _, cos, sin, mask, _ = self.model.prepare(ids, segment_ids=batch.segment_ids)
-            return Tensor(ids), cos, sin, mask, Tensor(next_token_targets(batch.labels), ms.int32)
         else:
-            local, targets, prepare = ids, next_token_targets(batch.labels), lambda: self.model.prepare(ids)
-        if self._inputs_cache is None or self._inputs_cache[0] != ids.shape:
-            _, cos, sin, mask, q_scale = prepare()
+            local, targets, prepare = ids, next_token_targets(batch.labels), \
+                lambda: self.model.prepare(ids, segment_ids=batch.segment_ids)
+        if batch.segment_ids is not None or self._inputs_cache is None or self._inputs_cache[0] != ids.shape:
+            _, cos, sin, mask, q_scale = prepare()  # packed rows: a mask and tables of their own
             if q_scale is not None:
                 raise ConfigError("key 'use_logn_attn' = True: training with logN query scaling is not supported "
                                   "(it applies beyond training_seqlen, at inference)")
-            self._inputs_cache = (ids.shape, cos, sin, mask)
+            self._inputs_cache = (None if batch.segment_ids is not None else ids.shape, cos, sin, mask)
         _, cos, sin, mask = self._inputs_cache
         return Tensor(np.ascontiguousarray(local, dtype=np.int32)), cos, sin, mask, Tensor(targets, ms.int32)
 
