@@ -59,20 +59,21 @@ def bench_ours(config, batch: int, seq: int, warmup: int, steps: int, level: str
 
     from mindport import AutoModelForCausalLM
     from mindport.train.config import TrainConfig
+    from mindport.train.data import Batch
     from mindport.train.trainer import Trainer
 
     ms.set_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     trainer = Trainer(model, TrainConfig(batch_size=batch, seq_length=seq, train_steps=warmup + steps,
                                          amp_level=level, warmup_steps=1, learning_rate=1e-4))
-    data = np.random.default_rng(0).integers(0, config.vocab_size, (warmup + steps, batch, seq))
+    data = np.random.default_rng(0).integers(0, config.vocab_size, (warmup + steps, batch, seq)).astype(np.int32)
     start = time.perf_counter()
     for k in range(warmup):
-        trainer.train_step([data[k]])
+        trainer.train_step([Batch(data[k], data[k])])
     warm = time.perf_counter() - start
     start = time.perf_counter()
     for k in range(warmup, warmup + steps):
-        trainer.train_step([data[k]])
+        trainer.train_step([Batch(data[k], data[k])])
     return (time.perf_counter() - start) / steps, warm
 
 

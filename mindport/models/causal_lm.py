@@ -103,7 +103,7 @@ class CausalLM(nn.Cell):
 
     # ------------------------------------------------------------------ host side
     def prepare(self, input_ids, attention_mask=None, past_len: int = 0, position_ids=None,
-                total_len: int | None = None):
+                total_len: int | None = None, segment_ids=None):
         """Token ids plus RoPE tables, additive mask and logN scale for this call.
 
         attention_mask (B, past_len + S), 1 for real tokens and 0 for (left) padding.
@@ -111,13 +111,18 @@ class CausalLM(nn.Cell):
         have unpadded. ``position_ids`` (B, S) gives the true global positions of the tokens
         instead (context parallelism: a rank holds non-contiguous chunks of a sequence of
         ``total_len`` tokens); the attention core then derives causality from the positions
-        and the mask is not used.
+        and the mask is not used. ``segment_ids`` (B, S): packed sequences (see
+        :meth:`segment_inputs`).
         """
         ids = as_array(input_ids)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids: shape {ids.shape}: expected (batch, seq_len) with seq_len >= 1")
         b, s = ids.shape
-        if position_ids is not None:
+        if segment_ids is not None:
+            if attention_mask is not None or past_len or position_ids is not None:
+                raise ValueError("segment_ids: expected without attention_mask, past_len or position_ids")
+            cos, sin, mask, positions = self.segment_inputs(as_array(segment_ids), (b, s))
+        elif position_ids is not None:
             positions = np.asarray(position_ids)
             total = total_len or int(positions.max()) + 1
             mask = np.zeros((1, 1, 1, 1), np.float32)
@@ -134,12 +139,37 @@ class CausalLM(nn.Cell):
             allowed = causal[None] & keep[:, None, :]
             allowed |= ~allowed.any(-1, keepdims=True)  # an all-padding row attends to itself harmlessly
             mask = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]  # (B, 1, S, total)
-        cos, sin = rope_tables(self.config, total, int(positions.max()) + 1)
+        if segment_ids is None:
+            cos, sin = rope_tables(self.config, total, int(positions.max()) + 1)
+            cos, sin = cos[positions], sin[positions]
         q_scale = None
         if self.config.use_logn_attn:
             q_scale = Tensor(logn_scale(self.config, positions)[:, None, :, None])
-        return (as_tensor(ids), Tensor(cos[positions][:, None]), Tensor(sin[positions][:, None]),
-                Tensor(mask), q_scale)
+        return as_tensor(ids), Tensor(cos[:, None]), Tensor(sin[:, None]), Tensor(mask), q_scale
+
+    def segment_inputs(self, segments: np.ndarray, shape: tuple[int, int]):
+        """cos, sin (B, S, D), additive mask (B, 1, S, S) and positions (B, S) of rows packing
+        several sequences: ``segments`` (B, S) numbers them 1..k, 0 for padding.
+
+        A token attends to the earlier tokens of its own segment only (block-diagonal causal mask;
+        padding attends to padding, harmlessly), its position counts those tokens, and its RoPE
+        tables are those of its segment's length (TeleChat2's dynamic NTK and mscale depend on the
+        total length), so each sequence is computed exactly as if it were alone.
+        """
+        if segments.shape != shape:
+            raise ValueError(f"segment_ids: shape {segments.shape}: expected the shape of input_ids {shape}")
+        same = segments[:, :, None] == segments[:, None, :]  # (B, S, S)
+        allowed = same & np.tril(np.ones(shape[1:] * 2, dtype=bool))[None]
+        positions = allowed.sum(-1) - 1  # (B, S): earlier tokens of the same segment
+        lengths = same.sum(-1)  # (B, S): the length of each token's segment
+        cos = np.empty(shape + (self.config.head_dim,), np.float32)
+        sin = np.empty_like(cos)
+        for length in np.unique(lengths):
+            at = lengths == length
+            table_cos, table_sin = rope_tables(self.config, int(length))
+            cos[at], sin[at] = table_cos[positions[at]], table_sin[positions[at]]
+        mask = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]
+        return cos, sin, mask, positions
 
     # ------------------------------------------------------------------ tensor side
     def forward(self, input_ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale=None,
@@ -188,17 +218,20 @@ class CausalLM(nn.Cell):
     def loss(self, logits: Tensor, router_loss: Tensor, labels: Tensor) -> Tensor:
         return self.loss_fn(logits, labels) + router_loss
 
-    def loss_from_targets(self, logits: Tensor, router_loss: Tensor, targets: Tensor) -> Tensor:
-        """Loss with targets aligned to the logits (target[t] follows position t)."""
-        return self.loss_fn.from_targets(logits, targets) + router_loss
+    def loss_from_targets(self, logits: Tensor, router_loss: Tensor, targets: Tensor, count: Tensor | None = None,
+                          router_weight: Tensor | float = 1.0) -> Tensor:
+        """Loss with targets aligned to the logits (target[t] follows position t); ``count``: the
+        global number of counted targets when the batch is split into micro-batches, ``router_weight``
+        the micro-batch's share of the router loss (1 / micro-batches)."""
+        return self.loss_fn.from_targets(logits, targets, count) + router_loss * router_weight
 
     def full_logits(self, local_logits: Tensor) -> Tensor:
         """All V logits from this rank's vocabulary shard (identity without tensor parallelism)."""
         return self.lm_head.full_logits(local_logits)
 
-    def construct(self, input_ids, labels=None, attention_mask=None):
+    def construct(self, input_ids, labels=None, attention_mask=None, segment_ids=None):
         check_token_ids(input_ids, labels, self.config.vocab_size)
-        ids, cos, sin, mask, q_scale = self.prepare(input_ids, attention_mask)
+        ids, cos, sin, mask, q_scale = self.prepare(input_ids, attention_mask, segment_ids=segment_ids)
         logits, router_loss, _ = self.forward(ids, cos, sin, mask, q_scale)
         if labels is None:
             return self.full_logits(logits)

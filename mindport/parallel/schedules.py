@@ -58,25 +58,29 @@ class PipelineSchedule:
         shard = self.groups.tp.size if self.groups.sequence_parallel else 1
         return (batch, seq // shard, cfg.hidden_size)
 
-    def run(self, input_ids: np.ndarray, labels: np.ndarray,
-            loss_scale: Tensor | float = 1.0) -> tuple[Tensor | None, tuple]:
+    def run(self, batch, loss_scale: Tensor | float = 1.0, count: Tensor | None = None,
+            router_weight: Tensor | float = 1.0) -> tuple[Tensor | None, tuple]:
         """(loss on the last stage else None, fp32 sums of the gradients of this stage's parameters
         of ``loss_scale`` times the loss).
 
-        input_ids, labels (B, S); every stage receives them (RoPE tables and masks come from
-        the shapes; only the first stage reads the ids, only the last the labels). The loss is
-        the mean over all counted tokens of the batch, across micro-batches and data ranks.
+        ``batch``: a :class:`mindport.train.data.Batch`, (B, S) arrays; every stage receives it (RoPE
+        tables and masks come from the shapes and segment ids; only the first stage reads the ids,
+        only the last the labels). The loss is the sum over the supervised tokens divided by
+        ``count`` (default: those of this batch over the data- and context-parallel ranks), plus
+        ``router_weight`` times the router loss.
         """
         model, m = self.model, self.micro_batches
+        input_ids, labels, segments = batch.input_ids, batch.labels, batch.segment_ids
         b, s = input_ids.shape
         if b % m:
             raise ValueError(f"batch size {b}: expected a multiple of micro_batch_num = {m}")
         mb = b // m
         dtype = dtype_of(model.config.compute_dtype)  # of the activations exchanged between stages
         shape = self._activation_shape(mb, s)
-        total = Tensor(float((labels[:, 1:] != IGNORE_INDEX).sum()), ms.float32)
-        for reduce in self.count_over:
-            total = reduce(total)
+        if count is None:
+            count = Tensor(float((labels[:, 1:] != IGNORE_INDEX).sum()), ms.float32)
+            for reduce in self.count_over:
+                count = reduce(count)
         grads = [ops.zeros(p.shape, ms.float32) for p in self.params]  # summed in fp32 whatever the weights
         scale = Tensor(loss_scale, ms.float32) if not isinstance(loss_scale, Tensor) else loss_scale.astype(ms.float32)
         pending: list = []  # (stage function, input) of micro-batches whose backward has not run
@@ -84,13 +88,14 @@ class PipelineSchedule:
 
         def forward(k: int, x: Tensor | None):
             rows = slice(k * mb, (k + 1) * mb)
-            ids_t, cos, sin, mask, q_scale = model.prepare(input_ids[rows])
+            ids_t, cos, sin, mask, q_scale = model.prepare(
+                input_ids[rows], segment_ids=None if segments is None else segments[rows])
             targets = Tensor(labels[rows][:, 1:], ms.int32)
 
             def stage(x_in):
                 out, router_loss, _ = model.forward(ids_t if model.is_first else x_in, cos, sin, mask, q_scale)
                 if model.is_last:
-                    return model.loss_fn.from_targets(out[:, :-1], targets, total) + router_loss / m
+                    return model.loss_from_targets(out[:, :-1], router_loss, targets, count, router_weight / m)
                 return out
 
             x_in = x if x is not None else cos  # the first stage differentiates w.r.t. weights only

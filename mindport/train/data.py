@@ -54,6 +54,11 @@ class Batch:
     labels: np.ndarray
     segment_ids: np.ndarray | None = None
 
+    def rows(self, index) -> "Batch":
+        """The rows ``index`` (a slice or index array) of every array."""
+        segments = self.segment_ids[index] if self.segment_ids is not None else None
+        return Batch(self.input_ids[index], self.labels[index], segments)
+
 
 def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, overwrite: bool = True,
             source: str = "input") -> dict:
@@ -124,16 +129,28 @@ class PackedDataset:
         self.directory = directory
         self.seq_length = int(self.index["seq_length"])
         self.num_samples = int(self.index["num_samples"])
-        path = os.path.join(directory, TOKENS_FILE)
-        expected = self.num_samples * self.seq_length * np.dtype(self.index["dtype"]).itemsize
+        if self.num_samples <= 0:
+            raise DataError(f"{os.path.join(directory, TOKENS_FILE)}: empty ({index_path} has num_samples = "
+                            f"{self.num_samples}); run `mindport data prepare` again")
+        self.tokens = self._map(TOKENS_FILE, self.index["dtype"])
+        self.labels = self._map(LABELS_FILE, np.int32) if self.index.get("labels") else None
+        self.segments = self._map(SEGMENTS_FILE, np.uint16) if self.index.get("segments") else None
+
+    @property
+    def has_segments(self) -> bool:
+        """Rows hold segments (packed or padded sequences), not one causal sequence each."""
+        return self.segments is not None
+
+    def _map(self, name: str, dtype) -> np.memmap:
+        """(num_samples, seq_length) read-only map of file ``name``, its size checked against index.json."""
+        path = os.path.join(self.directory, name)
+        expected = self.num_samples * self.seq_length * np.dtype(dtype).itemsize
         size = os.path.getsize(path) if os.path.isfile(path) else -1
         if size != expected:
-            raise DataError(f"{path}: {size} bytes, index.json implies {expected}")
-        if self.num_samples <= 0:
-            raise DataError(f"{path}: empty ({index_path} has num_samples = {self.num_samples}); "
-                            "run `mindport data prepare` again")
-        self.tokens = np.memmap(path, dtype=self.index["dtype"], mode="r",
-                                shape=(self.num_samples, self.seq_length))
+            found = f"{size} bytes" if size >= 0 else "missing"
+            raise DataError(f"{path}: {found}, {INDEX_FILE} implies {expected} ({self.num_samples} x "
+                            f"{self.seq_length} {np.dtype(dtype).name})")
+        return np.memmap(path, dtype=dtype, mode="r", shape=(self.num_samples, self.seq_length))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -142,9 +159,16 @@ class PackedDataset:
         return np.asarray(self.tokens[i], dtype=np.int32)
 
     def batch(self, indices) -> Batch:
-        """The samples at ``indices`` as one :class:`Batch` (labels = tokens, one sequence per row)."""
-        ids = np.stack([self[int(i)] for i in indices])
-        return Batch(ids, ids.copy())
+        """The samples at ``indices`` as one :class:`Batch` (without labels.bin: labels = tokens; without
+        segments.bin: one sequence per row)."""
+        rows = [int(i) for i in indices]
+
+        def gather(array: np.ndarray) -> np.ndarray:
+            return np.stack([np.asarray(array[i], dtype=np.int32) for i in rows])
+
+        ids = gather(self.tokens)
+        labels = gather(self.labels) if self.labels is not None else ids.copy()
+        return Batch(ids, labels, gather(self.segments) if self.segments is not None else None)
 
     def check(self, seq_length: int, vocab_size: int) -> None:
         if self.seq_length != seq_length:
@@ -186,9 +210,9 @@ class Loader:
         self.consumed += count
         return out
 
-    def next_batch(self) -> np.ndarray:
-        """(batch_size, seq_length) int32."""
-        return np.stack([self.dataset[int(i)] for i in self.sample_ids(self.batch_size)])
+    def next_batch(self) -> Batch:
+        """The next ``batch_size`` samples, each array (batch_size, seq_length)."""
+        return self.dataset.batch(self.sample_ids(self.batch_size))
 
     @property
     def epoch(self) -> float:

@@ -87,6 +87,10 @@ class Mixture:
     def tokenizer_dir(self) -> str | None:
         return self.datasets[0].tokenizer_dir
 
+    @property
+    def has_segments(self) -> bool:
+        return any(d.has_segments for d in self.datasets)
+
 
 def _stack(batches: list[Batch]) -> Batch:
     """One Batch of the rows of ``batches``; rows without segments count as one sequence (segment 1)."""

@@ -28,12 +28,12 @@ from mindspore import Tensor
 from mindport.config import ConfigError
 from mindport.train.checkpoint import STOP_SIGNALS, CheckpointManager, agreed_stop, together
 from mindport.train.config import TRAINING_MODEL_KEYS, RunConfig
-from mindport.train.data import Batch, Loader, PackedDataset
+from mindport.train.data import Loader, PackedDataset
 from mindport.train.mixture import Mixture, MixtureLoader
 from mindport.train.flops import measure_matmul_flops, train_flops_per_token
 from mindport.train.logger import RunLogger
 from mindport.train.run_dir import RunDirectory
-from mindport.train.trainer import Trainer
+from mindport.train.trainer import CONTEXT_PARALLEL_SEGMENTS, Trainer
 
 
 @dataclass
@@ -145,6 +145,8 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         seed_everything(cfg.seed)
         dataset = PackedDataset(cfg.data_dir) if cfg.data_dir else Mixture(cfg.data_dirs)
         dataset.check(cfg.seq_length, run.model.vocab_size)
+        if dataset.has_segments and groups.cp.size > 1:
+            raise ConfigError(f"{cfg.data_dir or 'train_dataset.data_dirs'}: {CONTEXT_PARALLEL_SEGMENTS}")
         tokenizer = None
         if dataset.tokenizer_dir:
             from mindport.tokenizer import Tokenizer
@@ -192,8 +194,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         try:
             while trainer.step < end and stopped is None:
                 t0 = time.perf_counter()
-                batches = [loader.next_batch() for _ in range(cfg.grad_accumulation)]
-                micro = [(b.input_ids if isinstance(b, Batch) else b)[rows] for b in batches]  # until run.py slices Batches
+                micro = [loader.next_batch().rows(rows) for _ in range(cfg.grad_accumulation)]
                 metrics = trainer.train_step(micro)
                 stop.rearm()
                 metrics["epoch"] = round(loader.epoch, 4)

@@ -1,9 +1,16 @@
 """One optimiser step: forward + backward per micro-batch, then sync, unscale, clip, update.
 
-    for each of the A micro-batches (B, S):       loss_a, g_a = grad(scale * loss(model(x_a)))
+    N = sum over micro-batches and dp ranks of the supervised targets (labels != IGNORE_INDEX)
+    for each of the A micro-batches (B, S):       loss_a = sum_t CE_t / N + router_loss_a / A
+                                                  g_a = grad(scale * loss_a)
     g = sync(sum_a g_a)                           fp32; summed over dp/cp replicas (GradientSync)
-    g /= A * scale ; n = ||g||_2                  the whole model's norm (GradNorm), before clipping;
+    g /= scale ; n = ||g||_2                      the whole model's norm (GradNorm), before clipping;
                                                   non-finite n = overflow
+
+so the loss is the mean over every supervised token of the global batch (token-weighted across
+micro-batches and ranks, whatever each holds), and its gradient that of the whole batch at once.
+Rows packing several sequences (``Batch.segment_ids``) get their block-diagonal mask and RoPE
+tables per batch; unpacked rows share one cached per shape. Both are inputs of the compiled step.
     g *= min(1, clip / n)                         (the three scalings are one multiply)
     AdamW(masters, g, lr(step)) ; params <- masters (O2 only)
 
@@ -30,7 +37,12 @@ from mindport.parallel.comm import collectives
 from mindport.parallel.grad_sync import GradNorm, sum_of_squares
 from mindport.train import amp as amp_lib
 from mindport.train.config import TrainConfig
+from mindport.train.data import Batch
 from mindport.train.optim import AdamW, Optimizer, lr_at, no_decay_names
+
+
+CONTEXT_PARALLEL_SEGMENTS = ("parallel_config: key 'context_parallel' > 1: data with segments.bin (packed or padded "
+                             "sequences) is not supported under context parallelism (expected context_parallel: 1)")
 
 
 def _identity(x):
@@ -96,6 +108,7 @@ class Trainer:
         # the loss each rank computes is its share of the global mean (tokens of dp/cp ranks; only
         # the last pipeline stage has one): summed over those groups it is the global loss
         self.loss_sums = [collectives(g) for g in (groups.dp, groups.cp, groups.pp) if g.size > 1]
+        self.count_sum = collectives(groups.dp) if groups.dp.size > 1 else None
         self.scaler = amp_lib.loss_scaler(config.loss_scale_type, config.loss_scale, config.loss_scale_factor,
                                           config.loss_scale_window)
         self.dynamic = config.loss_scale_type == "dynamic"
@@ -118,25 +131,25 @@ class Trainer:
     def _build(self) -> None:
         model, scaler, clip, optimizer = self.model, self.scaler, float(self.config.grad_clip), self.optimizer
 
-        def loss_fn(ids, cos, sin, mask, targets):
+        def loss_fn(ids, cos, sin, mask, targets, count, router_weight):
             logits, router_loss, _ = model.forward(ids, cos, sin, mask)
-            loss = model.loss_from_targets(logits, router_loss, targets)
+            loss = model.loss_from_targets(logits, router_loss, targets, count, router_weight)
             return loss * scaler.scale_value.astype(loss.dtype), loss
 
         grad_fn = ms.value_and_grad(loss_fn, None, self.params, has_aux=True)
 
-        def micro(ids, cos, sin, mask, targets):
-            (_, loss), grads = grad_fn(ids, cos, sin, mask, targets)
+        def micro(ids, cos, sin, mask, targets, count, router_weight):
+            (_, loss), grads = grad_fn(ids, cos, sin, mask, targets, count, router_weight)
             return loss, tuple(g.astype(ms.float32) for g in grads)
 
         def accumulate(acc, grads):
             return tuple(a + g.astype(ms.float32) for a, g in zip(acc, grads))
 
-        def apply(grads, lr, inv_micro):
-            # grads = sum over micro-batches of d(scale * loss); one multiply turns them into the
-            # clipped mean gradient: coef = 1 / (micro * scale), times the clip factor
+        def apply(grads, lr):
+            # grads = sum over micro-batches of d(scale * loss_a); one multiply turns them into the
+            # clipped gradient of the mean: coef = 1 / scale, times the clip factor
             pieces = optimizer.reduce_grads(grads)  # summed over the replicas (ZeRO: this rank's slices)
-            coef = inv_micro / scaler.scale_value
+            coef = 1.0 / scaler.scale_value
             norm = self.grad_norm(ops.stack([sum_of_squares(g) for g in pieces])) * coef
             finite = ops.isfinite(norm)  # an inf/nan anywhere makes the norm non-finite
             if clip > 0:
@@ -150,62 +163,73 @@ class Trainer:
                 optimizer.update(pieces, lr)
             return norm, finite
 
-        def fused(ids, cos, sin, mask, targets, lr):
-            loss, grads = micro(ids, cos, sin, mask, targets)
-            norm, finite = apply(grads, lr, ops.ones((), ms.float32))
+        def fused(ids, cos, sin, mask, targets, count, router_weight, lr):
+            loss, grads = micro(ids, cos, sin, mask, targets, count, router_weight)
+            norm, finite = apply(grads, lr)
             return loss, norm, finite
 
         wrap = ms.jit if self.compiled else _identity
         self._micro, self._accumulate, self._fused = wrap(micro), wrap(accumulate), wrap(fused)
         self._apply = ms.jit(apply) if self.config.jit else apply
 
-    def _inputs(self, batch: np.ndarray):
+    def _inputs(self, batch: Batch):
         """Model inputs and next-token targets of one micro-batch (this rank's zigzag share under
-        context parallelism)."""
-        ids = np.ascontiguousarray(batch, dtype=np.int32)
+        context parallelism): (ids, cos, sin, mask, targets)."""
+        ids = np.ascontiguousarray(batch.input_ids, dtype=np.int32)
         cp = self.groups.cp
         if cp.size > 1:
             from mindport.parallel.context import context_parallel_batch
 
-            share = context_parallel_batch(ids, cp.size, cp.rank)
+            if batch.segment_ids is not None:
+                raise ConfigError(CONTEXT_PARALLEL_SEGMENTS)
+            share = context_parallel_batch(ids, cp.size, cp.rank, batch.labels)
             local, targets, prepare = share.ids, share.targets, lambda: share.model_inputs(self.model)
         else:
-            local, targets, prepare = ids, next_token_targets(ids), lambda: self.model.prepare(ids)
-        if self._inputs_cache is None or self._inputs_cache[0] != ids.shape:
-            _, cos, sin, mask, q_scale = prepare()
+            local, targets, prepare = ids, next_token_targets(batch.labels), \
+                lambda: self.model.prepare(ids, segment_ids=batch.segment_ids)
+        if batch.segment_ids is not None or self._inputs_cache is None or self._inputs_cache[0] != ids.shape:
+            _, cos, sin, mask, q_scale = prepare()  # packed rows: a mask and tables of their own
             if q_scale is not None:
                 raise ConfigError("key 'use_logn_attn' = True: training with logN query scaling is not supported "
                                   "(it applies beyond training_seqlen, at inference)")
-            self._inputs_cache = (ids.shape, cos, sin, mask)
+            self._inputs_cache = (None if batch.segment_ids is not None else ids.shape, cos, sin, mask)
         _, cos, sin, mask = self._inputs_cache
         return Tensor(np.ascontiguousarray(local, dtype=np.int32)), cos, sin, mask, Tensor(targets, ms.int32)
+
+    def supervised_count(self, micro_batches: Sequence[Batch]) -> Tensor:
+        """N: the supervised targets of the whole step, over the micro-batches and data-parallel ranks
+        (every context-parallel rank holds whole rows, so counts them all)."""
+        local = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        count = Tensor(float(local), ms.float32)
+        return self.count_sum.all_reduce(count) if self.count_sum else count
 
     def lr(self, step: int | None = None) -> float:
         c = self.config
         return lr_at(self.step if step is None else step, c.learning_rate, c.min_learning_rate, c.warmup_steps,
                      c.train_steps)
 
-    def train_step(self, micro_batches: Sequence[np.ndarray]) -> dict:
-        """One optimiser step over ``micro_batches`` (each (rows_per_step, S) int token ids of this
-        data-parallel rank); returns its metrics (loss over the whole global batch)."""
+    def train_step(self, micro_batches: Sequence[Batch]) -> dict:
+        """One optimiser step over ``micro_batches`` (each ``rows_per_step`` rows of this data-parallel
+        rank); returns its metrics (loss over the whole global batch)."""
         lr_value = self.lr()
         lr = Tensor(lr_value, ms.float32)
+        count = self.supervised_count(micro_batches)
+        router_weight = Tensor(1.0 / len(micro_batches), ms.float32)
         if self.pipeline is None and len(micro_batches) == 1:
-            loss, norm, finite = self._fused(*self._inputs(micro_batches[0]), lr)
+            loss, norm, finite = self._fused(*self._inputs(micro_batches[0]), count, router_weight, lr)
         else:
             losses, acc = [], None
             for batch in micro_batches:
                 if self.pipeline is None:
-                    loss, grads = self._micro(*self._inputs(batch))
+                    loss, grads = self._micro(*self._inputs(batch), count, router_weight)
                 else:
-                    ids = np.ascontiguousarray(batch, dtype=np.int32)
-                    loss, grads = self.pipeline.run(ids, ids, self.scaler.scale_value)
+                    loss, grads = self.pipeline.run(batch, self.scaler.scale_value, count, router_weight)
                     loss = ops.zeros((), ms.float32) if loss is None else loss
                 losses.append(loss)
                 grads = ms.mutable(tuple(grads))  # variables, not constants, of the compiled functions
                 acc = grads if acc is None else ms.mutable(self._accumulate(acc, grads))
-            norm, finite = self._apply(acc, lr, Tensor(1.0 / len(micro_batches), ms.float32))
-            loss = ops.stack(losses).mean()
+            norm, finite = self._apply(acc, lr)
+            loss = ops.stack(losses).sum()
         for comm in self.loss_sums:
             loss = comm.all_reduce(loss)
         self.step += 1

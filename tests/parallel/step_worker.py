@@ -22,6 +22,7 @@ from mindport.parallel.comm import ReduceFromGroup
 from mindport.parallel.grad_sync import GradientSync, GradNorm, sum_of_squares
 from mindport.parallel.schedules import PipelineSchedule
 from mindport.parallel.state import init_parallel
+from mindport.train.data import Batch
 
 BATCH, SEQ = 4, 16
 
@@ -53,7 +54,7 @@ def step(model_dir: str, out_dir: str, parallel: ParallelConfig, groups) -> None
         return model.loss(logits, router_loss, label_t)
 
     if groups.pp.size > 1:
-        loss, grads = PipelineSchedule(model, groups, parallel.micro_batch_num).run(ids, labels[rows])
+        loss, grads = PipelineSchedule(model, groups, parallel.micro_batch_num).run(Batch(ids, labels[rows]))
     else:
         dump["logits"] = model.full_logits(model.forward(*inputs[:4])[0]).asnumpy()
         loss, grads = ms.value_and_grad(loss_fn, None, optimizer.parameters)(*inputs[:4])

@@ -33,3 +33,13 @@ def data_dir(tmp_path_factory, tok_dir, corpus):
     out = os.path.join(str(tmp_path_factory.mktemp("data")), "packed")
     prepare(corpus, Tokenizer.load(tok_dir), out, SEQ)
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory):
+    """Packed SFT data (prompts ignored, several sequences per row, padding), written directly."""
+    from testkit import sft_data
+
+    tokens, labels, segments, _ = sft_data.pack(sft_data.synthetic_sequences(48, VOCAB, 4, 24), SEQ)
+    return sft_data.write(os.path.join(str(tmp_path_factory.mktemp("sft")), "packed"), tokens, VOCAB, labels,
+                          segments)

@@ -107,6 +107,37 @@ def test_loader_resumes_with_the_next_unseen_sample(data_dir):
     resumed = Loader(ds, 4, seed=1)
     resumed.load_state_dict(state)
     for k in range(total - 6, total):
-        np.testing.assert_array_equal(resumed.next_batch(), batches[k])
+        np.testing.assert_array_equal(resumed.next_batch().input_ids, batches[k].input_ids)
     with pytest.raises(DataError, match="seed"):
         Loader(ds, 4, seed=2).load_state_dict(state)
+
+
+def test_pretraining_batches_are_their_own_labels_in_one_sequence_per_row(data_dir):
+    batch = Loader(PackedDataset(data_dir), 3, seed=0).next_batch()
+    assert batch.input_ids.shape == (3, SEQ) and batch.input_ids.dtype == np.int32
+    np.testing.assert_array_equal(batch.labels, batch.input_ids)
+    assert batch.segment_ids is None
+
+
+def test_sft_data_gives_labels_and_segments_and_checks_their_sizes(tmp_path):
+    from testkit import sft_data
+
+    tokens, labels, segments, _ = sft_data.pack(sft_data.synthetic_sequences(6, 100, 3, 9), 16)
+    out = sft_data.write(str(tmp_path / "sft"), tokens, 100, labels, segments)
+    ds = PackedDataset(out)
+    loader = Loader(ds, 2, seed=3)
+    order = loader.sample_ids(2)
+    loader.consumed = 0
+    batch = loader.next_batch()
+    for got, want in ((batch.input_ids, tokens), (batch.labels, labels), (batch.segment_ids, segments)):
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want[order])
+    np.testing.assert_array_equal(batch.rows(slice(1, 2)).segment_ids, segments[order[1:]])
+
+    with open(os.path.join(out, "segments.bin"), "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(DataError, match=r"segments.bin: \d+ bytes, index.json implies \d+ \(\d+ x 16 uint16\)$"):
+        PackedDataset(out)
+    os.remove(os.path.join(out, "labels.bin"))
+    with pytest.raises(DataError, match=r"labels.bin: missing, index.json implies"):
+        PackedDataset(out)

@@ -24,20 +24,26 @@ GLOBAL_BATCH = 4
 # models: (preset, vocab_size); the odd vocabulary (> the tokenizer's 512) does not divide by model_parallel
 DENSE, MOE, MOE_ODD_VOCAB = ("telechat2-tiny-gqa", VOCAB), ("mixtral-tiny", VOCAB), ("mixtral-tiny", VOCAB + 3)
 O2_ACC2 = (("amp_level", "O2"), ("loss_scale", 1024.0), ("gradient_accumulation_steps", 2))
-# name -> (model, parallel_config, batch_size per data-parallel rank and micro-batch, runner_config extras)
+ACC2 = (("gradient_accumulation_steps", 2),)
+# name -> (model, parallel_config, batch_size per data-parallel rank and micro-batch, runner_config extras,
+# data: "text" (pretraining) or "sft" (packed sequences, prompts ignored: supervised counts differ per row))
 LAYOUTS = {
-    "tp2_sp": (DENSE, {"model_parallel": 2, "use_seq_parallel": True}, 4, ()),
-    "pp2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2, ()),
-    "pp2_o2_acc2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2, O2_ACC2),
-    "cp2": (DENSE, {"context_parallel": 2}, 4, ()),
-    "dp2_zero": (DENSE, {"data_parallel": 2, "optimizer_shard": True}, 2, ()),
-    "dp2_ep2_moe_zero": (MOE, {"data_parallel": 2, "expert_parallel": 2, "optimizer_shard": True}, 2, ()),
+    "tp2_sp": (DENSE, {"model_parallel": 2, "use_seq_parallel": True}, 4, (), "text"),
+    "pp2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2, (), "text"),
+    "pp2_o2_acc2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2, O2_ACC2, "text"),
+    "cp2": (DENSE, {"context_parallel": 2}, 4, (), "text"),
+    "dp2_zero": (DENSE, {"data_parallel": 2, "optimizer_shard": True}, 2, (), "text"),
+    "dp2_ep2_moe_zero": (MOE, {"data_parallel": 2, "expert_parallel": 2, "optimizer_shard": True}, 2, (), "text"),
     # the router's gradient is partial on each tp rank; the vocabulary is padded for the split
-    "tp2_moe_odd_vocab": (MOE_ODD_VOCAB, {"model_parallel": 2}, 4, ()),
+    "tp2_moe_odd_vocab": (MOE_ODD_VOCAB, {"model_parallel": 2}, 4, (), "text"),
+    "sft_tp2_sp": (DENSE, {"model_parallel": 2, "use_seq_parallel": True}, 4, (), "sft"),
+    "sft_dp2": (DENSE, {"data_parallel": 2}, 2, (), "sft"),
+    "sft_pp2_acc2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2, ACC2, "sft"),
+    "sft_dp2_ep2_moe": (MOE, {"data_parallel": 2, "expert_parallel": 2}, 2, (), "sft"),
 }
 # fp32 layouts agree to rounding; under O2 (fp16 weights and activations) a different split of the
 # same sums rounds differently in fp16
-RTOL = {(): 1e-5, O2_ACC2: 2e-3}  # of the per-step loss and grad norm
+RTOL = {(): 1e-5, ACC2: 1e-5, O2_ACC2: 2e-3}  # of the per-step loss and grad norm
 LR = 3e-3
 
 
@@ -83,21 +89,27 @@ def msrun_mindport(args, workers, log_dir):
 
 
 @pytest.fixture(scope="module")
-def references(data_dir, tmp_path_factory):
-    """model -> (metrics, checkpoint) of the single-process run every layout must reproduce."""
+def data_dirs(data_dir, sft_dir):
+    return {"text": data_dir, "sft": sft_dir}
+
+
+@pytest.fixture(scope="module")
+def references(data_dirs, tmp_path_factory):
+    """(model, runner extras, data) -> (metrics, checkpoint) of the single-process run every layout
+    must reproduce."""
     from mindport.train.config import load_yaml
     from mindport.train.run import train
 
     cache = {}
 
-    def run(model, runner=()):
-        if (model, runner) not in cache:
+    def run(model, runner=(), data="text"):
+        if (model, runner, data) not in cache:
             root = tmp_path_factory.mktemp("single")
-            cfg = load_yaml(write_yaml(root / "run.yaml", data_dir, root / "out", GLOBAL_BATCH, model=model,
+            cfg = load_yaml(write_yaml(root / "run.yaml", data_dirs[data], root / "out", GLOBAL_BATCH, model=model,
                                        **dict(runner)))
             result = train(cfg, progress=False, echo=lambda s: None)
-            cache[model, runner] = metrics(root / "out"), result.checkpoint
-        return cache[model, runner]
+            cache[model, runner, data] = metrics(root / "out"), result.checkpoint
+        return cache[model, runner, data]
 
     return run
 
@@ -108,15 +120,15 @@ def reference(references):
 
 
 @pytest.fixture(scope="module")
-def layout_runs(data_dir, tmp_path_factory):
+def layout_runs(data_dirs, tmp_path_factory):
     """name -> output directory of that layout's msrun training (run on first use)."""
     cache = {}
 
     def run(name):
         if name not in cache:
-            model, parallel, batch, runner = LAYOUTS[name]
+            model, parallel, batch, runner, data = LAYOUTS[name]
             root = tmp_path_factory.mktemp(name)
-            cfg = write_yaml(root / "run.yaml", data_dir, root / "out", batch, parallel, model, **dict(runner))
+            cfg = write_yaml(root / "run.yaml", data_dirs[data], root / "out", batch, parallel, model, **dict(runner))
             world = int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage",
                                                                "context_parallel")]))
             msrun_mindport(["train", "--config", cfg, "--no-progress"], world, root / "log")
@@ -128,11 +140,11 @@ def layout_runs(data_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, references, layout_runs, tmp_path, data_dir):
+def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, references, layout_runs, tmp_path, data_dirs):
     from mindport.ckpt_tools.convert import merge
 
-    model, parallel, _, runner = LAYOUTS[name]
-    ref_metrics, ref_ckpt = references(model, runner)
+    model, parallel, _, runner, data = LAYOUTS[name]
+    ref_metrics, ref_ckpt = references(model, runner, data)
     out = layout_runs(name)
     got = metrics(out)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
@@ -164,8 +176,8 @@ def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, referenc
         from mindport.train.data import PackedDataset
         from mindport.train.evaluate import evaluate
 
-        data = PackedDataset(data_dir)
-        ours, ref = (evaluate(AutoModelForCausalLM.from_pretrained(d), data, 4, 8).loss
+        dataset = PackedDataset(data_dirs[data])
+        ours, ref = (evaluate(AutoModelForCausalLM.from_pretrained(d), dataset, 4, 8).loss
                      for d in (str(tmp_path / "merged"), ref_ckpt))
         assert ours == pytest.approx(ref, rel=1e-3), name
 
@@ -212,7 +224,7 @@ def test_resume_under_zero_continues_the_run(layout_runs, data_dir, tmp_path):
     """DP2 with sharded optimizer state: stop after 2 steps, resume for the 3rd: bit for bit the
     losses and grad norms of the uninterrupted DP2 run."""
     straight = metrics(layout_runs("dp2_zero"))
-    _, parallel, batch, _ = LAYOUTS["dp2_zero"]
+    _, parallel, batch, _, _ = LAYOUTS["dp2_zero"]
     cfg = write_yaml(tmp_path / "run.yaml", data_dir, tmp_path / "out", batch, parallel, save_steps=1)
     msrun_mindport(["train", "--config", cfg, "--no-progress", "--stop-after", "2"], 2, tmp_path / "log1")
     log = msrun_mindport(["train", "--config", cfg, "--no-progress", "--resume"], 2, tmp_path / "log2")
@@ -269,3 +281,12 @@ def test_memory_report_printed_when_training_starts(data_dir, tmp_path):
     train(load_yaml(cfg), stop_after=1, progress=False, echo=lines.append)
     report = "\n".join(lines)
     assert "memory rank 0" in report and "parameters" in report and "activations" in report
+
+
+@pytest.mark.slow
+def test_packed_data_under_context_parallelism_fails_before_any_work(sft_dir, tmp_path):
+    cfg = write_yaml(tmp_path / "cp.yaml", sft_dir, tmp_path / "out", 4, {"context_parallel": 2})
+    with pytest.raises(AssertionError) as failed:
+        launch.msrun(cli_path(), ["train", "--config", cfg, "--no-progress"], 2, str(tmp_path / "log"), timeout=300)
+    assert f"{sft_dir}: parallel_config: key 'context_parallel' > 1: data with segments.bin" in str(failed.value)
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
