@@ -60,11 +60,12 @@ class AutoModelForCausalLM:
         return AutoModelForCausalLM.from_config(AutoConfig.from_preset(name, **overrides))
 
     @staticmethod
-    def from_pretrained(path: str, dtype: str | None = None, **overrides):
+    def from_pretrained(path: str, dtype: str | None = None, adapter: str | None = None, **overrides):
         """Build the model of a directory and load its weights (HF or mindport names).
 
         ``dtype`` ("float32", "float16", "bfloat16") sets parameter and compute dtype;
         default float32, since bf16 matmul is unavailable on CPU (asking for it there fails).
+        ``adapter``: a PEFT LoRA adapter directory (:mod:`mindport.models.lora`) attached on top.
         """
         from mindport import dispatch
         from mindport.models.weights import load_into_model
@@ -87,6 +88,10 @@ class AutoModelForCausalLM:
         finally:
             ckpt.close()
         model.source_dir = path
+        if adapter:
+            from mindport.models.lora import load_adapter
+
+            load_adapter(model, adapter)
         return model
 
 

@@ -21,17 +21,18 @@ from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_sh
 from mindport.dtypes import ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
 from mindport.parallel.sharding import global_shape, shard_slices
 
-def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, presliced: bool = False) -> None:
+def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, presliced: bool = False,
+                    names: set[str] | None = None) -> None:
     """Fill ``model``'s parameters from a checkpoint (HF names via ``name_map``; None = mindport
     names). From an unsplit checkpoint, each tensor/expert-parallel rank reads only its own
     slice of each tensor, cut by the slicing table (:mod:`mindport.parallel.sharding`);
     ``presliced`` checkpoints (one rank's ``rank_XXXX/`` from ``mindport convert --tp/--pp/--ep``)
-    already hold exactly this rank's slices."""
+    already hold exactly this rank's slices. ``names``: fill only these parameters (a LoRA adapter)."""
     from mindport.parallel.state import single_process
 
     groups = single_process() if presliced else model.groups
     tp, ep = groups.tp, groups.ep
-    params = dict(model.parameters_and_names())
+    params = {n: p for n, p in model.parameters_and_names() if names is None or n in names}
     stacks: dict[str, np.ndarray] = {}
     filled: dict[str, set] = {name: set() for name in params}
     for path, names in ckpt.by_file():

@@ -1,0 +1,92 @@
+"""LoRA against PEFT + transformers: adapter files both ways, dense (XVERSE = Llama) and MoE (Qwen2-MoE)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mindport import AutoModelForCausalLM
+from mindport.config import ConfigError, LoraConfig
+from mindport.models.lora import apply_lora, save_adapter
+from testkit.hf_models import hf_moe, llama_tiny, randomize, save_hf_dir, torch_logits
+
+TOL = 1e-4
+
+
+def xverse_dir(tmp_path):
+    llama = llama_tiny(num_kv_heads=2, seed=3, bias=False, eps=1e-6)
+    c = llama.config
+    hf = {"model_type": "xverse", "architectures": ["XverseForCausalLM"], "vocab_size": c.vocab_size,
+          "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+          "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+          "num_hidden_layers": c.num_hidden_layers, "rms_norm_eps": c.rms_norm_eps,
+          "max_position_embeddings": c.max_position_embeddings}
+    tensors = {k: v.detach().numpy() for k, v in llama.state_dict().items()}
+    return llama, save_hf_dir(str(tmp_path / "base"), hf, tensors)
+
+
+CASES = {  # family -> (base builder, PEFT target modules, modules_to_save)
+    "xverse": (xverse_dir, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               ["lm_head"]),
+    "qwen_moe": (lambda tmp: hf_moe("qwen_moe", tmp / "base"), ["q_proj", "o_proj", "shared_expert.gate_proj",
+                                                                 "shared_expert.down_proj"], ["embed_tokens"]),
+}
+
+
+def peft_adapter(model, targets, saved, directory, seed=1):
+    """An adapter made by PEFT on the transformers model, with non-zero B (trained-looking)."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      modules_to_save=saved))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(directory)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_peft_adapter_loads_into_mindport(tmp_path, family):
+    build, targets, saved = CASES[family]
+    hf_model, base = build(tmp_path)
+    peft_model = peft_adapter(hf_model, targets, saved, str(tmp_path / "adapter"))
+    ids = np.random.default_rng(5).integers(0, 256, (2, 12))
+    ours = AutoModelForCausalLM.from_pretrained(base, adapter=str(tmp_path / "adapter"))(ids).asnumpy()
+    diff = np.abs(ours - torch_logits(peft_model, ids)).max()
+    assert diff <= TOL, f"max abs diff {diff:.2e}"
+    assert np.abs(ours - AutoModelForCausalLM.from_pretrained(base)(ids).asnumpy()).max() > 100 * TOL
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_our_adapter_loads_into_peft(tmp_path, family):
+    from peft import PeftModel
+    from mindspore import Tensor
+
+    build, targets, saved = CASES[family]
+    hf_model, base = build(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    apply_lora(model, LoraConfig(lora_rank=4, lora_alpha=8.0, target_modules=targets, modules_to_save=saved))
+    rng = np.random.default_rng(0)
+    for name, p in model.parameters_and_names():  # B starts at zero: make the adapter matter
+        if p.requires_grad:
+            p.set_data(Tensor(p.asnumpy() + 0.05 * rng.standard_normal(p.shape).astype(np.float32)))
+    save_adapter(model, str(tmp_path / "ours"))
+    ids = np.random.default_rng(5).integers(0, 256, (2, 12))
+    theirs = PeftModel.from_pretrained(hf_model, str(tmp_path / "ours")).eval()
+    diff = np.abs(model(ids).asnumpy() - torch_logits(theirs, ids)).max()
+    assert diff <= TOL, f"max abs diff {diff:.2e}"
+
+
+def test_target_errors(tmp_path):
+    model = AutoModelForCausalLM.from_preset("mixtral-tiny")
+    with pytest.raises(ConfigError, match=r"'target_modules' = 'qq_proj': matches no module"):
+        apply_lora(model, LoraConfig(target_modules=["q_proj", "qq_proj"]))
+    with pytest.raises(ConfigError, match=r"'w1': matches only routed experts"):
+        apply_lora(model, LoraConfig(target_modules=["w1"]))
+    with pytest.raises(ConfigError, match=r"'gate': matches 'model.layers.0.block_sparse_moe.gate', a replicated"):
+        apply_lora(model, LoraConfig(target_modules=["gate"]))
+    with pytest.raises(ConfigError, match=r"'modules_to_save' = 'head': matches no module"):
+        apply_lora(model, LoraConfig(target_modules=".*q_proj", modules_to_save=["head"]))
