@@ -198,7 +198,7 @@ def load_adapter(model, directory: str) -> None:
     lora = read_adapter_config(directory)
     apply_lora(model, lora, source=os.path.join(directory, ADAPTER_CONFIG))
     trained = {n for n, p in model.parameters_and_names() if p.requires_grad}
-    names = peft_names(model.config, _whole_model_names(model.config, lora))
+    names = peft_names(model.config, trained_shapes(model.config, lora))
     ckpt = HFCheckpoint(directory)
     try:
         load_into_model(model, ckpt, NameMap([(peft, ours) for ours, peft in names.items()]), names=trained)
@@ -206,7 +206,14 @@ def load_adapter(model, directory: str) -> None:
         ckpt.close()
 
 
-def _whole_model_names(config: ModelConfig, lora: LoraConfig) -> list[str]:
-    """Adapter and saved parameter names of the whole model (every pipeline stage)."""
+def trained_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """Global shapes of the adapter and saved parameters of the whole model (every pipeline stage):
+    A (r, in) and B (out, r) of each adapted (out, in) weight."""
     adapted, saved = select(config, lora)
-    return [f"{w[:-len('.weight')]}.lora_{f}.weight" for w in adapted for f in "AB"] + sorted(saved)
+    shapes = parameter_shapes(config)
+    out = {}
+    for weight in adapted:
+        rows, cols = shapes[weight]
+        prefix = weight[:-len(".weight")]
+        out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = (lora.lora_rank, cols), (rows, lora.lora_rank)
+    return {**out, **{n: shapes[n] for n in sorted(saved)}}

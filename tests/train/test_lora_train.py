@@ -1,0 +1,103 @@
+"""LoRA fine-tuning, one process: frozen base, adapter-only optimizer state and checkpoints (PEFT
+format), exact resume, pet_config errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mindport.config import ConfigError, LoraConfig
+from testkit.train import run_config, tiny_model
+
+TARGETS = ["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("base") / "telechat")
+    tiny_model(seed=1).save_pretrained(out)
+    return out
+
+
+def lora_run(output_dir, data_dir, base_dir, **train):
+    run = run_config(output_dir, data_dir, load_checkpoint=base_dir, **train)
+    run.lora = LoraConfig(lora_rank=4, lora_alpha=8.0, target_modules=TARGETS, modules_to_save=["lm_head"])
+    return run
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_lora_trains_only_the_adapter_and_leaves_the_base_bit_identical(tmp_path, data_dir, base_dir):
+    from mindport import AutoModelForCausalLM
+    from mindport.train.run import build_model, train
+
+    run = lora_run(str(tmp_path / "run"), data_dir, base_dir, train_steps=3)
+    model = build_model(run)
+    trainable = {n for n, p in model.parameters_and_names() if p.requires_grad}
+    assert trainable == {f"layers.{i}.{m}.lora_{f}.weight" for i in range(2) for f in "AB"
+                         for m in ("attn.q_proj", "attn.kv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                   "mlp.down_proj")} | {"lm_head.weight"}
+    before = {n: p.asnumpy().copy() for n, p in model.parameters_and_names()}
+    result = train(run, model=model, progress=False, echo=lambda s: None)
+    after = {n: p.asnumpy() for n, p in model.parameters_and_names()}
+    for name in before:
+        if name in trainable:
+            assert not np.array_equal(after[name], before[name]), f"{name} did not train"
+        else:
+            np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    # the checkpoint is a PEFT adapter directory; the optimizer state covers the trained tensors only
+    files = set(os.listdir(result.checkpoint))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    from mindport.train.checkpoint import read_safetensors
+
+    state = read_safetensors(os.path.join(result.checkpoint, "train_state", "optimizer.safetensors"))
+    assert {k.split(".", 1)[1] for k in state if k.startswith("exp_avg.")} == trainable
+    ids = np.random.default_rng(0).integers(0, 512, (2, 16))
+    reloaded = AutoModelForCausalLM.from_pretrained(base_dir, adapter=result.checkpoint)
+    np.testing.assert_allclose(reloaded(ids).asnumpy(), model(ids).asnumpy(), atol=1e-6)
+
+
+def test_lora_resume_continues_exactly(tmp_path, data_dir, base_dir):
+    from mindport.train.checkpoint import CheckpointManager
+    from mindport.train.run import train
+
+    n = 2
+    extra = dict(train_steps=2 * n, save_steps=n)
+    straight = train(lora_run(str(tmp_path / "straight"), data_dir, base_dir, **extra), progress=False,
+                     echo=lambda s: None)
+    part = lora_run(str(tmp_path / "split"), data_dir, base_dir, **extra)
+    train(part, stop_after=n, progress=False, echo=lambda s: None)
+    second = train(part, resume=True, progress=False, echo=lambda s: None)
+    a, b = read_metrics(str(tmp_path / "straight")), read_metrics(str(tmp_path / "split"))
+    for key in ("loss", "grad_norm", "lr"):
+        np.testing.assert_array_equal([m[key] for m in b], [m[key] for m in a], err_msg=key)
+    ckpts = CheckpointManager(str(tmp_path), lora=part.lora, model_config=part.model)
+    (wa, oa, _), (wb, ob, _) = ckpts.load(straight.checkpoint), ckpts.load(second.checkpoint)
+    assert set(wa) == set(wb) and all(".lora_" in n or n == "lm_head.weight" for n in wa)
+    for name in wa:
+        np.testing.assert_array_equal(wb[name], wa[name], err_msg=name)
+    for name in oa:
+        if not name.startswith("rng."):
+            np.testing.assert_array_equal(ob[name], oa[name], err_msg=name)
+
+
+def test_pet_config_in_yaml(tmp_path, base_dir):
+    from mindport.train.config import run_config_from_dict
+
+    doc = {"load_checkpoint": base_dir, "model": {"model_config": {"pet_config": {
+        "pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ".*query|.*dense",
+        "modules_to_save": ["lm_head"]}}}}
+    run = run_config_from_dict(doc, "c.yaml")
+    assert run.lora.lora_rank == 8 and run.lora.scaling == 2.0 and run.lora.target_modules == ".*query|.*dense"
+    doc["model"]["model_config"]["pet_config"]["target_modules"] = ["query", "wq"]
+    with pytest.raises(ConfigError, match=r"^c.yaml: model.model_config.pet_config: key 'target_modules' = 'wq': "
+                                          r"matches no module of this telechat2 model"):
+        run_config_from_dict(doc, "c.yaml")
+    doc["model"]["model_config"]["pet_config"] = {"pet_type": "prefix"}
+    with pytest.raises(ConfigError, match=r"^c.yaml: model.model_config.pet_config: key 'pet_type' = 'prefix'"):
+        run_config_from_dict(doc, "c.yaml")
