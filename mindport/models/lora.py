@@ -24,12 +24,13 @@ import zlib
 import numpy as np
 
 from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
-from mindport.checkpoint.name_map import NameMap
-from mindport.checkpoint.safetensors_io import SafetensorsWriter
+from mindport.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter
 from mindport.checkpoint.shards import StagingDir
-from mindport.config import ConfigError, LoraConfig, ModelConfig, parameter_shapes
+from mindport.checkpoint.tensor_check import check_tensors, missing_tensor
+from mindport.config import MINDPORT_KEY, ConfigError, LoraConfig, ModelConfig, parameter_shapes
 from mindport.models import registry
 from mindport.parallel.layers import Linear
+from mindport.parallel.layout import LAYOUT_FILE
 from mindport.parallel.sharding import global_shape, rule_for, shard_slices
 
 PEFT_PREFIX = "base_model.model."
@@ -190,20 +191,56 @@ def save_adapter(model, directory: str, overwrite: bool = False, base: str | Non
         writer.close()
 
 
-def load_adapter(model, directory: str) -> None:
-    """Attach the PEFT adapter in ``directory`` to ``model`` (each rank its slices) and load it; every
-    adapter tensor must be present and shaped as the config implies."""
-    from mindport.models.weights import load_into_model
-
+def read_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
+    """(config, PEFT name -> whole fp32 tensor) of an adapter directory: PEFT's files, or a parallel
+    LoRA run's checkpoint (``layout.json`` + ``rank_XXXX/adapter_model.safetensors``), whose slices are
+    joined here (the adapter is small next to the model)."""
     lora = read_adapter_config(directory)
+    layout_path = os.path.join(directory, LAYOUT_FILE)
+    if not os.path.isfile(layout_path):
+        ckpt = HFCheckpoint(directory)
+        try:
+            return lora, {name: np.asarray(ckpt.get(name), np.float32) for name in ckpt.names()}
+        finally:
+            ckpt.close()
+    config = ModelConfig.from_dict(read_json(os.path.join(directory, "config.json"))[MINDPORT_KEY], directory)
+    layout = read_json(layout_path)
+    names = peft_names(config, layout["tensors"])
+    whole = {names[n]: np.zeros(t["shape"], np.float32) for n, t in layout["tensors"].items()}
+    for rank in layout["ranks"]:
+        path = os.path.join(directory, rank["dir"], ADAPTER_WEIGHTS)
+        with SafetensorsReader(path) as reader:
+            for name, box in rank["tensors"].items():
+                if names[name] not in reader.tensors:
+                    raise missing_tensor(path, names[name], f"layout.json places a slice of '{name}' here")
+                index = tuple(slice(o, o + n) for o, n in zip(box["offsets"], box["shape"]))
+                whole[names[name]][index] = reader.get(names[name])
+    return lora, whole
+
+
+def adapter_tensors(config: ModelConfig, lora: LoraConfig, tensors: dict[str, np.ndarray],
+                    source: str) -> dict[str, np.ndarray]:
+    """mindport name -> whole tensor of an adapter's PEFT-named ``tensors``, after the one tensor check
+    (every adapter and saved tensor present and shaped as ``lora`` implies for ``config``, nothing else)."""
+    shapes = trained_shapes(config, lora)
+    names = peft_names(config, shapes)
+    check_tensors({n: a.shape for n, a in tensors.items()}, {names[n]: s for n, s in shapes.items()}, source,
+                  f"{ADAPTER_CONFIG} implies", unexpected_reason="not an adapter or saved module of this config")
+    return {n: tensors[names[n]] for n in shapes}
+
+
+def load_adapter(model, directory: str) -> None:
+    """Attach the adapter in ``directory`` (:func:`read_adapter`) to ``model``, each rank taking its
+    slices; every tensor must be present and shaped as the config implies."""
+    lora, tensors = read_adapter(directory)
+    whole = adapter_tensors(model.config, lora, tensors, directory)
     apply_lora(model, lora, source=os.path.join(directory, ADAPTER_CONFIG))
-    trained = {n for n, p in model.parameters_and_names() if p.requires_grad}
-    names = peft_names(model.config, trained_shapes(model.config, lora))
-    ckpt = HFCheckpoint(directory)
-    try:
-        load_into_model(model, ckpt, NameMap([(peft, ours) for ours, peft in names.items()]), names=trained)
-    finally:
-        ckpt.close()
+    groups = model.groups
+    for name, param in model.parameters_and_names():
+        if param.requires_grad:
+            index = shard_slices(name, whole[name].shape, groups.tp.rank, groups.tp.size, groups.ep.rank,
+                                 groups.ep.size, model.config.vocab_pad_multiple)
+            _assign(param, whole[name][index])
 
 
 def trained_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
