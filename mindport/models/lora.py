@@ -193,8 +193,8 @@ def save_adapter(model, directory: str, overwrite: bool = False, base: str | Non
 
 def read_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
     """(config, PEFT name -> whole fp32 tensor) of an adapter directory: PEFT's files, or a parallel
-    LoRA run's checkpoint (``layout.json`` + ``rank_XXXX/adapter_model.safetensors``), whose slices are
-    joined here (the adapter is small next to the model)."""
+    LoRA run's checkpoint (``layout.json`` + ``rank_XXXX/adapter_model.safetensors``, mindport names),
+    whose slices are joined here (the adapter is small next to the model)."""
     lora = read_adapter_config(directory)
     layout_path = os.path.join(directory, LAYOUT_FILE)
     if not os.path.isfile(layout_path):
@@ -211,10 +211,10 @@ def read_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
         path = os.path.join(directory, rank["dir"], ADAPTER_WEIGHTS)
         with SafetensorsReader(path) as reader:
             for name, box in rank["tensors"].items():
-                if names[name] not in reader.tensors:
-                    raise missing_tensor(path, names[name], f"layout.json places a slice of '{name}' here")
+                if name not in reader.tensors:
+                    raise missing_tensor(path, name, "layout.json places a slice of it here")
                 index = tuple(slice(o, o + n) for o, n in zip(box["offsets"], box["shape"]))
-                whole[names[name]][index] = reader.get(names[name])
+                whole[names[name]][index] = reader.get(name)
     return lora, whole
 
 

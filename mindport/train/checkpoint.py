@@ -24,7 +24,8 @@ A LoRA run (``pet_config``) saves only what it trains (the base is frozen and co
 ``load_checkpoint``): ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's tensor
 names replace config.json's weights, so a single-process checkpoint is a PEFT adapter directory;
 under a layout each ``rank_XXXX/adapter_model.safetensors`` holds that rank's slices of the adapter
-(layout.json describes them) and ``mindport lora merge`` reads them directly.
+under mindport names (layout.json describes them, as for any per-rank shards), which
+``from_pretrained(base, adapter=CKPT)`` and ``mindport lora merge`` join into PEFT's tensors.
 
 Every rank must see OUTPUT_DIR (one node, or a shared file system). All ranks write into one
 temporary directory (rank 0's, named with its pid, broadcast); after a barrier rank 0 renames it.
@@ -194,6 +195,7 @@ class CheckpointManager:
                  model_files_from: str | None = None, lora=None, model_config=None):
         self.directory = os.path.abspath(directory)
         self.lora = lora  # a LoRA run's LoraConfig (with its model_config): weights are the adapter, PEFT names
+        self.weights_name = ADAPTER_WEIGHTS if lora else "model.safetensors"
         if lora:
             self._shapes = trained_shapes(model_config, lora)
             self._peft_names = peft_names(model_config, self._shapes)
@@ -244,10 +246,9 @@ class CheckpointManager:
 
     def files(self, path: str) -> tuple[str, str]:
         """(weights file, optimizer-state file) this rank reads from checkpoint ``path``."""
-        weights = ADAPTER_WEIGHTS if self.lora else "model.safetensors"
         if self.groups is None:
-            return os.path.join(path, weights), os.path.join(path, STATE_DIR, "optimizer.safetensors")
-        return (os.path.join(rank_directory(path, self.groups), weights),
+            return os.path.join(path, self.weights_name), os.path.join(path, STATE_DIR, "optimizer.safetensors")
+        return (os.path.join(rank_directory(path, self.groups), self.weights_name),
                 os.path.join(path, STATE_DIR, f"rank_{self._state_rank():05d}.safetensors"))
 
     # ------------------------------------------------------------------ saving
@@ -280,12 +281,11 @@ class CheckpointManager:
             weights_file, state_file = self.files(tmp)
         else:
             export = self._export_rank()
-            weights_file = None if export is None else os.path.join(tmp, rank_dir_name(export),
-                                                                    os.path.basename(self.files(tmp)[0]))
+            weights_file = None if export is None else os.path.join(tmp, rank_dir_name(export), self.weights_name)
             mine = self._state_rank() == self.groups.global_rank
             state_file = os.path.join(tmp, STATE_DIR, f"rank_{self.groups.global_rank:05d}.safetensors") if mine \
                 else None
-        if weights_file is not None and self.lora:
+        if weights_file is not None and self.lora and self.groups is None:
             weights = {self._peft_names[n]: a for n, a in weights.items()}
         if weights_file is not None:
             os.makedirs(os.path.dirname(weights_file), exist_ok=True)
@@ -350,7 +350,7 @@ class CheckpointManager:
         self._check_layout(state_path, state.get("parallel", {}))
         weights_file, state_file = self.files(path)
         weights = read_safetensors(weights_file)
-        if self.lora:
+        if self.lora and self.groups is None:
             ours = {peft: n for n, peft in self._peft_names.items()}
             weights = {ours.get(n, n): a for n, a in weights.items()}
         return weights, read_safetensors(state_file), state
