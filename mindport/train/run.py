@@ -190,7 +190,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
 
         echo(format_memory_report(memory_report(model.config, groups.config, cfg.batch_size, cfg.seq_length,
                                                 cfg.amp_level, cfg.recompute, rank=groups.global_rank,
-                                                pipeline_offset=groups.config.offset)))
+                                                pipeline_offset=groups.config.offset, lora=model.lora)))
         echo(f"training: {run.model.num_parameters() / 1e6:.2f}M parameters, {cfg.amp_level}, {world} process(es), "
              f"{per_rank * dp}x{cfg.grad_accumulation} x {cfg.seq_length} tokens/step, steps {trainer.step}->{end} "
              f"of {cfg.train_steps}, {'compiled' if trainer.compiled else 'eager'}; MFU vs "

@@ -101,3 +101,25 @@ def test_pet_config_in_yaml(tmp_path, base_dir):
     doc["model"]["model_config"]["pet_config"] = {"pet_type": "prefix"}
     with pytest.raises(ConfigError, match=r"^c.yaml: model.model_config.pet_config: key 'pet_type' = 'prefix'"):
         run_config_from_dict(doc, "c.yaml")
+
+
+@pytest.mark.parametrize("level", ["O0", "O2"])
+def test_memory_report_counts_trainable_and_frozen_bytes(tmp_path, data_dir, base_dir, level):
+    from mindport.parallel.state import single_process
+    from mindport.train.memory import memory_report
+    from mindport.train.run import build_model
+    from mindport.train.trainer import Trainer
+
+    run = lora_run(str(tmp_path / "run"), data_dir, base_dir, amp_level=level, loss_scale=1024.0)
+    trainer = Trainer(build_model(run), run.train)
+    params = dict(trainer.model.parameters_and_names())
+    trained = {n: p for n, p in params.items() if p.requires_grad}
+    nbytes = {n: p.size * p.itemsize for n, p in params.items()}
+    report = memory_report(run.model, single_process().config, 2, 32, level, lora=run.lora)["bytes"]
+    assert report["parameters.trainable"] == sum(nbytes[n] for n in trained)
+    assert report["parameters.frozen"] == sum(nbytes[n] for n in params if n not in trained) > 0
+    elements = sum(p.size for p in trained.values())
+    assert report["gradients"] == 4 * elements
+    assert report["optimizer.adam_m"] == report["optimizer.adam_v"] == 4 * elements
+    assert report["optimizer.master"] == sum(4 * m.size for m in trainer.masters.values())
+    assert set(trainer.masters) == (set(trained) if level == "O2" else set())
