@@ -107,3 +107,12 @@ def test_lora_layout_trains_like_one_process(name, references, bases, data_dir, 
         gap = np.abs(joined[tensor] - value)
         off = int((gap > 1e-4 + 1e-4 * np.abs(value)).sum())
         assert off <= max(1, value.size // 10000) and gap.max() <= 2 * LR * STEPS, f"{name}: {tensor}: {off} off"
+    # the per-rank checkpoint merges straight into the base, and loads as an adapter, with no reshard step
+    from mindport import AutoModelForCausalLM
+
+    assert cli.main(["lora", "merge", "--base", bases(preset), "--adapter", step_dir, "--dst",
+                     str(tmp_path / "merged")]) == 0
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 16))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))(ids).asnumpy()
+    adapted = AutoModelForCausalLM.from_pretrained(bases(preset), adapter=step_dir)(ids).asnumpy()
+    np.testing.assert_allclose(merged, adapted, atol=1e-5)

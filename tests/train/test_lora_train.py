@@ -123,3 +123,33 @@ def test_memory_report_counts_trainable_and_frozen_bytes(tmp_path, data_dir, bas
     assert report["optimizer.adam_m"] == report["optimizer.adam_v"] == 4 * elements
     assert report["optimizer.master"] == sum(4 * m.size for m in trainer.masters.values())
     assert set(trainer.masters) == (set(trained) if level == "O2" else set())
+
+
+def test_generate_with_adapter(tmp_path, base_dir, tok_dir, capsys):
+    from mindspore import Tensor
+
+    from mindport import AutoModelForCausalLM
+    from mindport.cli import main
+    from mindport.models.lora import apply_lora, save_adapter
+    from mindport.tokenizer import Tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, LoraConfig(lora_rank=4, target_modules=TARGETS))
+    rng = np.random.default_rng(0)
+    for _, p in model.parameters_and_names():
+        if p.requires_grad:
+            p.set_data(Tensor(p.asnumpy() + 0.3 * rng.standard_normal(p.shape).astype(np.float32)))
+    save_adapter(model, str(tmp_path / "adapter"))
+    tok = Tokenizer.load(tok_dir)
+    ids = tok.encode("The for statement")
+    args = ["generate", "--load", base_dir, "--tokenizer", tok_dir, "--prompt", "The for statement", "--greedy",
+            "--max-new-tokens", "8"]
+    texts = []
+    for extra in ([], ["--adapter", str(tmp_path / "adapter")]):
+        capsys.readouterr()
+        assert main(args + extra) == 0
+        texts.append(capsys.readouterr().out.strip())
+    out = [int(t) for t in model.generate(np.asarray([ids]), 8)[0]]  # greedy by default
+    stops = [k for k in range(len(ids), len(out)) if out[k] in tok.stop_ids()]
+    expected = tok.decode(out[:stops[0]] if stops else out)
+    assert texts[1] == expected.strip() and texts[0] != texts[1]
