@@ -131,3 +131,19 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, family):
     ids = np.random.default_rng(5).integers(0, 256, (2, 12))
     with torch.no_grad():
         assert np.abs(torch_logits(loaded, ids) - torch_logits(peft_model, ids)).max() <= TOL
+
+
+def test_dropout_only_in_training():
+    from mindspore import Tensor
+
+    model = AutoModelForCausalLM.from_preset("telechat2-tiny-gqa")
+    apply_lora(model, LoraConfig(lora_dropout=0.5, target_modules=["query"]))
+    for _, p in model.parameters_and_names():
+        if p.requires_grad:
+            p.set_data(Tensor(p.asnumpy() + 0.5))
+    ids = np.arange(8)[None]
+    evaluated = model(ids).asnumpy()
+    model.set_train(True)
+    assert np.abs(model(ids).asnumpy() - evaluated).max() > 1e-2
+    model.set_train(False)
+    np.testing.assert_array_equal(model(ids).asnumpy(), evaluated)

@@ -112,6 +112,7 @@ def test_memory_report_counts_trainable_and_frozen_bytes(tmp_path, data_dir, bas
 
     run = lora_run(str(tmp_path / "run"), data_dir, base_dir, amp_level=level, loss_scale=1024.0)
     trainer = Trainer(build_model(run), run.train)
+    assert trainer.model.training  # LoRA dropout applies while training
     params = dict(trainer.model.parameters_and_names())
     trained = {n: p for n, p in params.items() if p.requires_grad}
     nbytes = {n: p.size * p.itemsize for n, p in params.items()}
