@@ -62,12 +62,13 @@ def test_lora_trains_only_the_adapter_and_leaves_the_base_bit_identical(tmp_path
     np.testing.assert_allclose(reloaded(ids).asnumpy(), model(ids).asnumpy(), atol=1e-6)
 
 
-def test_lora_resume_continues_exactly(tmp_path, data_dir, base_dir):
+@pytest.mark.parametrize("level", ["O0", "O2"])
+def test_lora_resume_continues_exactly(tmp_path, data_dir, base_dir, level):
     from mindport.train.checkpoint import CheckpointManager
     from mindport.train.run import train
 
     n = 2
-    extra = dict(train_steps=2 * n, save_steps=n)
+    extra = dict(train_steps=2 * n, save_steps=n, amp_level=level, loss_scale=1024.0 if level == "O2" else 1.0)
     straight = train(lora_run(str(tmp_path / "straight"), data_dir, base_dir, **extra), progress=False,
                      echo=lambda s: None)
     part = lora_run(str(tmp_path / "split"), data_dir, base_dir, **extra)
