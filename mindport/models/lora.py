@@ -80,9 +80,11 @@ def select(config: ModelConfig, lora: LoraConfig, source: str = "pet_config") ->
     saved: set[str] = set()
     for target in lora.modules_to_save:
         hits = {ours for hf, ours in weights.items() if module_matches(target, hf.rsplit(".", 1)[0], False)}
-        if not hits:
-            raise ConfigError(f"{source}: key 'modules_to_save' = {target!r}: matches no module of this "
-                              f"{config.family} model")
+        expert = next((n for n in hits if rule_for(n).kind == "expert"), None)
+        if not hits or expert:
+            reason = f"routed experts ('{expert}', fused in transformers 5)" if expert else \
+                f"no module of this {config.family} model"
+            raise ConfigError(f"{source}: key 'modules_to_save' = {target!r}: matches {reason}")
         saved |= hits
     return adapted, saved
 
@@ -128,9 +130,6 @@ def peft_names(config: ModelConfig, names) -> dict[str, str]:
             base, factor = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
             out[name] = f"{PEFT_PREFIX}{hf_of[base + '.weight'].rsplit('.', 1)[0]}.{factor}.weight"
         else:
-            if rule_for(name).kind == "expert":
-                raise ConfigError(f"modules_to_save: parameter '{name}' is a stacked expert weight: expected "
-                                  f"attention, MLP, norm, embedding or head modules")
             out[name] = PEFT_PREFIX + hf_of[name]
     return out
 

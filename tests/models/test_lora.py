@@ -93,6 +93,8 @@ def test_target_errors(tmp_path):
         apply_lora(model, LoraConfig(target_modules=["gate"]))
     with pytest.raises(ConfigError, match=r"'modules_to_save' = 'head': matches no module"):
         apply_lora(model, LoraConfig(target_modules=".*q_proj", modules_to_save=["head"]))
+    with pytest.raises(ConfigError, match=r"'modules_to_save' = 'w2': matches routed experts"):
+        apply_lora(model, LoraConfig(target_modules=".*q_proj", modules_to_save=["w2"]))
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
