@@ -29,6 +29,7 @@ from mindport.checkpoint.shards import StagingDir
 from mindport.checkpoint.tensor_check import check_tensors, missing_tensor
 from mindport.config import MINDPORT_KEY, ConfigError, LoraConfig, ModelConfig, parameter_shapes
 from mindport.models import registry
+from mindport.models.weights import assign
 from mindport.parallel.layers import Linear
 from mindport.parallel.layout import LAYOUT_FILE
 from mindport.parallel.sharding import global_shape, rule_for, shard_slices
@@ -109,16 +110,10 @@ def apply_lora(model, lora: LoraConfig, seed: int = 0, source: str = "pet_config
             bound = 1.0 / np.sqrt(full[1])
             a = rng.uniform(-bound, bound, full).astype(np.float32)[shard_slices(name, full, groups.tp.rank,
                                                                                   groups.tp.size)]
-            _assign(param, a)
+            assign(param, a)
     for name, param in model.parameters_and_names():
         param.requires_grad = is_adapter(name) or name in saved
     model.lora = lora
-
-
-def _assign(param, array: np.ndarray) -> None:
-    from mindspore import Tensor
-
-    param.set_data(Tensor(np.ascontiguousarray(array, dtype=np.float32)).astype(param.dtype))
 
 
 def peft_names(config: ModelConfig, names) -> dict[str, str]:
@@ -239,7 +234,7 @@ def load_adapter(model, directory: str) -> None:
         if param.requires_grad:
             index = shard_slices(name, whole[name].shape, groups.tp.rank, groups.tp.size, groups.ep.rank,
                                  groups.ep.size, model.config.vocab_pad_multiple)
-            _assign(param, whole[name][index])
+            assign(param, whole[name][index])
 
 
 def trained_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, ...]]:

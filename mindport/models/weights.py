@@ -21,18 +21,17 @@ from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_sh
 from mindport.dtypes import ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
 from mindport.parallel.sharding import global_shape, shard_slices
 
-def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, presliced: bool = False,
-                    names: set[str] | None = None) -> None:
+def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, presliced: bool = False) -> None:
     """Fill ``model``'s parameters from a checkpoint (HF names via ``name_map``; None = mindport
     names). From an unsplit checkpoint, each tensor/expert-parallel rank reads only its own
     slice of each tensor, cut by the slicing table (:mod:`mindport.parallel.sharding`);
     ``presliced`` checkpoints (one rank's ``rank_XXXX/`` from ``mindport convert --tp/--pp/--ep``)
-    already hold exactly this rank's slices. ``names``: fill only these parameters (a LoRA adapter)."""
+    already hold exactly this rank's slices."""
     from mindport.parallel.state import single_process
 
     groups = single_process() if presliced else model.groups
     tp, ep = groups.tp, groups.ep
-    params = {n: p for n, p in model.parameters_and_names() if names is None or n in names}
+    params = dict(model.parameters_and_names())
     stacks: dict[str, np.ndarray] = {}
     filled: dict[str, set] = {name: set() for name in params}
     for path, names in ckpt.by_file():
@@ -53,7 +52,7 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, preslic
                         "the config implies")
             index = shard_slices(target.name, full, tp.rank, tp.size, ep.rank, ep.size, model.config.vocab_pad_multiple)
             if target.expert is None:
-                _assign(param, ckpt.get(hf_name)[index])
+                assign(param, ckpt.get(hf_name)[index])
                 filled[target.name].add(None)
                 continue
             local_experts = range(*index[0].indices(full[0]))
@@ -64,7 +63,7 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, preslic
             stack[slot] = ckpt.get(hf_name)[index[1:]]
             filled[target.name].add(slot)
             if len(filled[target.name]) == param.shape[0]:
-                _assign(param, stacks.pop(target.name))
+                assign(param, stacks.pop(target.name))
     for name, param in params.items():
         got = filled[name]
         if None in got or (got and len(got) == param.shape[0]):
@@ -82,7 +81,8 @@ def _hf_names(name_map: NameMap | None, our_name: str, num_experts: int, got: se
     return our_name
 
 
-def _assign(param, array: np.ndarray) -> None:
+def assign(param, array: np.ndarray) -> None:
+    """Set a parameter from a numpy array, cast to the parameter's dtype."""
     from mindspore import Tensor
 
     param.set_data(Tensor(np.asarray(array, dtype=np.float32)).astype(param.dtype))
