@@ -47,12 +47,12 @@ def bases(tmp_path_factory):
     return get
 
 
-def write_yaml(root, data_dir, base, targets, batch, parallel=None):
+def write_yaml(root, data_dir, base, targets, batch, parallel=None, **runner):
     doc = {"seed": 0, "output_dir": str(root / "out"), "load_checkpoint": base,
            "model": {"model_config": {"pet_config": {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8,
                                                      "target_modules": list(targets), "modules_to_save": ["lm_head"]}}},
            "parallel_config": parallel or {},
-           "runner_config": {"batch_size": batch, "seq_length": SEQ, "train_steps": STEPS},
+           "runner_config": {"batch_size": batch, "seq_length": SEQ, "train_steps": STEPS, **runner},
            "lr_schedule": {"learning_rate": LR, "warmup_steps": 1}, "train_dataset": {"data_dir": data_dir}}
     (root / "run.yaml").write_text(yaml.safe_dump(doc))
     return str(root / "run.yaml")
@@ -82,22 +82,44 @@ def references(data_dir, bases, tmp_path_factory):
     return run
 
 
+def world_of(parallel):
+    return int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage")]))
+
+
+@pytest.fixture(scope="module")
+def layout_runs(data_dir, bases, tmp_path_factory):
+    """name -> the run directory of that layout's msrun LoRA training (run on first use)."""
+    from mindport import cli
+
+    cache = {}
+
+    def run(name):
+        if name not in cache:
+            (preset, targets), parallel, batch = LAYOUTS[name]
+            root = tmp_path_factory.mktemp(name)
+            config = write_yaml(root, data_dir, bases(preset), targets, batch, parallel)
+            launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress"], world_of(parallel),
+                         str(root / "log"))
+            cache[name] = root
+        return cache[name]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_lora_layout_trains_like_one_process(name, references, bases, data_dir, tmp_path):
+def test_lora_layout_trains_like_one_process(name, references, bases, layout_runs, tmp_path):
     from mindport import cli
     from mindport.models.lora import read_adapter
 
     (preset, targets), parallel, batch = LAYOUTS[name]
     ref_metrics, ref_ckpt = references((preset, targets))
-    config = write_yaml(tmp_path, data_dir, bases(preset), targets, batch, parallel)
-    world = int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage")]))
-    launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress"], world, str(tmp_path / "log"))
-    got = metrics(tmp_path / "out")
+    run_dir = layout_runs(name)
+    got = metrics(run_dir / "out")
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref_metrics], rtol=1e-5, atol=0,
                                    err_msg=f"{name}: {key}")
-    step_dir = os.path.join(tmp_path, "out", "checkpoints", f"step_{STEPS:08d}")
+    step_dir = os.path.join(run_dir, "out", "checkpoints", f"step_{STEPS:08d}")
     launch.assert_checkpoint_replicas_identical(step_dir)
     _, joined = read_adapter(step_dir)  # the per-rank slices joined
     _, single = read_adapter(ref_ckpt)
@@ -116,3 +138,20 @@ def test_lora_layout_trains_like_one_process(name, references, bases, data_dir, 
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))(ids).asnumpy()
     adapted = AutoModelForCausalLM.from_pretrained(bases(preset), adapter=step_dir)(ids).asnumpy()
     np.testing.assert_allclose(merged, adapted, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_resume_under_zero_continues_the_run(layout_runs, bases, data_dir, tmp_path):
+    """DP2 + ZeRO (each rank a slice of the adapters' optimizer state): stop after 2 steps, resume for
+    the 3rd: bit for bit the uninterrupted run's losses and grad norms."""
+    from mindport import cli
+
+    straight = metrics(layout_runs("dp2_zero") / "out")
+    (preset, targets), parallel, batch = LAYOUTS["dp2_zero"]
+    config = write_yaml(tmp_path, data_dir, bases(preset), targets, batch, parallel, save_steps=1)
+    launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress", "--stop-after", "2"], 2,
+                 str(tmp_path / "log1"))
+    launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress", "--resume"], 2, str(tmp_path / "log2"))
+    got = metrics(tmp_path / "out")
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_array_equal([m[key] for m in got], [m[key] for m in straight], err_msg=key)
