@@ -11,6 +11,7 @@ import os
 from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
 from mindport.config import MINDPORT_KEY, ConfigError, ModelConfig
 from mindport.models import registry
+from mindport.models.lora import ADAPTER_CONFIG, load_adapter
 from mindport.parallel.layout import LAYOUT_FILE, rank_directory
 
 
@@ -76,6 +77,9 @@ class AutoModelForCausalLM:
         for key in ("param_dtype", "compute_dtype"):  # a caller's value is named as the caller's, not the file's
             if key in overrides:
                 dispatch.check_dtype(overrides[key], f"key '{key}'")
+        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            raise ConfigError(f"{path}: a LoRA adapter ({ADAPTER_CONFIG}), not a model: load its base model with "
+                              f"adapter={path!r} (--adapter on the command line), or `mindport lora merge` it")
         config, is_hf = read_config(path, **overrides)
         check_device_dtypes(config, _config_path(path))
         model = AutoModelForCausalLM.from_config(config)
@@ -89,8 +93,6 @@ class AutoModelForCausalLM:
             ckpt.close()
         model.source_dir = path
         if adapter:
-            from mindport.models.lora import load_adapter
-
             load_adapter(model, adapter)
         return model
 

@@ -60,6 +60,8 @@ def test_lora_trains_only_the_adapter_and_leaves_the_base_bit_identical(tmp_path
     ids = np.random.default_rng(0).integers(0, 512, (2, 16))
     reloaded = AutoModelForCausalLM.from_pretrained(base_dir, adapter=result.checkpoint)
     np.testing.assert_allclose(reloaded(ids).asnumpy(), model(ids).asnumpy(), atol=1e-6)
+    with pytest.raises(ConfigError, match=r"a LoRA adapter \(adapter_config.json\), not a model: load its base"):
+        AutoModelForCausalLM.from_pretrained(result.checkpoint)
 
 
 @pytest.mark.parametrize("level", ["O0", "O2"])
