@@ -148,7 +148,7 @@ def read_adapter_config(directory: str) -> LoraConfig:
     for key, default in (("bias", "none"), ("fan_in_fan_out", False), ("use_rslora", False), ("use_dora", False),
                          ("rank_pattern", {}), ("alpha_pattern", {}), ("target_parameters", None),
                          ("layers_to_transform", None), ("trainable_token_indices", None)):
-        if doc.get(key, default) not in (default, None, {}, False):
+        if doc.get(key) and doc[key] != default:  # unset, empty or PEFT's default
             raise ConfigError(f"{path}: key '{key}' = {doc[key]!r}: expected {default!r} (not supported)")
     target = doc.get("target_modules")
     return LoraConfig.from_dict({"lora_rank": doc.get("r", 8), "lora_alpha": float(doc.get("lora_alpha", 8)),

@@ -1,4 +1,5 @@
-"""LoRA against PEFT + transformers: adapter files both ways, dense (XVERSE = Llama) and MoE (Qwen2-MoE)."""
+"""LoRA against PEFT + transformers: adapter files both ways and the merge, dense (XVERSE = Llama) and
+MoE (Mixtral, Qwen2-MoE with its shared expert)."""
 from __future__ import annotations
 
 import os
@@ -30,6 +31,9 @@ def xverse_dir(tmp_path):
 CASES = {  # family -> (base builder, PEFT target modules, modules_to_save)
     "xverse": (xverse_dir, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                ["lm_head"]),
+    # Chinese-Mixtral's recipe: every attention projection, embedding and head trained whole
+    "mixtral": (lambda tmp: hf_moe("mixtral", tmp / "base"), ["q_proj", "k_proj", "v_proj", "o_proj"],
+                ["embed_tokens", "lm_head"]),
     "qwen_moe": (lambda tmp: hf_moe("qwen_moe", tmp / "base"), ["q_proj", "o_proj", "shared_expert.gate_proj",
                                                                  "shared_expert.down_proj"], ["embed_tokens"]),
 }
@@ -149,3 +153,14 @@ def test_dropout_only_in_training():
     assert np.abs(model(ids).asnumpy() - evaluated).max() > 1e-2
     model.set_train(False)
     np.testing.assert_array_equal(model(ids).asnumpy(), evaluated)
+
+
+def test_unsupported_peft_settings_fail_in_one_line(tmp_path):
+    import json
+
+    from mindport.models.lora import read_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
+                                                              "target_modules": ["q_proj"], "target_parameters": []}))
+    with pytest.raises(ConfigError, match=r"adapter_config.json: key 'use_dora' = True: expected False"):
+        read_adapter_config(str(tmp_path))
