@@ -173,16 +173,32 @@ def save_adapter(model, directory: str, overwrite: bool = False, base: str | Non
     """Write ``model``'s adapter (single process: whole tensors) as a PEFT adapter directory."""
     if len(model.groups.world.ranks) > 1:
         raise ConfigError(f"{directory}: save_adapter runs in one process; a parallel run's checkpoint holds "
-                          f"its adapter per rank (`mindport lora merge` reads it)")
+                          f"its adapter per rank (`mindport lora export` joins it)")
     weights = trained_weights(model)
     names = peft_names(model.config, weights)
+    write_adapter(directory, model.lora, {names[n]: a for n, a in weights.items()}, base or model.source_dir,
+                  overwrite)
+
+
+def write_adapter(directory: str, lora: LoraConfig, tensors: dict[str, np.ndarray], base: str | None,
+                  overwrite: bool = False) -> None:
+    """A PEFT adapter directory from PEFT-named whole tensors, written atomically."""
     with StagingDir(directory, overwrite) as tmp:
-        write_adapter_config(tmp, model.lora, base or model.source_dir)
+        write_adapter_config(tmp, lora, base)
         writer = SafetensorsWriter(os.path.join(tmp, ADAPTER_WEIGHTS),
-                                   [(names[n], "F32", a.shape) for n, a in weights.items()], {"format": "pt"})
-        for n, a in weights.items():
-            writer.write(names[n], np.ascontiguousarray(a))
+                                   [(n, "F32", a.shape) for n, a in tensors.items()], {"format": "pt"})
+        for n, a in tensors.items():
+            writer.write(n, np.ascontiguousarray(a, dtype=np.float32))
         writer.close()
+
+
+def export_adapter(src: str, dst: str, overwrite: bool = False) -> int:
+    """A LoRA training checkpoint (per-rank shards or not) -> a PEFT adapter directory; returns the
+    number of tensors. The base recorded in ``adapter_config.json`` is kept."""
+    lora, tensors = read_adapter(src)
+    base = read_json(os.path.join(src, ADAPTER_CONFIG)).get("base_model_name_or_path")
+    write_adapter(dst, lora, tensors, base, overwrite)
+    return len(tensors)
 
 
 def read_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:

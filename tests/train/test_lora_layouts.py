@@ -138,6 +138,13 @@ def test_lora_layout_trains_like_one_process(name, references, bases, layout_run
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))(ids).asnumpy()
     adapted = AutoModelForCausalLM.from_pretrained(bases(preset), adapter=step_dir)(ids).asnumpy()
     np.testing.assert_allclose(merged, adapted, atol=1e-5)
+    # ... and exports to a PEFT adapter directory holding the joined tensors under PEFT's names
+    from mindport.models.lora import ADAPTER_WEIGHTS
+    from mindport.train.checkpoint import read_safetensors
+
+    assert cli.main(["lora", "export", "--src", step_dir, "--dst", str(tmp_path / "peft")]) == 0
+    exported = read_safetensors(str(tmp_path / "peft" / ADAPTER_WEIGHTS))
+    assert sorted(exported) == sorted(joined) and all(np.array_equal(exported[n], joined[n]) for n in joined)
 
 
 @pytest.mark.slow
