@@ -33,6 +33,6 @@ setup(
         "sentencepiece>=0.2",
         "tqdm>=4.66",
     ],
-    extras_require={"test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45"]},
+    extras_require={"test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "peft>=0.17"]},
     entry_points={"console_scripts": ["mindport = mindport.cli:main"]},
 )

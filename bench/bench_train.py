@@ -10,6 +10,11 @@ step 2.34 s alone, 2.81 s after MindSpore had trained in that process).
 
     python bench/bench_train.py [--steps 5] [--warmup 2] [--batch 4] [--seq 256]
 
+``--lora R`` (issue 17) trains LoRA adapters of rank R on every linear layer of a frozen base
+instead (ours: mindport's pet_config; theirs: peft's ``get_peft_model`` on the Llama); each side
+also reports its process's peak resident memory, and the headline becomes theirs / ours step time.
+Compare with a run without ``--lora`` for LoRA against full fine-tuning.
+
 Lines are ``name: value``; the last one is the headline. The machine may be shared: run it
 twice and keep the quieter result.
 """
@@ -53,17 +58,32 @@ def torch_matmul_rate(seconds: float = 2.0) -> float:
     return 2.0 * 1024**3 / best
 
 
-def bench_ours(config, batch: int, seq: int, warmup: int, steps: int, level: str) -> tuple[float, float]:
+OUR_LINEAR = ["query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"]  # TeleChat2's names
+THEIR_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Llama's
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_ours(config, batch: int, seq: int, warmup: int, steps: int, level: str, lora: int) -> tuple[float, float]:
     """(seconds per step, compile + warm-up seconds)."""
     import mindspore as ms
 
     from mindport import AutoModelForCausalLM
+    from mindport.config import LoraConfig
+    from mindport.models.lora import apply_lora
     from mindport.train.config import TrainConfig
     from mindport.train.data import Batch
     from mindport.train.trainer import Trainer
 
     ms.set_seed(0)
     model = AutoModelForCausalLM.from_config(config)
+    if lora:
+        apply_lora(model, LoraConfig(lora_rank=lora, lora_alpha=2.0 * lora, target_modules=OUR_LINEAR))
     trainer = Trainer(model, TrainConfig(batch_size=batch, seq_length=seq, train_steps=warmup + steps,
                                          amp_level=level, warmup_steps=1, learning_rate=1e-4))
     data = np.random.default_rng(0).integers(0, config.vocab_size, (warmup + steps, batch, seq)).astype(np.int32)
@@ -77,7 +97,7 @@ def bench_ours(config, batch: int, seq: int, warmup: int, steps: int, level: str
     return (time.perf_counter() - start) / steps, warm
 
 
-def bench_theirs(config, batch: int, seq: int, warmup: int, steps: int) -> float:
+def bench_theirs(config, batch: int, seq: int, warmup: int, steps: int, lora: int) -> float:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,13 +107,18 @@ def bench_theirs(config, batch: int, seq: int, warmup: int, steps: int) -> float
                       num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
                       max_position_embeddings=seq, rms_norm_eps=1e-5, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=THEIR_LINEAR))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     data = torch.from_numpy(np.random.default_rng(0).integers(0, config.vocab_size, (warmup + steps, batch, seq)))
 
     def step(ids):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
@@ -110,10 +135,11 @@ def run_side(args, config) -> dict:
     """This process's side of the comparison: its framework's matmul rate and step time."""
     if args.side == "ours":
         peak = ms_matmul_rate()
-        step, warm = bench_ours(config, args.batch, args.seq, args.warmup, args.steps, args.amp)
-        return {"peak": peak, "step": step, "warm": warm}
+        step, warm = bench_ours(config, args.batch, args.seq, args.warmup, args.steps, args.amp, args.lora)
+        return {"peak": peak, "step": step, "warm": warm, "rss": peak_rss()}
     peak = torch_matmul_rate()
-    return {"peak": peak, "step": bench_theirs(config, args.batch, args.seq, args.warmup, args.steps)}
+    step = bench_theirs(config, args.batch, args.seq, args.warmup, args.steps, args.lora)
+    return {"peak": peak, "step": step, "rss": peak_rss()}
 
 
 def main() -> None:
@@ -123,6 +149,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--amp", default="O0", choices=("O0", "O1"), help="our precision level (theirs: fp32)")
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank on every linear layer (0: full)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
 
@@ -156,7 +183,12 @@ def main() -> None:
         print(f"{side}_tokens_per_s: {tokens / r['step']:.0f}")
         print(f"{side}_gflops: {rate / 1e9:.1f}")
         print(f"{side}_fraction_of_{framework}_matmul: {fractions[side]:.3f}")
-    print(f"ours_over_theirs_fraction: {fractions['ours'] / fractions['theirs']:.3f}")
+        print(f"{side}_peak_rss_mib: {r['rss'] / 2**20:.0f}")
+    if args.lora:  # the FLOP count above is full fine-tuning's (frozen weights get no weight gradients)
+        print(f"lora_rank: {args.lora}")
+        print(f"lora_theirs_over_ours_step_time: {sides['theirs']['step'] / sides['ours']['step']:.3f}")
+    else:
+        print(f"ours_over_theirs_fraction: {fractions['ours'] / fractions['theirs']:.3f}")
 
 
 if __name__ == "__main__":

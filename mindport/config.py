@@ -363,6 +363,48 @@ class ParallelConfig(Loadable):
         stage_layer_counts(model.num_layers, self.pipeline_stage, self.offset)  # raises on a bad offset
 
 
+@dataclass
+class LoraConfig(Loadable):
+    """LoRA (mindformers' ``pet_config``; PEFT's ``LoraConfig`` fields under mindformers' names).
+
+    W x + (alpha / r) B A dropout(x) for every adapted Linear, A (r, in), B (out, r). ``target_modules``
+    names HF modules as PEFT does: a list of names, each matching a module whose name equals it or ends
+    with ``.name``, or one regular expression matched against whole module names. ``modules_to_save``
+    (same matching) are trained whole (e.g. ``embed_tokens``, ``lm_head``).
+    """
+
+    ALIASES = {"r": "lora_rank"}
+
+    pet_type: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: Any = ("q_proj", "v_proj")  # list of HF module names, or one regex string
+    modules_to_save: Any = ()
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        one_of("pet_type", self.pet_type, ("lora",))
+        positive(self, "lora_rank")
+        if not self.lora_alpha > 0:
+            fail("lora_alpha", self.lora_alpha, "a positive number")
+        if not 0 <= self.lora_dropout < 1:
+            fail("lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        for key in ("target_modules", "modules_to_save"):
+            value = getattr(self, key)
+            names = [value] if isinstance(value, str) else value
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+                fail(key, value, "a list of module names or one regular expression")
+            if key == "modules_to_save" or not isinstance(value, str):
+                setattr(self, key, tuple(names))
+        if not self.target_modules:
+            fail("target_modules", self.target_modules, "at least one module name")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

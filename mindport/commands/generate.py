@@ -9,6 +9,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a saved model (streams to stdout)")
     p.add_argument("--load", required=True, help="model directory (checkpoint, mindport or HF format)")
     p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format or a LoRA training checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model directory)")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template "
                    "(the tokenizer's, else the model family's published one); the reply stops at its end of turn")
@@ -101,7 +102,7 @@ def run(args) -> int:
         from mindport.parallel.state import init_parallel
 
         rank = init_parallel(ParallelConfig(model_parallel=args.model_parallel)).global_rank
-    model = AutoModelForCausalLM.from_pretrained(args.load, dtype=args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.load, dtype=args.dtype, adapter=args.adapter)
     if max(ids) >= model.config.vocab_size:
         raise ValueError(f"{args.load}: the tokenizer produced id {max(ids)}, outside the model's vocabulary "
                          f"({model.config.vocab_size}); pass the model's own tokenizer with --tokenizer")

@@ -11,6 +11,7 @@ import os
 from mindport.checkpoint.hf_checkpoint import HFCheckpoint, read_json
 from mindport.config import MINDPORT_KEY, ConfigError, ModelConfig
 from mindport.models import registry
+from mindport.models.lora import ADAPTER_CONFIG, load_adapter
 from mindport.parallel.layout import LAYOUT_FILE, rank_directory
 
 
@@ -60,11 +61,12 @@ class AutoModelForCausalLM:
         return AutoModelForCausalLM.from_config(AutoConfig.from_preset(name, **overrides))
 
     @staticmethod
-    def from_pretrained(path: str, dtype: str | None = None, **overrides):
+    def from_pretrained(path: str, dtype: str | None = None, adapter: str | None = None, **overrides):
         """Build the model of a directory and load its weights (HF or mindport names).
 
         ``dtype`` ("float32", "float16", "bfloat16") sets parameter and compute dtype;
         default float32, since bf16 matmul is unavailable on CPU (asking for it there fails).
+        ``adapter``: a PEFT LoRA adapter directory (:mod:`mindport.models.lora`) attached on top.
         """
         from mindport import dispatch
         from mindport.models.weights import load_into_model
@@ -75,6 +77,9 @@ class AutoModelForCausalLM:
         for key in ("param_dtype", "compute_dtype"):  # a caller's value is named as the caller's, not the file's
             if key in overrides:
                 dispatch.check_dtype(overrides[key], f"key '{key}'")
+        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            raise ConfigError(f"{path}: a LoRA adapter ({ADAPTER_CONFIG}), not a model: load its base model with "
+                              f"adapter={path!r} (--adapter on the command line), or `mindport lora merge` it")
         config, is_hf = read_config(path, **overrides)
         check_device_dtypes(config, _config_path(path))
         model = AutoModelForCausalLM.from_config(config)
@@ -87,6 +92,8 @@ class AutoModelForCausalLM:
         finally:
             ckpt.close()
         model.source_dir = path
+        if adapter:
+            load_adapter(model, adapter)
         return model
 
 

@@ -69,6 +69,7 @@ class CausalLM(nn.Cell):
             self.lm_head = VocabParallelHead(config, groups)
             self.loss_fn = CausalLMLoss(groups, vocab_rows(config, groups)[2])
         self.source_dir: str | None = None  # from_pretrained's directory: save_pretrained carries its files
+        self.lora = None  # its LoraConfig once mindport.models.lora.apply_lora attached adapters
         self.compiled_decoders: dict = {}  # (batch, max_len) -> infer.decoder.CompiledDecoder, filled by generate
 
     def on_other_stage(self, name: str) -> bool:

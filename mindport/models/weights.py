@@ -52,7 +52,7 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, preslic
                         "the config implies")
             index = shard_slices(target.name, full, tp.rank, tp.size, ep.rank, ep.size, model.config.vocab_pad_multiple)
             if target.expert is None:
-                _assign(param, ckpt.get(hf_name)[index])
+                assign(param, ckpt.get(hf_name)[index])
                 filled[target.name].add(None)
                 continue
             local_experts = range(*index[0].indices(full[0]))
@@ -63,7 +63,7 @@ def load_into_model(model, ckpt: HFCheckpoint, name_map: NameMap | None, preslic
             stack[slot] = ckpt.get(hf_name)[index[1:]]
             filled[target.name].add(slot)
             if len(filled[target.name]) == param.shape[0]:
-                _assign(param, stacks.pop(target.name))
+                assign(param, stacks.pop(target.name))
     for name, param in params.items():
         got = filled[name]
         if None in got or (got and len(got) == param.shape[0]):
@@ -81,7 +81,8 @@ def _hf_names(name_map: NameMap | None, our_name: str, num_experts: int, got: se
     return our_name
 
 
-def _assign(param, array: np.ndarray) -> None:
+def assign(param, array: np.ndarray) -> None:
+    """Set a parameter from a numpy array, cast to the parameter's dtype."""
     from mindspore import Tensor
 
     param.set_data(Tensor(np.asarray(array, dtype=np.float32)).astype(param.dtype))

@@ -41,8 +41,21 @@ def _dtypes(config: ModelConfig):
     return dtype_of(config.param_dtype), dtype_of(config.compute_dtype)
 
 
+class LoRAMatrix(nn.Cell):
+    """One LoRA factor, a Cell so its parameter is named ``<linear>.lora_A.weight`` as in PEFT."""
+
+    def __init__(self, shape: tuple[int, int], dtype):
+        super().__init__()
+        self.weight = Parameter(initializer(Zero(), shape, dtype))
+
+
 class Linear(nn.Cell):
-    """y = x W^T (+ b) with W stored (out, in) as in HF checkpoints; local shard sizes given."""
+    """y = x W^T (+ b) with W stored (out, in) as in HF checkpoints; local shard sizes given.
+
+    With a LoRA adapter (:meth:`add_lora`) the projection adds s * dropout(x) A^T B^T, A (r, in) and
+    B (out, r) local like W: a column-parallel layer's B holds its output rows, a row-parallel
+    layer's A its input columns, so the adapter's partial sum joins W's in the same reduction.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: ModelConfig):
         super().__init__()
@@ -51,11 +64,25 @@ class Linear(nn.Cell):
         self.weight = Parameter(initializer(Normal(config.initializer_range), (out_features, in_features), param_dtype))
         self.bias = Parameter(initializer(Zero(), (out_features,), param_dtype)) if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
+        self.lora_A = self.lora_B = None
+        self.lora_scaling, self.lora_dropout = 0.0, 0.0
+
+    def add_lora(self, rank: int, scaling: float, dropout: float, prefix: str) -> None:
+        """Attach zero A (rank, in) and B (out, rank) named ``prefix.lora_A.weight`` / ``.lora_B.weight``."""
+        self.lora_A = LoRAMatrix((rank, self.in_features), self.weight.dtype)
+        self.lora_B = LoRAMatrix((self.out_features, rank), self.weight.dtype)
+        self.lora_A.weight.name, self.lora_B.weight.name = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+        self.lora_scaling, self.lora_dropout = scaling, dropout
 
     def project(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, self.in_features).astype(self.compute_dtype),
-                        self.weight.astype(self.compute_dtype))
+        x2d = x.reshape(-1, self.in_features).astype(self.compute_dtype)
+        y = self.matmul(x2d, self.weight.astype(self.compute_dtype))
+        if self.lora_A is not None:
+            if self.lora_dropout and self.training:
+                x2d = ops.dropout(x2d, self.lora_dropout)
+            low = self.matmul(x2d, self.lora_A.weight.astype(self.compute_dtype))  # (N, r)
+            y = y + self.matmul(low, self.lora_B.weight.astype(self.compute_dtype)) * self.lora_scaling
         return y.reshape(*lead, self.out_features)
 
     def add_bias(self, y: Tensor) -> Tensor:

@@ -34,6 +34,12 @@ must be summed over the tp group (:class:`mindport.parallel.grad_sync.GradientSy
 
 After the sum every tp rank holds the same gradient, so replicas stay bit-identical and the
 global gradient norm counts them once.
+
+LoRA adapters (``<linear>.lora_A.weight`` (r, in), ``<linear>.lora_B.weight`` (out, r)) take their
+rules from the weight they adapt (:func:`adapter_rule`): for a column-parallel weight B splits its
+output axis like the weight and A is replicated; for a row-parallel weight A splits its input axis
+and B is replicated. The replicated matrix's gradient is partial on each tp rank (it meets only this
+rank's output columns, or this rank's partial sum of x A^T), so it is ``partial_over_tp="always"``.
 """
 from __future__ import annotations
 
@@ -88,7 +94,28 @@ class ShardingError(ValueError):
     pass
 
 
+_ADAPTER = re.compile(r"(.+)\.lora_(A|B)\.weight")
+
+
+def adapter_rule(name: str) -> Rule | None:
+    """The rule of a LoRA matrix (module docstring), or None if ``name`` is not one."""
+    m = _ADAPTER.fullmatch(name)
+    if m is None:
+        return None
+    base = rule_for(m.group(1) + ".weight")
+    if base.kind not in ("column", "row"):
+        raise ShardingError(f"parameter '{name}': LoRA adapts column- or row-parallel weights only, "
+                            f"not a {base.kind} one")
+    split = "B" if base.kind == "column" else "A"
+    if m.group(2) == split:
+        return Rule(re.escape(name), base.kind, tp_axis=base.tp_axis)
+    return Rule(re.escape(name), "replicated", partial_over_tp="always")
+
+
 def rule_for(name: str) -> Rule:
+    adapter = adapter_rule(name)
+    if adapter is not None:
+        return adapter
     found = [r for r in RULES if r.matches(name)]
     if len(found) != 1:
         raise ShardingError(f"parameter '{name}' matches {len(found)} slicing rules (expected exactly 1)")

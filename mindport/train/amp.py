@@ -71,13 +71,17 @@ def apply_o1(model, dtype: str = "float16") -> int:
 def build_o2(model, dtype: str = "float16"):
     """(fp16 model, fp32 masters): a copy of ``model`` with fp16 weights except the norms.
 
-    ``masters`` has one fp32 Parameter per model parameter that is not fp32 (named
-    ``master.<name>``); fp32 parameters (the norms) are their own master.
+    ``masters`` has one fp32 Parameter per trained model parameter that is not fp32 (named
+    ``master.<name>``); fp32 parameters (the norms) are their own master. A LoRA model's copy gets the
+    same adapters and frozen base (which has no master).
     """
     from mindport.models.auto import AutoModelForCausalLM
+    from mindport.models.lora import apply_lora
 
     low = model.config.replace(param_dtype=dtype, compute_dtype=dtype)
     new = AutoModelForCausalLM.from_config(low)
+    if model.lora is not None:
+        apply_lora(new, model.lora)
     source = dict(model.parameters_and_names())
     owners = {name: cell for name, cell in new.cells_and_names()}
     masters = {}
@@ -85,10 +89,12 @@ def build_o2(model, dtype: str = "float16"):
         data = source[name].astype(ms.float32)
         if is_norm(name):
             owner_name, attr = name.rsplit(".", 1)
-            setattr(owners[owner_name], attr, Parameter(Tensor(data.asnumpy()), name=param.name))
+            setattr(owners[owner_name], attr, Parameter(Tensor(data.asnumpy()), name=param.name,
+                                                        requires_grad=param.requires_grad))
         else:
             param.set_data(data.astype(dtype_of(dtype)))
-            masters[name] = Parameter(Tensor(data.asnumpy()), name=f"master.{name}")
+            if param.requires_grad:
+                masters[name] = Parameter(Tensor(data.asnumpy()), name=f"master.{name}")
     return new, masters
 
 

@@ -20,6 +20,13 @@ same layout loads them:
     train_state/rank_XXXXX.safetensors  optimizer state by global rank: every rank under ZeRO
                                   (``optimizer_shard``: each holds a slice), else the weight writers
 
+A LoRA run (``pet_config``) saves only what it trains (the base is frozen and comes from
+``load_checkpoint``): ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's tensor
+names replace config.json's weights, so a single-process checkpoint is a PEFT adapter directory;
+under a layout each ``rank_XXXX/adapter_model.safetensors`` holds that rank's slices of the adapter
+under mindport names (layout.json describes them, as for any per-rank shards), which
+``from_pretrained(base, adapter=CKPT)`` and ``mindport lora merge`` join into PEFT's tensors.
+
 Every rank must see OUTPUT_DIR (one node, or a shared file system). All ranks write into one
 temporary directory (rank 0's, named with its pid, broadcast); after a barrier rank 0 renames it.
 
@@ -44,6 +51,7 @@ import numpy as np
 from mindport.checkpoint.model_files import carry_files
 from mindport.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter, numpy_dtype_code
 from mindport.config import MINDPORT_KEY, ConfigError, ParallelConfig, parameter_shapes
+from mindport.models.lora import ADAPTER_WEIGHTS, peft_names, trained_shapes, write_adapter_config
 from mindport.parallel.layout import LAYOUT_FILE, export_rank, layout_text, rank_dir_name, rank_directory, rank_layout
 
 STATE_DIR = "train_state"
@@ -179,12 +187,18 @@ class CheckpointManager:
     switches to per-rank shards; ``sharded_state``: the optimizer state differs on every data-
     parallel rank (ZeRO), so every rank writes its own. ``model_files_from`` (the run's
     ``load_checkpoint``): every checkpoint carries that directory's tokenizer, remote code and HF
-    config.json (:func:`~mindport.ckpt_tools.model_files.carry_files`).
+    config.json (:func:`~mindport.ckpt_tools.model_files.carry_files`). ``lora`` (a LoRA run's
+    LoraConfig, with its ``model_config``): the weights are the adapter, in PEFT's format.
     """
 
     def __init__(self, directory: str, keep: int = 2, groups=None, sharded_state: bool = False,
-                 model_files_from: str | None = None):
+                 model_files_from: str | None = None, lora=None, model_config=None):
         self.directory = os.path.abspath(directory)
+        self.lora = lora  # a LoRA run's LoraConfig (with its model_config): weights are the adapter, PEFT names
+        self.weights_name = ADAPTER_WEIGHTS if lora else "model.safetensors"
+        if lora:
+            self._shapes = trained_shapes(model_config, lora)
+            self._peft_names = peft_names(model_config, self._shapes)
         self.keep = keep
         self.model_files_from = model_files_from  # a model directory whose non-weight files every checkpoint carries
         self.groups = groups if groups is not None and len(groups.world.ranks) > 1 else None
@@ -233,8 +247,8 @@ class CheckpointManager:
     def files(self, path: str) -> tuple[str, str]:
         """(weights file, optimizer-state file) this rank reads from checkpoint ``path``."""
         if self.groups is None:
-            return os.path.join(path, "model.safetensors"), os.path.join(path, STATE_DIR, "optimizer.safetensors")
-        return (os.path.join(rank_directory(path, self.groups), "model.safetensors"),
+            return os.path.join(path, self.weights_name), os.path.join(path, STATE_DIR, "optimizer.safetensors")
+        return (os.path.join(rank_directory(path, self.groups), self.weights_name),
                 os.path.join(path, STATE_DIR, f"rank_{self._state_rank():05d}.safetensors"))
 
     # ------------------------------------------------------------------ saving
@@ -267,10 +281,12 @@ class CheckpointManager:
             weights_file, state_file = self.files(tmp)
         else:
             export = self._export_rank()
-            weights_file = None if export is None else os.path.join(tmp, rank_dir_name(export), "model.safetensors")
+            weights_file = None if export is None else os.path.join(tmp, rank_dir_name(export), self.weights_name)
             mine = self._state_rank() == self.groups.global_rank
             state_file = os.path.join(tmp, STATE_DIR, f"rank_{self.groups.global_rank:05d}.safetensors") if mine \
                 else None
+        if weights_file is not None and self.lora and self.groups is None:
+            weights = {self._peft_names[n]: a for n, a in weights.items()}
         if weights_file is not None:
             os.makedirs(os.path.dirname(weights_file), exist_ok=True)
             write_safetensors(weights_file, weights)
@@ -291,13 +307,16 @@ class CheckpointManager:
         if self.groups is not None:
 
             p = self.groups.config
-            layout, _ = rank_layout({n: ("F32", shape) for n, shape in parameter_shapes(config).items()}, config,
+            shapes = self._shapes if self.lora else parameter_shapes(config)
+            layout, _ = rank_layout({n: ("F32", shape) for n, shape in shapes.items()}, config,
                                     p.model_parallel, p.pipeline_stage, p.expert_parallel, p.offset or None)
             with open(os.path.join(tmp, LAYOUT_FILE), "w", encoding="utf-8") as f:
                 f.write(layout_text(layout))
                 f.flush()
                 os.fsync(f.fileno())
         carry_files(self.model_files_from, tmp)  # its tokenizer, remote code, HF config
+        if self.lora:
+            write_adapter_config(tmp, self.lora, self.model_files_from)
         if tokenizer is not None:
             tokenizer.save(tmp)
             for name in os.listdir(tmp):
@@ -330,7 +349,11 @@ class CheckpointManager:
             state = json.load(f)
         self._check_layout(state_path, state.get("parallel", {}))
         weights_file, state_file = self.files(path)
-        return read_safetensors(weights_file), read_safetensors(state_file), state
+        weights = read_safetensors(weights_file)
+        if self.lora and self.groups is None:
+            ours = {peft: n for n, peft in self._peft_names.items()}
+            weights = {ours.get(n, n): a for n, a in weights.items()}
+        return weights, read_safetensors(state_file), state
 
     def _check_layout(self, state_path: str, saved: dict) -> None:
         """A checkpoint resumes only under the layout that wrote it."""

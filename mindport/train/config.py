@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from mindport.config import ConfigError, Loadable, ModelConfig, ParallelConfig, check_types, fail, one_of, positive
+from mindport.config import (ConfigError, Loadable, LoraConfig, ModelConfig, ParallelConfig, check_types, fail, one_of,
+                             positive)
 
 
 @dataclass
@@ -208,11 +209,12 @@ def train_config_from_sections(doc: Mapping[str, Any], source: str) -> TrainConf
 
 @dataclass
 class RunConfig:
-    """A whole YAML file: model, layout and training."""
+    """A whole YAML file: model, layout and training (``lora``: ``model.model_config.pet_config``)."""
 
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -248,6 +250,7 @@ def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
     if not isinstance(model_values, Mapping):
         raise ConfigError(f"{source}: key 'model.model_config' missing: expected the model's settings there")
     model_values = {k: v for k, v in model_values.items() if f"model.model_config.{k}" not in UNUSED_KEYS}
+    lora = _pet_config(model_values.pop("pet_config", None), source)
     if "preset" in model_values:
         model_values = _expand_preset(model_values, source, architecture_only=bool(train.load_checkpoint))
     if train.load_checkpoint:
@@ -258,11 +261,24 @@ def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
                        if f"parallel_config.{k}" not in UNUSED_KEYS}
     parallel = ParallelConfig.from_dict(parallel_values, f"{source}: parallel_config")
     parallel.check_training(model, f"{source}: parallel_config")
+    if lora is not None:  # a target that matches nothing fails before any work
+        from mindport.models.lora import select
+
+        select(model, lora, f"{source}: model.model_config.pet_config")
     unused = unused_keys_set(doc)
     if unused:
         print(f"{source}: warning: mindformers key(s) {', '.join(unused)} accepted but unused by mindport: "
               f"no effect", file=sys.stderr)
-    return RunConfig(model, parallel, train)
+    return RunConfig(model, parallel, train, lora)
+
+
+def _pet_config(values: Any, source: str) -> LoraConfig | None:
+    """mindformers' ``model_config.pet_config`` (null: full fine-tuning)."""
+    if values is None:
+        return None
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: key 'model.model_config.pet_config' = {values!r}: expected a mapping")
+    return LoraConfig.from_dict(values, f"{source}: model.model_config.pet_config")
 
 
 def _expand_preset(values: Mapping[str, Any], source: str, architecture_only: bool) -> dict[str, Any]:

@@ -10,6 +10,9 @@ Parameters, gradients, optimizer states (exact, from the same tables the model u
     - parameters: ``param_dtype`` bytes; under O2 the compute dtype (2 bytes) except the RMSNorm
       weights, which stay fp32 (``mindport.train.amp``).
     - gradients: 4 bytes per local element (the trainer accumulates fp32 gradients).
+    - LoRA (``lora``): the adapters (A (r, in), B (out, r), split as the slicing table says) and
+      ``modules_to_save`` are trained; the frozen base has parameters only (no gradient, moments
+      or master). ``parameters.trainable`` / ``parameters.frozen`` split the parameter bytes.
     - optimizer, replicated AdamW: m and v, 4 bytes per element each, and a 4-byte fp32 master
       copy of every parameter that is not fp32 (O2).
     - optimizer, ``optimizer_shard`` (ZeRO-1, :mod:`mindport.train.zero`): m, v and the fp32
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 from mindport.config import ConfigError, ModelConfig, ParallelConfig, parameter_shapes
 from mindport.dtypes import itemsize
+from mindport.models.lora import trained_shapes
 from mindport.parallel.pipeline import stage_layers
 from mindport.parallel.sharding import is_norm, local_shape, rule_for, stages_of_param, vocab_block
 from mindport.parallel.state import coordinates
@@ -70,11 +74,15 @@ def _numel(shape) -> int:
 
 
 def local_parameters(config: ModelConfig, parallel: ParallelConfig, rank: int = 0,
-                     pipeline_offset=None) -> dict[str, tuple[int, ...]]:
-    """name -> local shape of every parameter rank ``rank`` holds (its stage, its tp/ep shard)."""
+                     pipeline_offset=None, lora=None) -> dict[str, tuple[int, ...]]:
+    """name -> local shape of every parameter rank ``rank`` holds (its stage, its tp/ep shard),
+    LoRA adapters included when ``lora`` is given."""
     coords = coordinates(parallel, rank)
+    shapes = parameter_shapes(config)
+    if lora is not None:
+        shapes.update(trained_shapes(config, lora))
     out = {}
-    for name, shape in parameter_shapes(config).items():
+    for name, shape in shapes.items():
         if coords["pp"] in stages_of_param(name, config.num_layers, parallel.pipeline_stage, pipeline_offset):
             out[name] = local_shape(name, shape, parallel.model_parallel, parallel.expert_parallel,
                                     config.vocab_pad_multiple, coords["tp"])
@@ -121,12 +129,13 @@ def layer_activation_terms(config: ModelConfig, parallel: ParallelConfig, micro_
 
 def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: int, seq_len: int,
                   amp_level: str = "O0", recompute: bool | int = False, rank: int = 0,
-                  pipeline_offset=None) -> dict:
+                  pipeline_offset=None, lora=None) -> dict:
     """Memory of rank ``rank`` when training ``config`` under ``parallel``.
 
     micro_batch: sequences per micro-batch on one data-parallel rank (``TrainConfig.batch_size``);
     seq_len: tokens per sequence before context-parallel splitting; amp_level: O0 | O1 | O2;
-    recompute: True (every layer), N (the first N layers of the stage) or False.
+    recompute: True (every layer), N (the first N layers of the stage) or False; lora: a
+    :class:`~mindport.config.LoraConfig` (only the adapters and saved modules train).
 
     Returns ``{"rank", "coords", "stage", "stages", "layers", "parameter_count", "optimizer_shard",
     "shard_parts", "expert_shard_parts", ..., "bytes": {name: bytes}}``; ``bytes`` holds parameters, gradients,
@@ -142,9 +151,10 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
     coords = coordinates(parallel, rank)
     stage, stages = coords["pp"], parallel.pipeline_stage
     layers = list(stage_layers(config.num_layers, stages, pipeline_offset)[stage])
-    local = local_parameters(config, parallel, rank, pipeline_offset)
+    local = local_parameters(config, parallel, rank, pipeline_offset, lora)
+    trained = set(trained_shapes(config, lora)) if lora is not None else set(local)
 
-    param_bytes = grad_bytes = master_bytes = moment_elems = 0
+    param_bytes = grad_bytes = master_bytes = moment_elems = frozen_bytes = 0
     count = 0
     dp, ep = parallel.data_parallel, parallel.expert_parallel
     for name, shape in local.items():
@@ -155,6 +165,9 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
         else:
             dtype_bytes = itemsize(config.param_dtype)
         param_bytes += n * dtype_bytes
+        if name not in trained:
+            frozen_bytes += n * dtype_bytes
+            continue
         grad_bytes += 4 * n
         if parallel.optimizer_shard:
             parts = dp // ep if ep > 1 and rule_for(name).kind == "expert" else dp
@@ -187,6 +200,8 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
         peak = one_micro_batch
 
     out = {
+        "parameters.trainable": param_bytes - frozen_bytes,
+        "parameters.frozen": frozen_bytes,
         "parameters": param_bytes,
         "gradients": grad_bytes,
         "optimizer.adam_m": 4 * moment_elems,

@@ -105,7 +105,17 @@ def _set_rng_state(state: dict) -> None:
 
 def build_model(run: RunConfig):
     """The model of this rank under the registered layout: ``load_checkpoint``'s weights (its slices)
-    with ``run.model``'s training keys, else weights drawn from ``seed`` (the same model under any layout)."""
+    with ``run.model``'s training keys, else weights drawn from ``seed`` (the same model under any layout);
+    with ``pet_config``, LoRA adapters on it and the rest frozen."""
+    model = _base_model(run)
+    if run.lora is not None:
+        from mindport.models.lora import apply_lora
+
+        apply_lora(model, run.lora, run.train.seed)
+    return model
+
+
+def _base_model(run: RunConfig):
     from mindport.models.auto import AutoModelForCausalLM
 
     path = run.train.load_checkpoint
@@ -159,7 +169,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
         loader = (Loader if cfg.data_dir else MixtureLoader)(dataset, per_rank * dp, cfg.seed)
         rows = slice(groups.dp.rank * per_rank, (groups.dp.rank + 1) * per_rank)
         ckpts = CheckpointManager(run_dir.checkpoints, cfg.keep_checkpoints, groups, trainer.optimizer.sharded_state,
-                                  cfg.load_checkpoint)
+                                  cfg.load_checkpoint, model.lora, model.config)
         together(groups, f"{cfg.output_dir}: deleting the previous run", lambda: lead and run_dir.delete_previous_run(echo))
 
         if resume:
@@ -183,7 +193,7 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
 
         echo(format_memory_report(memory_report(model.config, groups.config, cfg.batch_size, cfg.seq_length,
                                                 cfg.amp_level, cfg.recompute, rank=groups.global_rank,
-                                                pipeline_offset=groups.config.offset)))
+                                                pipeline_offset=groups.config.offset, lora=model.lora)))
         echo(f"training: {run.model.num_parameters() / 1e6:.2f}M parameters, {cfg.amp_level}, {world} process(es), "
              f"{per_rank * dp}x{cfg.grad_accumulation} x {cfg.seq_length} tokens/step, steps {trainer.step}->{end} "
              f"of {cfg.train_steps}, {'compiled' if trainer.compiled else 'eager'}; MFU vs "

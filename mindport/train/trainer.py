@@ -86,6 +86,7 @@ class Trainer:
         elif self.level == "O1":
             amp_lib.apply_o1(model, config.amp_dtype)
         self.model = model
+        model.set_train(True)  # training-only behaviour (LoRA dropout) on
         self.recomputed_layers = apply_recompute(model, config.recompute)
         named = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
         self.names = [n for n, _ in named]
