@@ -22,7 +22,7 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=packages,
     package_dir=package_dir,
-    package_data={"mindport.ops": ["*/csrc/*.cc", "csrc/*.h"], "mindport": ["configs/*/*.yaml"]},
+    package_data={"mindport.ops": ["*/csrc/*.cc", "csrc/*.h"], "mindport": ["configs/*/*.yaml"], "mindport.plan": ["*.json"]},
     install_requires=[
         "mindspore==2.10.0",
         "numpy>=1.26,<2",

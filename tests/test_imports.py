@@ -28,6 +28,7 @@ LAYERS = [
     ("models and family data", ["mindport.models", "mindport.research"]),
     ("tokenizers (chat formats come from the families)", ["mindport.tokenizer"]),
     ("training", ["mindport.train"]),
+    ("layout planner: cost model over the memory report", ["mindport.plan"]),
     ("conversion tool", ["mindport.ckpt_tools"]),
     ("command line and public API", ["mindport.commands", "mindport.cli", "mindport"]),
 ]
