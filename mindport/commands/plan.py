@@ -71,6 +71,9 @@ def run(args) -> int:
         config = planner.load_model(args.model)
         seq, batch, npus = args.seq_length, args.global_batch, args.npus
     _check_positive(npus=npus, seq_length=seq)
+    if args.write and args.mode != "train":
+        raise ValueError(f"--write {args.write} with --mode {args.mode}: run YAMLs are written for --mode train "
+                         f"(LoRA's pet_config and serving settings are not part of them yet)")
     if args.mode == "infer":
         rows = planner.plan_inference(config, npus, seq, tps=(degrees["tp"],) if "tp" in degrees else None)
         if not rows:

@@ -158,6 +158,7 @@ def plan_inference(config: ModelConfig, npus: int, seq_length: int, hw: Hardware
                    tps: tuple[int, ...] | None = None) -> list[dict]:
     """Per tensor-parallel degree (replicas = npus / tp): weights and KV cache per rank, the largest
     batch of ``seq_length``-token contexts that fits, decode tokens/s at batch 1 and at that batch."""
+    from mindport.train.flops import matmul_params
     from mindport.train.memory import memory_report
 
     rows = []
@@ -182,6 +183,7 @@ def plan_inference(config: ModelConfig, npus: int, seq_length: int, hw: Hardware
             "max_batch": batch, "max_tokens_in_cache": int(max(free, 0) // per_token),
             "decode_tokens_per_s": {"batch_1": one["tokens_per_s"], f"batch_{max(batch, 1)}": full["tokens_per_s"]},
             "tokens_per_s_per_npu": full["tokens_per_s"] * replicas / npus,
+            "mfu": full["tokens_per_s"] * 2 * matmul_params(config) / (tp * hw.peak_flops),
         })
     rows.sort(key=lambda r: (not r["fits"], -r["tokens_per_s_per_npu"]))
     return rows

@@ -51,6 +51,7 @@ def test_lora_has_no_base_gradients_or_optimizer_state(capsys):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_gets_an_inference_plan(capsys, preset):
     out = _json(capsys, ["plan", "--model", preset, "--npus", "8", "--seq-length", "4096", "--mode", "infer"])
+    assert {"decode_tokens_per_s", "tokens_per_s_per_npu", "mfu", "memory_gib", "fits"} <= set(out)
     assert out["fits"] and out["max_batch"] >= 1 and out["memory_gib"] * 2**30 <= MEMORY_BUDGET * 64e9
     rates = out["decode_tokens_per_s"]
     assert rates["batch_1"] > 0 and rates[f"batch_{out['max_batch']}"] >= rates["batch_1"]
@@ -84,4 +85,6 @@ def test_bad_inputs_fail_in_one_line(capsys, tmp_path):
     assert "no-such.json" in _error(capsys, ["plan", "--model", str(tmp_path / "no-such.json"), "--npus", "8",
                                              "--seq-length", "64"])
     assert "--npus 0" in _error(capsys, ["plan", "--model", "telechat2-7b", "--npus", "0", "--seq-length", "64"])
+    assert "--mode lora" in _error(capsys, BASE + ["--mode", "lora", "--write", str(tmp_path / "x.yaml")])
+    assert not (tmp_path / "x.yaml").exists()
     assert "no legal layout" in _error(capsys, BASE + ["--layout", "tp=3"])  # 3 divides neither 8 nor the heads
