@@ -7,10 +7,19 @@ four published runs in ``../shared/ASCEND.md`` (``CALIBRATION`` in :mod:`mindpor
 pinned by ``tests/plan/test_calibration.py``).
 
 Hardware (:data:`ATLAS_800T_A2`): one node = 8 Ascend 910B, 64 GB HBM each, full-mesh HCCS inside
-the node, one 200 GbE RoCE port per NPU between nodes. The published runs used: TeleChat2-115B
+the node, one 200 GbE RoCE port per NPU between nodes. No Huawei datasheet was retrievable while
+this was written: the figures are the ones published for the 910B on the pages named beside each
+(secondary sources), cross-checked where a measurement exists. The published runs used: TeleChat2-115B
 (mindformers) an Atlas 800T A2 cluster; Mixtral-8x7B and Llama2-70B (MindSpeed-LLM) an Atlas 900
 A2 PoDc, a rack of the same 8 x 910B nodes. The model assumes the same chip (the 313 TFLOP/s
 910B of the Atlas 800T A2) for all four.
+
+Calibration: MATMUL_EFFICIENCY, COMM_EFFICIENCY and VECTOR_BYTES_PER_TOKEN are set near what large
+GEMMs and collectives reach; ATTENTION_EFFICIENCY was then fitted: the three training runs differ
+mostly in their attention share (Llama2-70B at 4K 4%, TeleChat2-115B at 8K 6%, Mixtral at 32K 34% of
+the FLOPs), and only an attention core at about 10% of peak (forward; its backward 2x) puts all three
+within 20% (0.93, 0.97, 1.15). It is the least certain constant: long-sequence predictions inherit
+it. COLLECTIVE_LATENCY_S and DECODE_HBM_EFFICIENCY were fitted to the TeleChat2-115B decode figure.
 
 Training step of one layout (per rank of the busiest pipeline stage; T = b s / cp tokens of a
 micro-batch on a rank, t = tp):
@@ -75,9 +84,9 @@ class Hardware:
 ATLAS_800T_A2 = Hardware(
     name="Atlas 800T A2",
     chip="Ascend 910B",
-    # 8 NPUs, 2.5 PFLOPS FP16 per server (Huawei product page) -> 313 TFLOP/s per NPU; a measured
-    # 4096^3 fp16 matmul reaches 315 TFLOP/s on a 910B2 (github.com/zzc0721/torch-performance-test-data
-    # issue 109), so this is the chip's reachable dense rate, bf16 the same.
+    # 8 NPUs, 2.5 PFLOPS FP16 per server (ATLAS_800T_A2_SOURCE) -> 313 TFLOP/s per NPU, bf16 the same;
+    # a measured 4096^3 fp16 matmul reaches 315 TFLOP/s on a 910B2 (a higher-clocked 910B:
+    # https://github.com/zzc0721/torch-performance-test-data/issues/109).
     peak_flops=313e12,
     hbm_bytes=64e9,  # 64 GB HBM2e per NPU (ATLAS_800T_A2_SOURCE; ai.gitee.com/docs/compute/clusters_gpu/ascend_gpu)
     hbm_bandwidth=1.6e12,  # 1.6 TB/s (ARTHURCHIAO_910B_SOURCE, 910B spec table)
@@ -89,14 +98,18 @@ ATLAS_800T_A2 = Hardware(
 # ------------------------------------------------------------------------------ efficiencies (calibrated)
 # Calibrated once against the four published runs (see the module docstring); the same values for
 # every model, layout and implementation.
-MATMUL_EFFICIENCY = 0.80  # large-GEMM fraction of peak_flops (the 910B2 measurement above: 315 / 376 ~ 0.84)
+MATMUL_EFFICIENCY = 0.80  # large-GEMM fraction of peak_flops
 MATMUL_HALF_DIM = 128  # a GEMM whose smallest dimension is 128 runs at half MATMUL_EFFICIENCY
-ATTENTION_EFFICIENCY = 0.10  # attention core (FlashAttentionScore, forward; backward 2x) fraction of peak: fitted, see below
+ATTENTION_EFFICIENCY = 0.10  # attention core (FlashAttentionScore) fraction of peak: fitted (module docstring)
 VECTOR_BYTES_PER_TOKEN = 40  # HBM bytes x hidden per token and layer of norms, SwiGLU, RoPE, adds (fwd)
 COMM_EFFICIENCY = 0.70  # achieved fraction of a link's bandwidth in a large collective
 COLLECTIVE_LATENCY_S = 60e-6  # one small collective (decode all-reduce), launch + sync
 DECODE_HBM_EFFICIENCY = 0.75  # achieved fraction of HBM bandwidth streaming weights while decoding
 ADAM_BYTES_PER_PARAM = 32  # AdamW O2: read p(2) g(4) m v master(4 each), write p m v master
+# What the memory report leaves out (kernel workspaces, the allocator's fragmentation, the CANN runtime's
+# and HCCL's reserved buffers: a few GB per NPU): a layout fits when the report's largest rank stays
+# within this fraction of HBM (54.4 GB of 64 GB), leaving 9.6 GB for them.
+MEMORY_BUDGET = 0.85
 
 
 @dataclass(frozen=True)
@@ -109,17 +122,17 @@ class Implementation:
     pipeline_forward_recompute: bool  # 1F1B reruns each micro-batch's forward in its backward
     tp_overlap: float  # fraction of tensor-parallel communication hidden behind matmuls
     dp_overlap: bool  # gradient reduction overlapped with the last micro-batch's backward
-    efficiency: float  # framework factor on compute (graph compilation, fused kernels)
 
 
 MINDPORT = Implementation("mindport", runnable=True, interleave=False, pipeline_forward_recompute=True,
-                          tp_overlap=0.0, dp_overlap=False, efficiency=1.0)
+                          tp_overlap=0.0, dp_overlap=False)
 # mindformers (MindSpore graph mode, the TeleChat2-115B run): interleaved stages, no TP overlap
 MINDFORMERS = Implementation("mindformers", runnable=False, interleave=True, pipeline_forward_recompute=False,
-                             tp_overlap=0.0, dp_overlap=True, efficiency=1.0)
-# MindSpeed-LLM (Megatron-core on torch_npu): interleaved stages, overlapped grad reduce and TP comm
+                             tp_overlap=0.0, dp_overlap=True)
+# MindSpeed-LLM (Megatron-core on torch_npu): interleaved stages, --overlap-grad-reduce, --use-mc2
+# (matmul fused with its TP collective; half of it taken as hidden)
 MINDSPEED = Implementation("MindSpeed-LLM", runnable=False, interleave=True, pipeline_forward_recompute=False,
-                           tp_overlap=0.5, dp_overlap=True, efficiency=1.0)
+                           tp_overlap=0.5, dp_overlap=True)
 
 
 def gemm_efficiency(m: float, k: float, n: float) -> float:
@@ -130,7 +143,7 @@ def gemm_efficiency(m: float, k: float, n: float) -> float:
 def group_bandwidth(hw: Hardware, size: int, stride: int) -> float:
     """Per-rank bandwidth (bytes/s) of a ring collective over ``size`` ranks ``stride`` apart."""
     if size * stride <= hw.npus_per_node:  # inside one node: every peer over its own HCCS link
-        return (size - 1) * hw.hccs_link_bandwidth * COMM_EFFICIENCY
+        return min(size - 1, hw.hccs_links) * hw.hccs_link_bandwidth * COMM_EFFICIENCY
     return hw.roce_bandwidth * COMM_EFFICIENCY
 
 
@@ -209,6 +222,8 @@ def train_step(config, layout: Layout, seq_length: int, hw: Hardware = ATLAS_800
     from mindport.train.flops import matmul_params, train_flops_per_token
 
     impl, L = layout.implementation, layout
+    if L.interleave > 1 and not impl.interleave:
+        raise ValueError(f"layout {L.describe()}: {impl.name} has no interleaved pipeline stages")
     t, cp, pp, v = L.tp, L.cp, L.pp, L.interleave
     tokens = L.micro_batch * seq_length / cp  # one micro-batch on one rank
     h, a = config.hidden_size, 2  # activations in fp16/bf16
@@ -218,14 +233,14 @@ def train_step(config, layout: Layout, seq_length: int, hw: Hardware = ATLAS_800
     attention = 2 * tokens * (seq_length / 2) * (config.num_heads // t) * config.head_dim * 2  # QK^T + PV, causal
     attention_time = attention / (hw.peak_flops * ATTENTION_EFFICIENCY)
     vector_time = VECTOR_BYTES_PER_TOKEN * tokens * h / (t if L.sequence_parallel else 1) / hw.hbm_bandwidth
-    forward = (layer_gemm + attention_time + vector_time) / impl.efficiency
+    forward = layer_gemm + attention_time + vector_time
     backward_gemm = 1.0 if lora else 2.0
-    backward = (backward_gemm * layer_gemm + 2 * attention_time + 2 * vector_time) / impl.efficiency
+    backward = backward_gemm * layer_gemm + 2 * attention_time + 2 * vector_time
     if pp > 1 and impl.pipeline_forward_recompute:
         recompute_passes = 1.0 + (L.recompute == "full")
     else:
         recompute_passes = 1.0 if L.recompute == "full" else 0.0
-    recompute = recompute_passes * forward + (attention_time / impl.efficiency if L.recompute == "selective" else 0)
+    recompute = recompute_passes * forward + (attention_time if L.recompute == "selective" else 0.0)
 
     # tensor-parallel communication per layer (2 collectives forward, 2 backward, 2 per rerun forward)
     tp_collective = all_gather_time(hw, tokens * h * a, t, 1) * 2  # an all-reduce = reduce-scatter + all-gather
@@ -262,15 +277,17 @@ def train_step(config, layout: Layout, seq_length: int, hw: Hardware = ATLAS_800
 
     # data-parallel gradient reduction and the optimizer step
     trainable = lora_parameters(config, t, counts[0]) if lora else local_parameter_count(config, layout)
-    reduce_group = L.dp * cp
+    experts = 0  # expert weights on this rank: reduced over dp / ep (the ranks holding the same experts)
+    if config.is_moe and not lora:
+        experts = counts[0] * 3 * h * (config.moe_intermediate_size // t) * (config.num_experts // L.ep)
+    stride = pp * t if cp == 1 else t
     dp_comm = 0.0
-    if reduce_group > 1:
-        stride = pp * t if cp == 1 else t
-        grad_bytes = 4 * trainable
-        volume = grad_bytes * (1.5 if L.zero else 2.0) * (reduce_group - 1) / reduce_group
-        dp_comm = volume / group_bandwidth(hw, reduce_group, stride)
-        if impl.dp_overlap:
-            dp_comm = max(0.0, dp_comm - layers * backward)
+    for elements, group in ((trainable - experts, L.dp * cp), (experts, L.dp // L.ep * cp)):
+        if group > 1:  # fp32 gradients: all-reduce 2 x, or ZeRO's reduce-scatter (4 B) + param all-gather (2 B)
+            volume = 4 * elements * (1.5 if L.zero else 2.0) * (group - 1) / group
+            dp_comm += volume / group_bandwidth(hw, group, stride)
+    if impl.dp_overlap:
+        dp_comm = max(0.0, dp_comm - layers * backward)
     communication += dp_comm
     optimizer = ADAM_BYTES_PER_PARAM * trainable / (L.dp if L.zero else 1) / hw.hbm_bandwidth
 

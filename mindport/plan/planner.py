@@ -9,13 +9,9 @@ import os
 from dataclasses import dataclass, replace
 
 from mindport.config import ConfigError, ModelConfig, ParallelConfig
-from mindport.plan.cost import (ATLAS_800T_A2, MINDFORMERS, MINDPORT, MINDSPEED, Hardware, Layout, decode_step,
-                                kv_bytes_per_token, lora_parameters, parallel_config, train_step)
+from mindport.plan.cost import (ATLAS_800T_A2, MEMORY_BUDGET, MINDFORMERS, MINDPORT, MINDSPEED, Hardware, Layout,
+                                decode_step, kv_bytes_per_token, lora_parameters, parallel_config, train_step)
 
-# What memory_report leaves out (kernel temporaries and workspaces, the allocator's fragmentation, the
-# CANN runtime's and HCCL's reserved buffers, a few GB on an NPU): a plan fits when the report's largest
-# rank stays under this fraction of HBM (54.4 GB of 64 GB), leaving 9.6 GB for them.
-MEMORY_BUDGET = 0.85
 AMP_LEVEL = "O2"  # fp16/bf16 weights with an fp32 master copy: how the large models train on Ascend
 MODES = ("train", "lora", "infer")
 GIB = 2**30
