@@ -160,7 +160,8 @@ class Layout:
 
     micro_batch: sequences per micro-batch (``batch_size``); micro_batches: per step and data-parallel
     rank (pipeline: ``micro_batch_num``; without: gradient accumulation); interleave: pipeline chunks
-    per stage (1: plain 1F1B); recompute: ``none`` | ``selective`` | ``full``.
+    per stage (1: plain 1F1B); recompute: ``none`` | ``selective`` | ``full``; offset: mindformers'
+    per-stage layer offsets (``ParallelConfig.offset``).
     """
 
     dp: int = 1
@@ -175,6 +176,7 @@ class Layout:
     recompute: str = "none"
     zero: bool = False
     implementation: Implementation = MINDPORT
+    offset: int | tuple[int, ...] = 0
 
     @property
     def npus(self) -> int:
@@ -185,6 +187,8 @@ class Layout:
         parts += [f"cp{self.cp}"] * (self.cp > 1) + [f"ep{self.ep}"] * (self.ep > 1)
         parts += ["sp"] * self.sequence_parallel + [f"vpp{self.interleave}"] * (self.interleave > 1)
         parts += [f"mb{self.micro_batch}x{self.micro_batches}", f"rc-{self.recompute}"] + ["zero"] * self.zero
+        if self.offset:
+            parts.append("offset" + ",".join(map(str, self.offset)))
         return " ".join(parts)
 
 
@@ -261,7 +265,7 @@ def train_step(config, layout: Layout, seq_length: int, hw: Hardware = ATLAS_800
     per_layer = forward + backward + recompute
     vocab = -(-config.vocab_size // t)  # the last stage's head and loss, forward + backward
     head = 2 * tokens * h * vocab * (1 + backward_gemm) / (hw.peak_flops * gemm_efficiency(tokens, h, vocab))
-    counts = stage_layer_counts(config.num_layers, pp)
+    counts = stage_layer_counts(config.num_layers, pp, L.offset)
     micro_batch_time = max(c * per_layer + head * (k == pp - 1) for k, c in enumerate(counts))  # slowest stage
     layers = max(counts)
     comm_per_micro_batch = layers * (tp_comm + ep_comm + cp_comm)
@@ -312,7 +316,8 @@ def parallel_config(layout: Layout):
     return ParallelConfig(data_parallel=layout.dp, model_parallel=layout.tp, pipeline_stage=layout.pp,
                           context_parallel=layout.cp, expert_parallel=layout.ep,
                           micro_batch_num=layout.micro_batches if layout.pp > 1 else 1,
-                          use_seq_parallel=layout.sequence_parallel, optimizer_shard=layout.zero)
+                          use_seq_parallel=layout.sequence_parallel, optimizer_shard=layout.zero,
+                          offset=list(layout.offset) if layout.offset else 0)
 
 
 def local_parameter_count(config, layout: Layout) -> int:
@@ -320,7 +325,7 @@ def local_parameter_count(config, layout: Layout) -> int:
     from mindport.train.memory import local_parameters
 
     total = 0
-    for shape in local_parameters(config, parallel_config(layout)).values():
+    for shape in local_parameters(config, parallel_config(layout), pipeline_offset=layout.offset).values():
         n = 1
         for x in shape:
             n *= x

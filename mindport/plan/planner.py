@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from itertools import product
 
-from mindport.config import ConfigError, ModelConfig, ParallelConfig
+from mindport.config import ConfigError, ModelConfig, ParallelConfig, stage_layer_counts
 from mindport.plan.cost import (ATLAS_800T_A2, MEMORY_BUDGET, MINDFORMERS, MINDPORT, MINDSPEED, Hardware, Layout,
                                 decode_step, kv_bytes_per_token, lora_parameters, parallel_config, train_step)
 
@@ -61,9 +62,11 @@ def training_memory(config: ModelConfig, layout: Layout, seq_length: int, lora: 
     from mindport.train.memory import memory_report
 
     parallel = parallel_config(layout)
-    reports = [memory_report(config, parallel, layout.micro_batch, seq_length, AMP_LEVEL,
-                             layout.recompute == "full", rank=stage * layout.cp * layout.tp)
-               for stage in sorted({0, layout.pp - 1})]
+    counts = stage_layer_counts(config.num_layers, layout.pp, layout.offset)
+    stages = {0, counts.index(max(counts)), layout.pp - 1}  # most in flight, most layers, the head
+    reports = [memory_report(config, parallel, layout.micro_batch, seq_length, AMP_LEVEL, layout.recompute == "full",
+                             rank=stage * layout.cp * layout.tp, pipeline_offset=parallel.offset)
+               for stage in sorted(stages)]
     if lora:
         for report in reports:
             b = report["bytes"]
@@ -101,6 +104,19 @@ def parse_layout(text: str) -> dict[str, int]:
     return out
 
 
+def pipeline_offsets(num_layers: int, pp: int) -> list:
+    """The even split, and the split that moves one layer from the last stage (which also runs the
+    head and loss) to the first, as mindformers' per-stage offsets."""
+    if pp == 1:
+        return [0]
+    counts = stage_layer_counts(num_layers, pp)
+    if counts[-1] < 2:
+        return [0]
+    moved = [counts[0] + 1] + counts[1:-1] + [counts[-1] - 1]
+    base = num_layers // pp
+    return [0, tuple(c - base for c in moved)]
+
+
 def candidate_layouts(config: ModelConfig, npus: int, seq_length: int, global_batch: int,
                       fixed: dict[str, int] | None = None, implementation=MINDPORT):
     """Every layout of ``npus`` ranks that ``implementation`` can train (mindport: what
@@ -120,18 +136,19 @@ def candidate_layouts(config: ModelConfig, npus: int, seq_length: int, global_ba
                         m = global_batch // (dp * b)
                         if pp > 1 and m < pp:
                             continue
-                        for recompute in ("none", "full"):
-                            for zero in (False, True) if dp > 1 else (False,):
-                                layout = Layout(dp, tp, pp, cp, ep, tp > 1, b, m, 1, recompute, zero, implementation)
-                                try:
-                                    parallel = parallel_config(layout)
-                                    if implementation.runnable:
-                                        parallel.check_training(config)
-                                    else:
-                                        parallel.check_model(config)
-                                except ConfigError:
-                                    continue
-                                yield layout
+                        for recompute, zero, offset in product(("none", "full"), (False, True) if dp > 1 else (False,),
+                                                               pipeline_offsets(config.num_layers, pp)):
+                            layout = Layout(dp, tp, pp, cp, ep, tp > 1, b, m, 1, recompute, zero, implementation,
+                                            offset)
+                            try:
+                                parallel = parallel_config(layout)
+                                if implementation.runnable:
+                                    parallel.check_training(config)
+                                else:
+                                    parallel.check_model(config)
+                            except ConfigError:
+                                continue
+                            yield layout
 
 
 def plan_training(config: ModelConfig, npus: int, seq_length: int, global_batch: int, mode: str = "train",
@@ -274,6 +291,8 @@ def run_yaml(model_spec: str, plan: Plan, seq_length: int, npus: int, out_path: 
     doc["parallel_config"] = {k: parallel[k] for k in ("data_parallel", "model_parallel", "pipeline_stage",
                                                        "micro_batch_num", "use_seq_parallel", "expert_parallel",
                                                        "context_parallel", "optimizer_shard")}
+    if layout.offset:
+        doc["parallel_config"]["offset"] = list(layout.offset)
     doc["recompute_config"] = {"recompute": layout.recompute == "full"}
     doc["runner_config"] = {"batch_size": layout.micro_batch, "seq_length": seq_length, "amp_level": AMP_LEVEL,
                             "loss_scale_type": "dynamic"}

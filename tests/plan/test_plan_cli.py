@@ -88,3 +88,22 @@ def test_bad_inputs_fail_in_one_line(capsys, tmp_path):
     assert "--mode lora" in _error(capsys, BASE + ["--mode", "lora", "--write", str(tmp_path / "x.yaml")])
     assert not (tmp_path / "x.yaml").exists()
     assert "no legal layout" in _error(capsys, BASE + ["--layout", "tp=3"])  # 3 divides neither 8 nor the heads
+
+
+def test_pipeline_splits_with_offsets_are_planned_and_written(tmp_path):
+    """The planner also tries moving one layer off the last stage (which runs the head); such a plan's
+    memory report and run YAML carry the offsets."""
+    from mindport.config import stage_layer_counts
+    from mindport.plan.planner import load_model, pipeline_offsets, plan_training, run_yaml
+
+    assert pipeline_offsets(30, 4) == [0, (1, 1, 1, -1)] and stage_layer_counts(30, 4, [1, 1, 1, -1]) == [8, 8, 8, 6]
+    plans = plan_training(load_model("telechat2-7b"), 8, 4096, 16, fixed={"tp": 2, "pp": 4})
+    moved = next(p for p in plans if p.layout.offset)
+    even = next(p for p in plans if not p.layout.offset and p.layout.recompute == moved.layout.recompute
+                and p.layout.micro_batch == moved.layout.micro_batch)
+    assert moved.cost["step"] != even.cost["step"] and moved.memory["layers"] != even.memory["layers"]
+    path = tmp_path / "offset.yaml"
+    path.write_text(run_yaml("telechat2-7b", moved, 4096, 8, str(path)))
+    run = load_yaml(str(path))
+    assert run.parallel.offset == [1, 1, 1, -1]
+    check_layout(run.parallel, 8, run.model)
