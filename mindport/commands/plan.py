@@ -33,6 +33,8 @@ def _from_config(args) -> tuple:
 
     from mindport.train.config import load_yaml
 
+    if not os.path.isfile(args.config):
+        raise ValueError(f"--config {args.config}: no such config file")
     with open(args.config, encoding="utf-8") as f:
         doc = yaml.safe_load(f) or {}
     overrides = [] if os.path.exists(str(doc.get("load_checkpoint"))) else ["load_checkpoint=null"]

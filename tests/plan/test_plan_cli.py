@@ -84,6 +84,7 @@ def test_bad_inputs_fail_in_one_line(capsys, tmp_path):
     assert "--layout 'tp=x'" in _error(capsys, BASE + ["--layout", "tp=x"])
     assert "no-such.json" in _error(capsys, ["plan", "--model", str(tmp_path / "no-such.json"), "--npus", "8",
                                              "--seq-length", "64"])
+    assert "--config" in _error(capsys, ["plan", "--config", str(tmp_path / "none.yaml")])
     assert "--npus 0" in _error(capsys, ["plan", "--model", "telechat2-7b", "--npus", "0", "--seq-length", "64"])
     assert "--mode lora" in _error(capsys, BASE + ["--mode", "lora", "--write", str(tmp_path / "x.yaml")])
     assert not (tmp_path / "x.yaml").exists()
