@@ -23,7 +23,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={"mindport.ops": ["*/csrc/*.cc", "csrc/*.h"], "mindport": ["configs/*/*.yaml"],
-                  "mindport.research": ["*/chat_template.jinja"]},
+                  "mindport.research": ["*/chat_template.jinja"], "mindport.plan": ["*.json"]},
     install_requires=[
         "jinja2>=3.1.6",  # chat templates, run in its sandbox as transformers runs them
         "mindspore==2.10.0",

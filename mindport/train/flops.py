@@ -8,7 +8,8 @@ N_matmul counts the weights that take part in matrix products (every weight exce
 embedding table, which is a lookup; MoE: only the top-k experts a token visits, plus the
 router). The second term is the attention scores and the weighted sum of values over all S
 keys: the reference attention computes the full S x S product and masks it, so no causal
-halving is applied.
+halving is applied (``causal=True`` halves it, as a flash-attention kernel that skips masked blocks
+does on Ascend: the planner's count, :mod:`mindport.plan.cost`).
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ def matmul_params(config) -> int:
     return n
 
 
-def train_flops_per_token(config, seq_length: int) -> float:
+def train_flops_per_token(config, seq_length: int, causal: bool = False) -> float:
     attn = 12 * config.num_layers * config.num_heads * config.head_dim * seq_length
-    return 6.0 * matmul_params(config) + attn
+    return 6.0 * matmul_params(config) + (attn / 2 if causal else attn)
 
 
 def measure_matmul_flops(n: int = 1024, seconds: float = 0.6) -> float:

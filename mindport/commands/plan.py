@@ -1,0 +1,114 @@
+"""``mindport plan``: the layouts of a model on N Atlas 800T A2 NPUs, ranked by predicted tokens/s per NPU."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="rank the parallel layouts of a model on N NPUs by predicted throughput and memory")
+    p.add_argument("--model", help="preset name, HF/mindport model directory, or config.json")
+    p.add_argument("--npus", type=int, help="number of NPUs (8 per Atlas 800T A2 node)")
+    p.add_argument("--seq-length", type=int, help="tokens per sequence (infer: context length)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per optimizer step (default: about 4M tokens, at least one per NPU)")
+    p.add_argument("--mode", choices=["train", "lora", "infer"], default="train",
+                   help="train: full fine-tune/pretrain; lora: frozen base, trainable adapters; infer: decoding")
+    p.add_argument("--layout", default=None, metavar="dp=..,tp=..,pp=..,ep=..,cp=..",
+                   help="only layouts with these degrees (the rest: micro-batches, recompute, ZeRO, still searched)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="a run config: its model, layout, sequence length and global batch")
+    p.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--write", default=None, metavar="OUT.yaml", help="write the best fitting layout as a run config")
+    p.add_argument("--calibrate", action="store_true",
+                   help="predicted vs published for the calibration runs (../shared/ASCEND.md)")
+    p.set_defaults(func=run)
+
+
+def _from_config(args) -> tuple:
+    """Model, degrees, sequence length and global batch of a run YAML (its checkpoint need not exist:
+    the architecture then comes from the preset)."""
+    import yaml
+
+    from mindport.train.config import load_yaml
+
+    if not os.path.isfile(args.config):
+        raise ValueError(f"--config {args.config}: no such config file")
+    with open(args.config, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    overrides = [] if os.path.exists(str(doc.get("load_checkpoint"))) else ["load_checkpoint=null"]
+    run = load_yaml(args.config, overrides)
+    p, t = run.parallel, run.train
+    degrees = dict(dp=p.data_parallel, tp=p.model_parallel, pp=p.pipeline_stage, cp=p.context_parallel,
+                   ep=p.expert_parallel)
+    micro_batches = p.micro_batch_num if p.pipeline_stage > 1 else t.grad_accumulation
+    return run.model, degrees, t.seq_length, t.batch_size * micro_batches * p.data_parallel, p.world_size
+
+
+def _check_positive(**values) -> None:
+    for flag, value in values.items():
+        if value is None:
+            raise ValueError(f"--{flag.replace('_', '-')} missing: expected a positive integer (or --config YAML)")
+        if value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+
+
+def run(args) -> int:
+    from mindport.plan import planner
+
+    if args.calibrate:
+        rows = planner.calibrate()
+        print(json.dumps(rows, indent=1) if args.json else planner.format_calibration(rows))
+        return 0
+    degrees = planner.parse_layout(args.layout) if args.layout else {}
+    if args.config:
+        config, from_yaml, seq, batch, npus = _from_config(args)
+        degrees = {**from_yaml, **degrees}
+        seq, batch, npus = args.seq_length or seq, args.global_batch or batch, args.npus or npus
+    else:
+        if not args.model:
+            raise ValueError("--model missing: expected a preset name, a model directory or a config.json "
+                             "(or --config YAML)")
+        config = planner.load_model(args.model)
+        seq, batch, npus = args.seq_length, args.global_batch, args.npus
+    _check_positive(npus=npus, seq_length=seq)
+    if args.write and args.mode != "train":
+        raise ValueError(f"--write {args.write} with --mode {args.mode}: run YAMLs are written for --mode train "
+                         f"(LoRA's pet_config and serving settings are not part of them yet)")
+    if args.mode == "infer":
+        rows = planner.plan_inference(config, npus, seq, tps=(degrees["tp"],) if "tp" in degrees else None)
+        if not rows:
+            raise ValueError(f"--npus {npus}: no tensor-parallel degree (1, 2, 4, 8) divides it and the model's heads")
+        if args.json:
+            print(json.dumps({**rows[0], "candidates": rows}, indent=1))
+        else:
+            print(planner.format_inference(config, npus, seq, rows))
+        return 0
+    batch = batch or planner.default_global_batch(npus, seq)
+    _check_positive(global_batch=batch)
+    plans = planner.plan_training(config, npus, seq, batch, args.mode, degrees)
+    if not plans:
+        raise ValueError(f"--npus {npus} --seq-length {seq} --global-batch {batch}"
+                         + (f" --layout {args.layout}" if args.layout else "")
+                         + ": no legal layout (degrees must multiply to --npus, divide the heads and the batch)")
+    if args.write:
+        if not plans[0].fits:
+            raise ValueError(f"--write {args.write}: no layout fits {planner.MEMORY_BUDGET:.0%} of 64 GB per NPU; "
+                             f"nothing written")
+        if not args.model:
+            raise ValueError(f"--write {args.write}: needs --model (the preset or checkpoint the run YAML names)")
+        text = planner.run_yaml(args.model, plans[0], seq, npus, args.write)
+        tmp = args.write + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, args.write)
+    if args.json:
+        best = plans[0].row()
+        print(json.dumps({**best, "npus": npus, "seq_length": seq, "global_batch": batch, "mode": args.mode,
+                          "candidates": [p.row() for p in plans[:args.top]]}, indent=1))
+    else:
+        print(planner.format_training(config, npus, seq, batch, args.mode, plans[:args.top], len(plans)))
+        if args.write:
+            print(f"wrote {args.write}")
+    return 0

@@ -1,0 +1,64 @@
+"""Every run config in configs/: it loads, its layout matches the world size its launch line starts, and
+the memory report's largest rank fits an Atlas 800T A2 NPU with the planner's headroom.
+
+Headroom: the report counts parameters, gradients, optimizer state and saved activations, not kernel
+workspaces, the allocator's fragmentation, or the CANN runtime's and HCCL's buffers (a few GB per
+device), so a config must stay within ``MEMORY_BUDGET`` = 85% of 64 GB (54.4 GB), leaving 9.6 GB.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mindport.parallel.state import check_layout
+from mindport.plan.cost import ATLAS_800T_A2, kv_bytes_per_token
+from mindport.plan.planner import MEMORY_BUDGET
+from mindport.train.config import load_yaml
+from mindport.train.memory import memory_report
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def world_size(text: str) -> int:
+    """Ranks the header's launch line starts: msrun_launcher.sh "CMD" [N ...], run_infer.sh DIR "PROMPT" [TP]."""
+    launch = re.search(r'msrun_launcher\.sh "[^"]*"(?: \\\n#)?\s+(\d+)', text)
+    if launch:
+        return int(launch.group(1))
+    infer = re.search(r'run_infer\.sh \S+ "[^"]*" (\d+)', text)
+    return int(infer.group(1)) if infer else 1
+
+
+def test_every_family_has_fine_tune_and_inference_configs():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
+    for family, models in {"telechat2": ["7b", "35b", "115b"], "xverse": ["65b", "moe_a4.2b"],
+                           "qwen_moe": ["a2.7b"], "mixtral": ["8x7b", "chinese_8x7b"]}.items():
+        for model in models:
+            assert f"{family}/finetune_{model}.yaml" in names and f"{family}/infer_{model}.yaml" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_config_loads_matches_its_world_size_and_fits_64gb(path, tmp_path):
+    from mindport import AutoConfig
+
+    text = path.read_text(encoding="utf-8")
+    overrides = []
+    if "load_checkpoint:" in text:  # the architecture of the checkpoint it names: the preset's
+        preset = re.search(r"preset: (\S+)", text).group(1)
+        AutoConfig.from_preset(preset).save(str(tmp_path / "config.json"))
+        overrides.append(f"load_checkpoint={tmp_path}")
+    run = load_yaml(str(path), overrides)
+    world = world_size(text)
+    check_layout(run.parallel, world, run.model)
+    budget = MEMORY_BUDGET * ATLAS_800T_A2.hbm_bytes
+    if "run_mode: predict" in text:  # weights + the KV cache of batch_size contexts of seq_length tokens
+        weights = memory_report(run.model, run.parallel, 1, run.train.seq_length, "O2")["bytes"]["parameters"]
+        kv = run.train.batch_size * run.train.seq_length * kv_bytes_per_token(run.model, run.parallel.model_parallel)
+        assert weights + kv <= budget
+        return
+    stage_firsts = range(0, world, run.parallel.context_parallel * run.parallel.model_parallel)
+    peak = max(memory_report(run.model, run.parallel, run.train.batch_size, run.train.seq_length, run.train.amp_level,
+                             run.train.recompute, rank=r)["bytes"]["total"] for r in stage_firsts)
+    assert peak <= budget, f"{path}: {peak / 2**30:.1f} GiB"
