@@ -1,4 +1,5 @@
 """The command line: one-line errors with exit 2 for bad input; generate, eval and demo end to end."""
+import json
 import os
 import subprocess
 import sys
@@ -180,19 +181,26 @@ def test_tokenizer_data_train_eval_commands(capsys, tmp_path):
     assert lines["samples"] == "6"
 
 
-def test_demo_smoke(tmp_path):
-    """`mindport demo` end to end with a reduced step count, as a user runs it (a subprocess)."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_demo_smoke(tmp_path, lora):
+    """`mindport demo` end to end with reduced step counts, as a user runs it (a subprocess): pretraining,
+    chat SFT (full or LoRA) on packed conversations, an answer through the chat template, the export."""
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "mindport.cli", "demo", "--out", str(out), "--steps", "4",
-                           "--preset", "telechat2-tiny-gqa", "--seq-len", "32", "--batch-size", "2",
-                           "--vocab-size", "512", "--max-new-tokens", "6"],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, GLOG_v="3"))
+                           "--sft-steps", "3", "--seq-len", "128", "--batch-size", "2", "--vocab-size", "512",
+                           "--max-new-tokens", "4"] + (["--lora"] if lora else []),
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, GLOG_v="3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
-    for marker in ("[1/5] tokenizer", "[2/5] data", "[3/5] train", "step 4/4", "[4/5] checkpoint", "[5/5] exported"):
+    for marker in ("[1/7] tokenizer", "[2/7] data", "[3/7] pretrain", "step 4/4", "[4/7] checkpoint", "[5/7] chat data",
+                   "[6/7] chat SFT", "step 3/3", "[7/7] chat", "user: Explain", "exported HF format"):
         assert marker in text, text
+    index = json.loads((out / "chat_data" / "index.json").read_text())
+    assert index["labels"] and index["segments"] and 0 < index["num_supervised_tokens"] < index["num_tokens"]
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.model").is_file()
-    assert (out / "run" / "loss_curve.png").is_file() and (out / "run" / "metrics.jsonl").is_file()
+    assert (out / "sft" / "loss_curve.png").is_file() and (out / "run" / "metrics.jsonl").is_file()
+    sft = sorted((out / "sft" / "checkpoints").iterdir())[-1]
+    assert (sft / "adapter_config.json").is_file() == lora  # a LoRA run saves the adapter, merged for the export
     from mindport import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(str(out / "hf")).config.vocab_size == 512
