@@ -12,8 +12,8 @@ layers live in the model; context parallelism feeds each rank its zigzag share o
 pipeline parallelism runs each accumulation step through the 1F1B schedule (micro_batch_num
 micro-batches); ``optimizer_shard`` swaps AdamW for ZeRO-1 (:class:`ZeroAdamW`, which
 reduce-scatters the gradients instead of all-reducing them). Without pipeline stages the step
-compiles with ``ms.jit`` (dense and MoE models alike); pipeline stages (point-to-point exchanges)
-and the MoE alltoall dispatcher (expert counts read on the host) run forward and backward eagerly.
+compiles with ``ms.jit``, dense and MoE models alike (MoE shapes are static: ops/grouped_matmul);
+pipeline stages run forward and backward eagerly (point-to-point exchanges between stages).
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from mindport.parallel.grad_sync import GradNorm, sum_of_squares
 from mindport.train import amp as amp_lib
 from mindport.train.config import TrainConfig
 from mindport.train.optim import AdamW, Optimizer, lr_at, no_decay_names
-from mindport.transformer.moe import reads_host
 
 
 def _identity(x):
@@ -106,7 +105,7 @@ class Trainer:
             from mindport.parallel.schedules import PipelineSchedule
 
             self.pipeline = PipelineSchedule(model, groups, groups.config.micro_batch_num)
-        self.compiled = config.jit and self.pipeline is None and not reads_host(model)
+        self.compiled = config.jit and self.pipeline is None
         self._build()
         self._inputs_cache: tuple | None = None
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from mindport import dispatch
 from mindport.config import ModelConfig
 from mindport.dtypes import dtype_of
-from mindport.ops import grouped_matmul, moe_routing  # noqa: F401  (register their backends)
+from mindport.ops import moe_routing  # noqa: F401  (registers the routing backends)
+from mindport.ops.grouped_matmul import group_of_rows
 from mindport.parallel.comm import AllToAll, GatherFromGroup, ReduceScatterToGroup, ShareGradient, collectives
 from mindport.parallel.layers import Linear, log_shifted_sum, region_entry, region_exit
 from mindport.parallel.state import ParallelGroups
@@ -108,8 +108,6 @@ class LocalDispatcher(nn.Cell):
     counts (E,)).
     """
 
-    reads_host = False  # True: a dispatcher that sizes tensors from values read on the host (no ms.jit)
-
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_experts, self.top_k = config.num_experts, config.moe_top_k
@@ -178,15 +176,16 @@ class AllGatherDispatcher(LocalDispatcher):
 
 class AllToAllDispatcher(LocalDispatcher):
     """Each rank routes its own tokens, exchanges per-expert counts, drops over capacity in the
-    group's token order, and one all-to-all sends each row to its expert's rank (padded to the
-    largest block); a second brings the outputs back.
+    group's token order, and one all-to-all sends each row to its expert's rank; a second brings
+    the outputs back.
 
-    Index tables (host numpy): ``send_rows[j]`` are my rows for rank j's experts; ``grouped``
-    orders the received (ep, width) rows by my local expert, sources in rank order. The counts are
-    read on the host every layer, so a model with this dispatcher trains and decodes eagerly.
+    Static shapes: every rank sends every rank a buffer of :meth:`width` rows, the most one rank
+    can send another: N = T*k when dropless (all of a rank's slots may choose one rank's experts),
+    min(N, local experts * capacity) with capacity. Each all-to-all thus moves ep x width x H
+    values per rank (ep x the routed rows when dropless). The index tables are device tensors:
+    ``send_slot`` (N,) places my rows in the send buffers (ep*width: not sent), ``grouped_slot``
+    (ep*width,) orders the received rows by my local expert, sources in rank order (ep*width: padding).
     """
-
-    reads_host = True
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups):
         super().__init__(config)
@@ -195,59 +194,74 @@ class AllToAllDispatcher(LocalDispatcher):
         self.comm = collectives(groups.ep)
         self.all_to_all = AllToAll(groups.ep, 0, 0)
 
+    def width(self, num_tokens: int) -> int:
+        """Rows of each per-rank send buffer for ``num_tokens`` tokens on this rank (the static bound)."""
+        slots, capacity = num_tokens * self.top_k, self.capacity(num_tokens * self.ep)
+        return min(slots, self.local_experts * capacity) if capacity else slots
+
     def dispatch(self, tokens: Tensor, logits: Tensor):
-        ep, n_local, rank = self.ep, self.local_experts, self.rank
+        ep, n_local, rank, e = self.ep, self.local_experts, self.rank, self.num_experts
+        t = tokens.shape[0]
         weights, experts, rows, slot_rows, counts = self.route(logits, tokens, 0)  # dropless locally
-        n, h = rows.shape
-        all_counts = self.comm.all_gather(ops.expand_dims(counts, 0), 0).asnumpy().astype(np.int64)  # (ep, E)
-        capacity = self.capacity(tokens.shape[0] * ep)
+        n, h, width = rows.shape[0], rows.shape[1], self.width(t)
+        all_counts = self.comm.all_gather(counts.reshape(1, e), 0)  # (ep, E)
+        capacity = self.capacity(t * ep)
+        kept_all = all_counts
         if capacity:  # slots of lower ranks come first in token order
-            before = np.cumsum(all_counts, 0) - all_counts
-            kept_all = np.clip(capacity - before, 0, all_counts)
-        else:
-            kept_all = all_counts
-        kept = kept_all[rank]
-        block = np.cumsum(all_counts[rank]) - all_counts[rank]
-        send_rows = [np.concatenate([np.arange(block[e], block[e] + kept[e]) for e in range(j * n_local, (j + 1) * n_local)])
-                     for j in range(ep)]
-        width = max(1, int(max(kept_all[i, j * n_local:(j + 1) * n_local].sum() for i in range(ep) for j in range(ep))))
-        send_index = np.full((ep, width), n, np.int32)  # n: an appended zero row
-        for j, idx in enumerate(send_rows):
-            send_index[j, :len(idx)] = idx
-        received = self.all_to_all(_gather_rows(rows, send_index.reshape(-1)).reshape(ep, width, h))
-        mine = kept_all[:, rank * n_local:(rank + 1) * n_local]  # (ep src, local experts)
-        offsets = np.cumsum(mine, 1) - mine
-        grouped = np.concatenate([i * width + offsets[i, e] + np.arange(mine[i, e])
-                                  for e in range(n_local) for i in range(ep)]).astype(np.int32)
-        expert_rows = ops.gather(received.reshape(ep * width, h), Tensor(grouped), 0)
-        plan = (weights, experts, slot_rows, send_rows, width, grouped, n, int(kept.sum()))
-        return expert_rows, Tensor(mine.sum(0).astype(np.int32)), plan
+            before = ops.cumsum(all_counts, 0) - all_counts
+            kept_all = ops.minimum(ops.maximum(capacity - before, 0), all_counts)
+        kept = kept_all[rank]  # (E,)
+        # my rows (grouped by expert, every row routed) -> (destination rank, position in its buffer)
+        expert = group_of_rows(counts, n)
+        start = ops.cumsum(counts, 0) - counts
+        within = ops.arange(n, dtype=ms.int32) - ops.gather(start, expert, 0)
+        keep_row = within < ops.gather(kept, expert, 0)
+        dest = expert // n_local
+        kept_before = ops.cumsum(kept, 0) - kept
+        position = ops.gather(kept_before, expert, 0) - ops.gather(kept_before, dest * n_local, 0) + within
+        send_slot = ops.where(keep_row, dest * width + position, ep * width).astype(ms.int32)
+        send_index = _inverse(send_slot, ep * width, n)
+        received = self.all_to_all(_gather_rows(rows, send_index).reshape(ep, width, h)).reshape(ep * width, h)
+        # received slot i*width + p from source i -> its place among my experts' rows
+        mine = kept_all[:, rank * n_local:(rank + 1) * n_local]  # (ep source, local experts)
+        source = ops.arange(ep * width, dtype=ms.int32) // width
+        p = ops.arange(ep * width, dtype=ms.int32) % width
+        ends = ops.cumsum(ops.gather(mine, source, 0), 1)  # (ep*width, local experts)
+        local = (p.reshape(-1, 1) >= ends).astype(ms.int32).sum(1).astype(ms.int32)  # n_local: padding
+        local_safe = ops.minimum(local, n_local - 1)
+        within_src = p - ops.gather_elements(ends, 1, local_safe.reshape(-1, 1)).reshape(-1) + \
+            ops.gather(mine.reshape(-1), source * n_local + local_safe, 0)
+        per_expert = mine.sum(0).astype(ms.int32)  # (local experts,) rows of each of my experts
+        expert_first = ops.cumsum(per_expert, 0) - per_expert
+        from_earlier_sources = (ops.cumsum(mine, 0) - mine).reshape(-1)
+        grouped = ops.gather(expert_first, local_safe, 0) + \
+            ops.gather(from_earlier_sources, source * n_local + local_safe, 0) + within_src
+        grouped_slot = ops.where(local < n_local, grouped, ep * width).astype(ms.int32)
+        expert_rows = _gather_rows(received, _inverse(grouped_slot, ep * width, ep * width))
+        plan = (weights, experts, slot_rows, send_slot, grouped_slot, keep_row, kept.sum())
+        return expert_rows, per_expert, plan
 
     def combine(self, expert_out: Tensor, plan):
-        weights, experts, slot_rows, send_rows, width, grouped, n, kept = plan
+        weights, experts, slot_rows, send_slot, grouped_slot, keep_row, kept = plan
         ep, h = self.ep, expert_out.shape[1]
-        back_index = np.full(ep * width, len(grouped), np.int32)
-        back_index[grouped] = np.arange(len(grouped), dtype=np.int32)
-        returned = self.all_to_all(_gather_rows(expert_out, back_index).reshape(ep, width, h))
-        row_index = np.full(n, ep * width, np.int32)
-        for j, idx in enumerate(send_rows):
-            row_index[idx] = j * width + np.arange(len(idx))
-        rows_out = _gather_rows(returned.reshape(ep * width, h), row_index)  # (N, H) in this rank's row order
-        keep_row = row_index < ep * width
-        slots = slot_rows.asnumpy()
-        slots = np.where((slots >= 0) & keep_row[np.maximum(slots, 0)], slots, -1).astype(np.int32)
-        return self.unpermute_combine(rows_out, Tensor(slots), weights), experts, Tensor(kept, ms.int32)
+        returned = self.all_to_all(_gather_rows(expert_out, grouped_slot).reshape(ep, -1, h)).reshape(-1, h)
+        rows_out = _gather_rows(returned, send_slot)  # (N, H) in this rank's row order, zero if not sent
+        sent = (slot_rows >= 0) & ops.gather(keep_row, ops.maximum(slot_rows, 0), 0)
+        slots = ops.where(sent, slot_rows, ops.full_like(slot_rows, -1))
+        return self.unpermute_combine(rows_out, slots, weights), experts, kept
 
 
-def reads_host(model: nn.Cell) -> bool:
-    """True if a MoE layer of ``model`` reads values on the host per step (it cannot run under ``ms.jit``)."""
-    return any(isinstance(cell, MoE) and cell.token_dispatcher.reads_host for _, cell in model.cells_and_names())
-
-
-def _gather_rows(x: Tensor, index: np.ndarray) -> Tensor:
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x (n, H) gathered at ``index``, where index n selects a zero row."""
     x_ext = ops.cat([x, ops.zeros((1, x.shape[1]), x.dtype)], 0)
-    return ops.gather(x_ext, Tensor(index), 0)
+    return ops.gather(x_ext, index, 0)
+
+
+def _inverse(slot: Tensor, size: int, missing: int) -> Tensor:
+    """(size,) int32: index[slot[i]] = i for every slot[i] < size; ``missing`` where no slot points."""
+    table = ops.full((size + 1,), missing, dtype=ms.int32)  # the extra entry takes the unplaced slots
+    table = ops.tensor_scatter_update(table, slot.reshape(-1, 1), ops.arange(slot.shape[0], dtype=ms.int32))
+    return table[:size]
 
 
 class MoE(nn.Cell):

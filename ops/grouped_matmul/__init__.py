@@ -24,6 +24,8 @@ from . import reference  # registers the "reference" backend
 from . import cpu  # registers the "cpu" backend
 from . import ascend  # registers the "ascend" backend
 
+from .reference import group_of_rows  # the expert of every row, from the group sizes (composite ops)
+
 GROUPED_MATMUL = "grouped_matmul"
 
 # The table dispatch holds, spelled out so that a jit graph can index it with a constant.
@@ -40,4 +42,4 @@ def grouped_matmul(x, weight, group_sizes):
     return _IMPLS[_backend(GROUPED_MATMUL)](x, weight, group_sizes)
 
 
-__all__ = ["grouped_matmul", "GROUPED_MATMUL"]
+__all__ = ["grouped_matmul", "group_of_rows", "GROUPED_MATMUL"]

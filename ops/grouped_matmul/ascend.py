@@ -15,7 +15,7 @@ from mindspore.ops import constexpr
 
 from mindport import dispatch
 
-from .reference import row_experts
+from .reference import group_of_rows
 
 _PRIMS: dict = {}
 
@@ -50,5 +50,5 @@ def grouped_matmul(x, weight, group_sizes):
     ends = ops.minimum(ends, ms.Tensor(n, ms.int64))
     ends = ops.concat([ends[:e - 1], ops.full((1,), n, dtype=ms.int64)])  # the tail rows join the last expert
     y = _PRIMS["gmm"]([x], [weight], None, None, None, None, None, ends)[0]
-    kept = (row_experts(group_sizes, n) < e).reshape(n, 1)
+    kept = (group_of_rows(group_sizes, n) < e).reshape(n, 1)
     return ops.where(kept, y, ops.zeros((), y.dtype))

@@ -13,7 +13,7 @@ from mindspore import ops
 from mindport import dispatch
 
 
-def row_experts(group_sizes, num_rows: int):
+def group_of_rows(group_sizes, num_rows: int):
     """Expert of every row (N,) int32: E for rows past the last group (sizes below 0 count as 0)."""
     ends = ops.cumsum(ops.maximum(group_sizes, 0), 0).astype(ms.int32)  # (E,)
     rows = ops.arange(num_rows, dtype=ms.int32).reshape(num_rows, 1)
@@ -24,7 +24,7 @@ def row_experts(group_sizes, num_rows: int):
 def grouped_matmul(x, weight, group_sizes):
     """y (N, F) = x (N, K) @ weight[e]^T on each expert e's rows, zero past the groups."""
     n = x.shape[0]
-    expert = row_experts(group_sizes, n).reshape(n, 1)
+    expert = group_of_rows(group_sizes, n).reshape(n, 1)
     y = ops.zeros((n, weight.shape[1]), x.dtype)
     for e in range(weight.shape[0]):
         y = y + ops.where(expert == e, ops.matmul(x, weight[e].T), ops.zeros((), x.dtype))

@@ -2,7 +2,8 @@
 single-process run on the whole batch: loss, global gradient norm, logits, every gradient and
 every parameter after one AdamW step, and replicated parameters bit-identical on every rank.
 
-- EP2 with each token dispatcher, tiny Mixtral and XVERSE-MoE (with capacity drops).
+- EP2 with each token dispatcher, tiny Mixtral and XVERSE-MoE (with capacity drops), eager and
+  compiled (ms.jit); TP2 compiled too.
 - TP2, TP2+SP and TP2 x EP2 (4 ranks), tiny Mixtral, Qwen2-MoE (shared expert + sigmoid gate)
   and XVERSE-MoE (shared experts, capacity drops), all with a router loss: the router's and the
   shared gate's gradients are partial on each tp rank and must be summed over tp.
@@ -59,11 +60,13 @@ def models(tmp_path_factory):
             for k, (name, d) in enumerate(zip(FAMILIES, dirs))}
 
 
-def run_layout(models: dict, families: tuple, layout: dict, tmp_path) -> None:
-    """One msrun launch for every family in ``families``, each compared with its single process."""
+def run_layout(models: dict, families: tuple, layout: dict, tmp_path, jit: bool = False) -> None:
+    """One msrun launch for every family in ``families``, each compared with its single process
+    (``jit``: the layout's forward and backward compiled as one graph)."""
     world = ParallelConfig.from_dict(layout).world_size
     out = str(tmp_path / "out")
-    msrun(WORKER, [",".join(models[f][0] for f in families), out, json.dumps(layout)], world, str(tmp_path / "log"))
+    msrun(WORKER, [",".join(models[f][0] for f in families), out, json.dumps(layout)] + ["jit"] * jit, world,
+          str(tmp_path / "log"))
     for k, family in enumerate(families):
         dumps = rank_dumps(os.path.join(out, str(k)) if len(families) > 1 else out, world)
         assert_layout_equals_single_process(dumps, models[family][1], layout)
@@ -74,6 +77,19 @@ def run_layout(models: dict, families: tuple, layout: dict, tmp_path) -> None:
 def test_ep2_equals_single_process(models, tmp_path, dispatcher):
     run_layout(models, ("mixtral", "xverse"), dict(data_parallel=2, expert_parallel=2,
                                                    moe_token_dispatcher=dispatcher), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_compiled_ep2_equals_single_process(models, tmp_path, dispatcher):
+    """Both expert-parallel dispatchers have static shapes: forward and backward run as one ms.jit graph."""
+    run_layout(models, ("mixtral", "xverse"), dict(data_parallel=2, expert_parallel=2,
+                                                   moe_token_dispatcher=dispatcher), tmp_path, jit=True)
+
+
+@pytest.mark.slow
+def test_compiled_tp2_moe_equals_single_process(models, tmp_path):
+    run_layout(models, FAMILIES, TP_LAYOUTS["tp2"], tmp_path, jit=True)
 
 
 @pytest.mark.slow
