@@ -9,6 +9,8 @@
 // All three products are one blocked GEMM, C[M,N] = A[M,P] B[P,N] with strided A and B: a 6x16
 // register tile (AVX2 + FMA when the processor has them, plain C++ otherwise) over a 16-column
 // panel of B packed once per task; tasks are (expert, 16-column panel) pairs spread over threads.
+// A group of fewer than 6 rows whose A and B are contiguous along P (the forward while decoding)
+// takes dot products instead: packing would copy the whole weight for a memory-bound product.
 
 #include <algorithm>
 #include <cstdint>
@@ -83,11 +85,43 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const float *a, int64_t am, in
   }
 }
 
+__attribute__((target("avx2,fma"))) float DotAvx2(const float *a, const float *b, int64_t p) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  int64_t q = 0;
+  for (; q + 16 <= p; q += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + q), _mm256_loadu_ps(b + q), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + q + 8), _mm256_loadu_ps(b + q + 8), s1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(s0, s1));
+  float sum = 0.0f;
+  for (float v : lanes) sum += v;
+  for (; q < p; ++q) sum += a[q] * b[q];
+  return sum;
+}
+
 bool HaveAvx2() {
   static const bool have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return have;
 }
 #endif
+
+float Dot(const float *a, const float *b, int64_t p) {
+#if defined(__x86_64__)
+  if (HaveAvx2()) return DotAvx2(a, b, p);
+#endif
+  float sum = 0.0f;
+  for (int64_t q = 0; q < p; ++q) sum += a[q] * b[q];
+  return sum;
+}
+
+bool ByDots(const Gemm &g) { return g.m < kRows && g.ap == 1 && g.bp == 1; }
+
+// Columns [n0, n0 + 16) of C = A B as dot products (see ByDots).
+void GemmDots(const Gemm &g, int64_t n0) {
+  for (int64_t j = n0; j < std::min(g.n, n0 + kCols); ++j)
+    for (int64_t i = 0; i < g.m; ++i) g.c[i * g.ldc + j] = Dot(g.a + i * g.am, g.b + j * g.bn, g.p);
+}
 
 // Columns [n0, n0 + 16) of C = A B (all M rows); panel is scratch of p * 16 floats.
 void GemmPanel(const Gemm &g, int64_t n0, float *panel) {
@@ -130,7 +164,14 @@ void RunGemms(const std::vector<Gemm> &gemms) {
   int threads = mindport::ThreadsFor(flops, 4e6);
   mindport::ParallelFor((int64_t)tasks.size(), threads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel(max_p * kCols);
-    for (int64_t t = begin; t < end; ++t) GemmPanel(gemms[tasks[t].first], tasks[t].second, panel.data());
+    for (int64_t t = begin; t < end; ++t) {
+      const Gemm &g = gemms[tasks[t].first];
+      if (ByDots(g)) {
+        GemmDots(g, tasks[t].second);
+      } else {
+        GemmPanel(g, tasks[t].second, panel.data());
+      }
+    }
   });
 }
 
