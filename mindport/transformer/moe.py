@@ -5,7 +5,9 @@ N = T*k routing slots.
 
 - route + dispatch: one fused operator (``ops/moe_routing``): fp32 softmax over E router
   logits, top-k (optionally renormalised), and the tokens copied into expert-grouped order.
-- experts: SwiGLU per expert over its contiguous block of rows (stacked weights [E, I, H]).
+- experts: SwiGLU per expert over its contiguous block of rows (stacked weights [E, I, H]), as
+  three grouped matmuls (``ops/grouped_matmul``) whose group sizes stay on the device: every
+  shape is static and nothing is read on the host, so training and decoding compile (``ms.jit``).
 - combine: the inverse permutation with the routing weights (same operator family).
 - shared experts (optional): one SwiGLU of width ``shared_expert_intermediate_size`` on every
   token, added at weight 1 (XVERSE-MoE) or scaled by sigmoid(Linear(H -> 1)) (Qwen-MoE).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 from typing import NamedTuple
+
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
@@ -226,11 +229,11 @@ class AllToAllDispatcher(LocalDispatcher):
         mine = kept_all[:, rank * n_local:(rank + 1) * n_local]  # (ep source, local experts)
         source = ops.arange(ep * width, dtype=ms.int32) // width
         p = ops.arange(ep * width, dtype=ms.int32) % width
-        ends = ops.cumsum(ops.gather(mine, source, 0), 1)  # (ep*width, local experts)
+        from_source = ops.gather(mine, source, 0)  # (ep*width, local experts): the slot's source's rows
+        ends = ops.cumsum(from_source, 1)
         local = (p.reshape(-1, 1) >= ends).astype(ms.int32).sum(1).astype(ms.int32)  # n_local: padding
         local_safe = ops.minimum(local, n_local - 1)
-        within_src = p - ops.gather_elements(ends, 1, local_safe.reshape(-1, 1)).reshape(-1) + \
-            ops.gather(mine.reshape(-1), source * n_local + local_safe, 0)
+        within_src = p - ops.gather_elements(ends - from_source, 1, local_safe.reshape(-1, 1)).reshape(-1)
         per_expert = mine.sum(0).astype(ms.int32)  # (local experts,) rows of each of my experts
         expert_first = ops.cumsum(per_expert, 0) - per_expert
         from_earlier_sources = (ops.cumsum(mine, 0) - mine).reshape(-1)
