@@ -2,8 +2,10 @@
 single-process run on the whole batch: loss, global gradient norm, logits, every gradient and
 every parameter after one AdamW step, and replicated parameters bit-identical on every rank.
 
-- EP2 with each token dispatcher, tiny Mixtral and XVERSE-MoE (with capacity drops), eager and
-  compiled (ms.jit); TP2 compiled too.
+Every layout runs forward and backward as one ms.jit graph, as the Trainer does (the eager path runs
+the same code; tests/train/test_moe_compiled.py compares the two).
+
+- EP2 with each token dispatcher, tiny Mixtral and XVERSE-MoE (with capacity drops).
 - TP2, TP2+SP and TP2 x EP2 (4 ranks), tiny Mixtral, Qwen2-MoE (shared expert + sigmoid gate)
   and XVERSE-MoE (shared experts, capacity drops), all with a router loss: the router's and the
   shared gate's gradients are partial on each tp rank and must be summed over tp.
@@ -60,12 +62,11 @@ def models(tmp_path_factory):
             for k, (name, d) in enumerate(zip(FAMILIES, dirs))}
 
 
-def run_layout(models: dict, families: tuple, layout: dict, tmp_path, jit: bool = False) -> None:
-    """One msrun launch for every family in ``families``, each compared with its single process
-    (``jit``: the layout's forward and backward compiled as one graph)."""
+def run_layout(models: dict, families: tuple, layout: dict, tmp_path) -> None:
+    """One msrun launch (compiled) for every family in ``families``, each compared with its single process."""
     world = ParallelConfig.from_dict(layout).world_size
     out = str(tmp_path / "out")
-    msrun(WORKER, [",".join(models[f][0] for f in families), out, json.dumps(layout)] + ["jit"] * jit, world,
+    msrun(WORKER, [",".join(models[f][0] for f in families), out, json.dumps(layout), "jit"], world,
           str(tmp_path / "log"))
     for k, family in enumerate(families):
         dumps = rank_dumps(os.path.join(out, str(k)) if len(families) > 1 else out, world)
@@ -77,19 +78,6 @@ def run_layout(models: dict, families: tuple, layout: dict, tmp_path, jit: bool 
 def test_ep2_equals_single_process(models, tmp_path, dispatcher):
     run_layout(models, ("mixtral", "xverse"), dict(data_parallel=2, expert_parallel=2,
                                                    moe_token_dispatcher=dispatcher), tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-def test_compiled_ep2_equals_single_process(models, tmp_path, dispatcher):
-    """Both expert-parallel dispatchers have static shapes: forward and backward run as one ms.jit graph."""
-    run_layout(models, ("mixtral", "xverse"), dict(data_parallel=2, expert_parallel=2,
-                                                   moe_token_dispatcher=dispatcher), tmp_path, jit=True)
-
-
-@pytest.mark.slow
-def test_compiled_tp2_moe_equals_single_process(models, tmp_path):
-    run_layout(models, FAMILIES, TP_LAYOUTS["tp2"], tmp_path, jit=True)
 
 
 @pytest.mark.slow

@@ -32,9 +32,6 @@ LAYOUTS = {
     "cp2": (DENSE, {"context_parallel": 2}, 4, ()),
     "dp2_zero": (DENSE, {"data_parallel": 2, "optimizer_shard": True}, 2, ()),
     "dp2_ep2_moe_zero": (MOE, {"data_parallel": 2, "expert_parallel": 2, "optimizer_shard": True}, 2, ()),
-    # the compiled expert-parallel step (the alltoall dispatcher above reads counts on the host: eager)
-    "dp2_ep2_moe_allgather": (MOE, {"data_parallel": 2, "expert_parallel": 2, "moe_token_dispatcher": "allgather"},
-                              2, ()),
     # the router's gradient is partial on each tp rank; the vocabulary is padded for the split
     "tp2_moe_odd_vocab": (MOE_ODD_VOCAB, {"model_parallel": 2}, 4, ()),
 }
