@@ -2,7 +2,8 @@
 
 Default shape: one expert projection of the issue #18 Mixtral step (batch 4 x 256 tokens, top-2:
 N = 2048 routed rows, H 512 -> expert width 704, 8 experts). Each case times, compiled (ms.jit),
-the forward (2 N K F FLOPs) and forward + backward (dX and dW: 6 N K F in all), best of N, for
+the forward (2 N K F FLOPs) and forward + backward (value and grad, so the forward is not pruned;
+dX and dW: 6 N K F in all), best of N, for
 the cpu and reference backends, and divides the FLOPs by MindSpore's own fp32 matmul rate
 measured in the same run (1024^3 products): ``*_of_bound`` >= 1 would be the plain matmul's speed.
 Group sizes: balanced, and skewed (half the rows in one expert, two experts empty).
@@ -68,9 +69,9 @@ def main() -> None:
         case = "skewed" if skewed else "balanced"
         for backend in ("cpu", "reference"):
             fn = dispatch.get("grouped_matmul", backend)
-            forward, backward = ms.jit(fn), ms.jit(ms.grad(weighted_sum(fn, cot), (0, 1)))
+            forward, backward = ms.jit(fn), ms.jit(ms.value_and_grad(weighted_sum(fn, cot), (0, 1)))
             t_fwd = best_time(lambda: forward(x, w, sizes).asnumpy(), args.repeats)
-            t_both = best_time(lambda: [g.asnumpy() for g in backward(x, w, sizes)], args.repeats)
+            t_both = best_time(lambda: [g.asnumpy() for g in backward(x, w, sizes)[1]], args.repeats)
             print(f"{case}_{backend}_forward_ms: {t_fwd * 1e3:.2f}")
             print(f"{case}_{backend}_forward_backward_ms: {t_both * 1e3:.2f}")
             print(f"{case}_{backend}_forward_of_bound: {flops / t_fwd / rate:.3f}")
