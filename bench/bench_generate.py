@@ -1,5 +1,6 @@
 """Decode speed: mindport KV-cache generation vs transformers' generate and vs our own
-no-cache decoding, on one ~58M-parameter TeleChat2-architecture model, in one run. Each side
+no-cache decoding, on one ~58M-parameter TeleChat2-architecture model (``--moe``: a Mixtral with
+8 experts top-2 of width ``--ffn`` against transformers' MixtralForCausalLM), in one run. Each side
 runs in its own process, one after the other (MindSpore's runtime threads slow torch down in a
 shared process).
 
@@ -17,8 +18,14 @@ from _timing import SIDES, each_side_in_own_process
 
 
 def model_config(args):
+    from mindport import AutoConfig
     from mindport.config import ModelConfig
 
+    if args.moe:
+        return AutoConfig.from_preset("mixtral-tiny").replace(
+            vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+            num_kv_heads=args.heads, num_experts=8, moe_top_k=2, moe_intermediate_size=args.ffn,
+            max_position_embeddings=4096, eos_token_id=None)
     return ModelConfig(family="telechat2", vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
                        num_heads=args.heads, ffn_hidden_size=args.ffn, kv_layout="interleaved", o_bias=True,
                        down_bias=True, rope_scaling="telechat_ntk", training_seqlen=4096, base_seqlen=4096,
@@ -27,9 +34,15 @@ def model_config(args):
 
 def build_theirs(args):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
+    if args.moe:
+        return MixtralForCausalLM(MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+                                                num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                                num_key_value_heads=args.heads, num_local_experts=8,
+                                                num_experts_per_tok=2, max_position_embeddings=4096,
+                                                tie_word_embeddings=False)).eval()
     return LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                         max_position_embeddings=4096, attention_bias=True, mlp_bias=True,
@@ -95,6 +108,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--nocache-new", type=int, default=16, help="tokens for the (slow) no-cache baseline")
+    p.add_argument("--moe", action="store_true", help="Mixtral, 8 experts top-2 of width --ffn")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
     if args.side:

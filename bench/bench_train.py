@@ -1,4 +1,5 @@
-"""Training-step efficiency on CPU: mindport (MindSpore) vs transformers' Llama (torch), same shape.
+"""Training-step efficiency on CPU: mindport (MindSpore) vs transformers' Llama (torch), same shape
+(``--moe``: a Mixtral of the issue #18 shape vs transformers' MixtralForCausalLM).
 
 Each side's achieved FLOP/s is (6 N + attention FLOPs) per token x tokens per second over the
 timed steps (forward, backward, AdamW update; fp32), and is divided by that framework's own
@@ -8,7 +9,7 @@ transformers keeps torch's. Each side runs in its own process, one after the oth
 runtime threads outlive a run and would slow torch down in the same process (measured: torch's
 step 2.34 s alone, 2.81 s after MindSpore had trained in that process).
 
-    python bench/bench_train.py [--steps 5] [--warmup 2] [--batch 4] [--seq 256]
+    python bench/bench_train.py [--steps 5] [--warmup 2] [--batch 4] [--seq 256] [--moe]
 
 ``--lora R`` (issue 17) trains LoRA adapters of rank R on every linear layer of a frozen base
 instead (ours: mindport's pet_config; theirs: peft's ``get_peft_model`` on the Llama); each side
@@ -31,6 +32,8 @@ from _timing import SIDES, each_side_in_own_process
 os.environ.setdefault("GLOG_v", "3")
 
 SHAPE = dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, ffn_hidden_size=1408)
+MOE_SHAPE = dict(vocab_size=8000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=8, num_experts=8,
+                 moe_top_k=2, moe_intermediate_size=704)
 
 
 def flops_per_token(config, seq: int) -> float:
@@ -99,14 +102,20 @@ def bench_ours(config, batch: int, seq: int, warmup: int, steps: int, level: str
 
 def bench_theirs(config, batch: int, seq: int, warmup: int, steps: int, lora: int) -> float:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                      intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
-                      num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-                      max_position_embeddings=seq, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).train()
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                  num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+                  max_position_embeddings=seq, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if config.is_moe:
+        cfg = transformers.MixtralConfig(**common, intermediate_size=config.moe_intermediate_size,
+                                         num_local_experts=config.num_experts, num_experts_per_tok=config.moe_top_k,
+                                         output_router_logits=True, router_aux_loss_coef=config.router_aux_loss_coef)
+        model = transformers.MixtralForCausalLM(cfg).train()
+    else:
+        cfg = transformers.LlamaConfig(**common, intermediate_size=config.ffn_hidden_size)
+        model = transformers.LlamaForCausalLM(cfg).train()
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -150,13 +159,17 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--amp", default="O0", choices=("O0", "O1"), help="our precision level (theirs: fp32)")
     p.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank on every linear layer (0: full)")
+    p.add_argument("--moe", action="store_true", help="Mixtral (H 512, 4 layers, 8 experts top-2, width 704)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
 
     from mindport import AutoConfig
 
-    config = AutoConfig.from_preset("telechat2-demo").replace(
-        **SHAPE, training_seqlen=args.seq, base_seqlen=args.seq, max_position_embeddings=args.seq)
+    if args.moe:
+        config = AutoConfig.from_preset("mixtral-tiny").replace(**MOE_SHAPE, max_position_embeddings=args.seq)
+    else:
+        config = AutoConfig.from_preset("telechat2-demo").replace(
+            **SHAPE, training_seqlen=args.seq, base_seqlen=args.seq, max_position_embeddings=args.seq)
     if args.side:
         print(json.dumps(run_side(args, config)))
         return
@@ -165,9 +178,14 @@ def main() -> None:
 
     tokens = args.batch * args.seq
     fpt = flops_per_token(config, args.seq)
-    print(f"model: TeleChat2 architecture, {config.num_parameters() / 1e6:.1f}M parameters "
-          f"({config.num_layers} layers, H {config.hidden_size}, {config.num_heads} heads, FFN "
-          f"{config.ffn_hidden_size}, vocab {config.vocab_size}); Llama of the same shape on the torch side")
+    if args.moe:
+        print(f"model: Mixtral architecture, {config.num_parameters() / 1e6:.1f}M parameters ({config.num_layers} "
+              f"layers, H {config.hidden_size}, {config.num_experts} experts top-{config.moe_top_k} of width "
+              f"{config.moe_intermediate_size}, vocab {config.vocab_size}); transformers' Mixtral on the torch side")
+    else:
+        print(f"model: TeleChat2 architecture, {config.num_parameters() / 1e6:.1f}M parameters "
+              f"({config.num_layers} layers, H {config.hidden_size}, {config.num_heads} heads, FFN "
+              f"{config.ffn_hidden_size}, vocab {config.vocab_size}); Llama of the same shape on the torch side")
     print(f"tokens_per_step: {tokens}")
     print(f"flops_per_token: {fpt:.4g}")
     print(f"torch_threads: {torch.get_num_threads()}")

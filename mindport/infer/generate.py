@@ -13,7 +13,6 @@ from mindspore import Tensor
 
 from mindport.infer.decoder import CompiledDecoder
 from mindport.transformer.attention import MASK_VALUE
-from mindport.transformer.kv_cache import KVCache
 from mindport.transformer.layers import as_array
 
 
@@ -77,14 +76,9 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, do_sample: bool, t
 
 def _stepper(model, batch: int, total: int, use_cache: bool):
     """``(ids, mask, past) -> last-position logits (B, V)`` as numpy: a compiled static-cache step
-    for dense models, a PYNATIVE growing cache for MoE models (their expert blocks are sized on
-    the host), or a full forward without cache."""
+    (dense and MoE models), or a full forward without cache."""
     if not use_cache:
         return lambda ids, mask, past: _last(model, model.forward(*model.prepare(ids, mask))[0])
-    if model.config.is_moe:
-        cache = KVCache(model.config, batch, total, model.groups.tp.size)
-        return lambda ids, mask, past: _last(model, model.forward(*model.prepare(ids, mask, past_len=past),
-                                                                    caches=cache.layers)[0])
     decoder = model.compiled_decoders.get((batch, total))
     if decoder is None:
         decoder = model.compiled_decoders[(batch, total)] = CompiledDecoder(model, batch, total)

@@ -17,7 +17,7 @@ from mindport.transformer.attention import MASK_VALUE
 from mindport.transformer.block import DecoderLayer
 from mindport.transformer.layers import RMSNorm, as_array, as_tensor
 from mindport.transformer.loss import CausalLMLoss
-from mindport.transformer.moe import RouterStats
+from mindport.transformer.moe import DROPPED, FRACTION, PROBABILITY, Z_LOSS
 from mindport.transformer.rope import logn_scale, rope_tables
 
 dispatch.configure_runtime()
@@ -192,7 +192,7 @@ class CausalLM(nn.Cell):
             return x, router_loss, dropped
         return self.lm_head(self.final_norm(x)), router_loss, dropped
 
-    def router_loss(self, stats: list[RouterStats]) -> tuple[Tensor, Tensor]:
+    def router_loss(self, stats: list[tuple]) -> tuple[Tensor, Tensor]:
         """Switch/Mixtral load balancing over all MoE layers' routing slots pooled
         (E * sum(mean f * mean P)), plus the router z-loss, weighted by their coefficients.
 
@@ -204,16 +204,16 @@ class CausalLM(nn.Cell):
         zero = ops.zeros((), ms.float32)
         if not stats:
             return zero, zero
-        f = ops.stack([s.fraction for s in stats]).mean(0)
-        p = ops.stack([s.probability for s in stats]).mean(0)
-        z = ops.stack([s.z_loss for s in stats]).mean()
+        f = ops.stack([s[FRACTION] for s in stats]).mean(0)
+        p = ops.stack([s[PROBABILITY] for s in stats]).mean(0)
+        z = ops.stack([s[Z_LOSS] for s in stats]).mean()
         ranks = 1
         for comm in self.data_comms:
             f = comm.all_reduce(ops.stop_gradient(f))
             ranks *= comm.group.size
         f, p, z = f / ranks, p / ranks, z / ranks
         balance = self.config.num_experts * (f * p).sum()
-        dropped = ops.stack([s.dropped for s in stats]).sum().astype(ms.float32)
+        dropped = ops.stack([s[DROPPED] for s in stats]).sum().astype(ms.float32)
         return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z, dropped
 
     def loss(self, logits: Tensor, router_loss: Tensor, labels: Tensor) -> Tensor:

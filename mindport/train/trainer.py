@@ -18,9 +18,9 @@ The layout comes from ``model.groups`` (``parallel_config``): tensor/sequence/ex
 layers live in the model; context parallelism feeds each rank its zigzag share of the sequence;
 pipeline parallelism runs each accumulation step through the 1F1B schedule (micro_batch_num
 micro-batches); ``optimizer_shard`` swaps AdamW for ZeRO-1 (:class:`ZeroAdamW`, which
-reduce-scatters the gradients instead of all-reducing them). Dense models without pipeline
-stages compile the step with ``ms.jit``; MoE models and pipeline stages run the forward and
-backward eagerly (host-read expert counts; point-to-point exchanges between stages).
+reduce-scatters the gradients instead of all-reducing them). Without pipeline stages the step
+compiles with ``ms.jit``, dense and MoE models alike (MoE shapes are static: ops/grouped_matmul);
+pipeline stages run forward and backward eagerly (point-to-point exchanges between stages).
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ class Trainer:
             from mindport.parallel.schedules import PipelineSchedule
 
             self.pipeline = PipelineSchedule(model, groups, groups.config.micro_batch_num)
-        self.compiled = config.jit and not self.base_config.is_moe and self.pipeline is None
+        self.compiled = config.jit and self.pipeline is None
         self._build()
         self._inputs_cache: tuple | None = None
 

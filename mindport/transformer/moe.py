@@ -5,7 +5,9 @@ N = T*k routing slots.
 
 - route + dispatch: one fused operator (``ops/moe_routing``): fp32 softmax over E router
   logits, top-k (optionally renormalised), and the tokens copied into expert-grouped order.
-- experts: SwiGLU per expert over its contiguous block of rows (stacked weights [E, I, H]).
+- experts: SwiGLU per expert over its contiguous block of rows (stacked weights [E, I, H]), as
+  three grouped matmuls (``ops/grouped_matmul``) whose group sizes stay on the device: every
+  shape is static and nothing is read on the host, so training and decoding compile (``ms.jit``).
 - combine: the inverse permutation with the routing weights (same operator family).
 - shared experts (optional): one SwiGLU of width ``shared_expert_intermediate_size`` on every
   token, added at weight 1 (XVERSE-MoE) or scaled by sigmoid(Linear(H -> 1)) (Qwen-MoE).
@@ -23,10 +25,9 @@ on every tp rank, back-propagate 1/tp of themselves on each so that sum counts t
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
@@ -34,6 +35,7 @@ from mindport import dispatch
 from mindport.config import ModelConfig
 from mindport.dtypes import dtype_of
 from mindport.ops import moe_routing  # noqa: F401  (registers the routing backends)
+from mindport.ops.grouped_matmul import group_of_rows
 from mindport.parallel.comm import AllToAll, GatherFromGroup, ReduceScatterToGroup, ShareGradient, collectives
 from mindport.parallel.layers import Linear, log_shifted_sum, region_entry, region_exit
 from mindport.parallel.state import ParallelGroups
@@ -42,12 +44,19 @@ from mindport.transformer.mlp import SwiGLU
 
 class RouterStats(NamedTuple):
     """One MoE layer's routing statistics for this rank's tokens; the model pools them over
-    layers into its auxiliary losses (:meth:`CausalLM.router_loss`) and metrics."""
+    layers into its auxiliary losses (:meth:`CausalLM.router_loss`) and metrics.
+
+    :class:`MoE` returns them as a plain tuple in this order (``RouterStats(*stats)`` names them):
+    a graph cannot build a NamedTuple from custom-operator outputs without falling back to Python.
+    """
 
     fraction: Tensor     # f (E,): fraction of routing slots per expert, summed over the k choices
     probability: Tensor  # P (E,): mean router probability per expert
     z_loss: Tensor       # (): mean squared logsumexp of the router logits
     dropped: Tensor      # (): routing slots dropped over capacity
+
+
+FRACTION, PROBABILITY, Z_LOSS, DROPPED = range(len(RouterStats._fields))  # positions in the stats tuple
 
 
 def load_balancing(logits: Tensor, experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -81,37 +90,43 @@ class Experts(nn.Cell):
         self.down_proj = Parameter(initializer(init, (e, h, i), dtype))
         self.num_experts = e
         self.act = dispatch.get("swiglu")
+        self.grouped_matmul = dispatch.get("grouped_matmul")
 
     def construct(self, rows: Tensor, counts: Tensor) -> Tensor:
         """rows (N, H) grouped by expert, counts (E,) -> (N, H); rows past sum(counts) stay zero.
 
-        Expert block sizes are read on the host, so this runs in PYNATIVE mode.
+        Three grouped matmuls (``ops/grouped_matmul``): static shapes, nothing read on the host.
         """
-        sizes = [int(c) for c in counts.asnumpy()]
-        outs, start = [], 0
-        dt = self.compute_dtype
-        for e, size in enumerate(sizes):
-            if size == 0:
-                continue
-            x = rows[start:start + size].astype(dt)  # (n_e, H)
-            hidden = self.act(ops.matmul(x, self.gate_proj[e].astype(dt).T), ops.matmul(x, self.up_proj[e].astype(dt).T))
-            outs.append(ops.matmul(hidden, self.down_proj[e].astype(dt).T))
-            start += size
-        if start < rows.shape[0]:
-            outs.append(ops.zeros((rows.shape[0] - start, rows.shape[1]), dt))
-        return ops.cat(outs, 0)
+        dt, matmul = self.compute_dtype, self.grouped_matmul
+        x = rows.astype(dt)
+        hidden = self.act(matmul(x, self.gate_proj.astype(dt), counts), matmul(x, self.up_proj.astype(dt), counts))
+        return matmul(hidden, self.down_proj.astype(dt), counts)
 
 
-Route = Callable[[Tensor, Tensor, int], tuple]
-"""``route(logits (T, E), tokens (T, H), capacity)`` -> (weights (T, k), experts (T, k),
-rows (N, H) grouped by expert, slot_rows (N,) (-1: dropped), counts (E,)): the fused operator."""
+class LocalDispatcher(nn.Cell):
+    """No expert parallelism: this rank's tokens go to all E experts here.
 
+    ``route`` is the fused operator (``ops/moe_routing``): logits (T, E), tokens (T, H) ->
+    (weights (T, k), experts (T, k), rows (N, H) grouped by expert, slot_rows (N,) (-1: dropped),
+    counts (E,)).
+    """
 
-class LocalDispatcher:
-    """No expert parallelism: this rank's tokens go to all E experts here."""
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts, self.top_k = config.num_experts, config.moe_top_k
+        self.norm_topk_prob, self.norm_eps = config.norm_topk_prob, config.norm_topk_eps
+        self.capacity_factor = config.capacity_factor
+        self.gating_permute = dispatch.get("moe_gating_permute")
+        self.unpermute_combine = dispatch.get("moe_unpermute_combine")
 
-    def __init__(self, route: Route, combine: Callable, capacity: Callable[[int], int]):
-        self.route, self.unpermute_combine, self.capacity = route, combine, capacity
+    def capacity(self, num_tokens: int) -> int:
+        """Slots each expert keeps of ``num_tokens`` tokens' routing (0: dropless)."""
+        if not self.capacity_factor:
+            return 0
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def route(self, logits: Tensor, tokens: Tensor, capacity: int):
+        return self.gating_permute(logits, tokens, self.top_k, self.norm_topk_prob, self.norm_eps, capacity)
 
     def dispatch(self, tokens: Tensor, logits: Tensor):
         """tokens (T, H), logits (T, E) -> (rows (N, H), counts (E,), plan for :meth:`combine`)."""
@@ -125,13 +140,17 @@ class LocalDispatcher:
 
 
 class AllGatherDispatcher(LocalDispatcher):
-    """Every rank gathers the ep group's tokens, routes them all and runs its own experts on
-    their rows; a reduce-scatter returns each rank its tokens' summed outputs."""
+    """Every rank gathers the ep group's tokens and router logits, routes them all and runs its own
+    experts on their rows; a reduce-scatter returns each rank its tokens' summed outputs.
 
-    def __init__(self, route: Route, combine: Callable, capacity: Callable[[int], int], router: nn.Cell,
-                 groups: ParallelGroups, local_experts: int, top_k: int):
-        super().__init__(route, combine, capacity)
-        self.router, self.top_k = router, top_k
+    Static shapes: the N = ep*T*k routed rows are rotated so that this rank's experts' rows come
+    first (their start is a device scalar); the grouped matmul leaves the rows past them zero, and
+    the inverse rotation puts the outputs back in place.
+    """
+
+    def __init__(self, config: ModelConfig, groups: ParallelGroups):
+        super().__init__(config)
+        local_experts = config.num_experts // groups.ep.size
         self.ep, self.rank = groups.ep.size, groups.ep.rank
         self.first, self.last = self.rank * local_experts, (self.rank + 1) * local_experts  # my experts
         self.gather = GatherFromGroup(groups.ep, 0)
@@ -139,21 +158,20 @@ class AllGatherDispatcher(LocalDispatcher):
 
     def dispatch(self, tokens: Tensor, logits: Tensor):
         t = tokens.shape[0]
-        all_tokens = self.gather(tokens)  # (ep*T, H)
-        all_logits = self.router(all_tokens).astype(ms.float32)
+        all_tokens, all_logits = self.gather(tokens), self.gather(logits)  # (ep*T, H), (ep*T, E)
         weights, experts, rows, slot_rows, counts = self.route(all_logits, all_tokens, self.capacity(t * self.ep))
-        sizes = counts.asnumpy()
-        start, mine = int(sizes[:self.first].sum()), int(sizes[self.first:self.last].sum())
-        plan = (weights, experts, slot_rows, rows.shape[0], start, mine, t)
-        return rows[start:start + mine], counts[self.first:self.last], plan  # my experts' rows only
+        n = rows.shape[0]
+        before_mine = (ops.arange(self.num_experts, dtype=ms.int32) < self.first).astype(ms.int32)
+        start = (counts * before_mine).sum().astype(ms.int32)  # first row of my experts
+        positions = ops.arange(n, dtype=ms.int32)
+        mine_first = ops.gather(rows, (positions + start) % n, 0)
+        plan = (weights, experts, slot_rows, (positions - start + n) % n, t)
+        return mine_first, counts[self.first:self.last], plan
 
     def combine(self, expert_out: Tensor, plan):
-        weights, experts, slot_rows, n, start, mine, t = plan
-        h = expert_out.shape[1]
-        parts = [p for p, size in ((ops.zeros((start, h), expert_out.dtype), start), (expert_out, mine),
-                                   (ops.zeros((n - start - mine, h), expert_out.dtype), n - start - mine)) if size]
-        partial = self.unpermute_combine(ops.cat(parts, 0), slot_rows, weights)  # (ep*T, H): my experts' share
-        out = self.reduce_scatter(partial)  # summed over ranks, my tokens
+        weights, experts, slot_rows, unrotate, t = plan
+        partial = self.unpermute_combine(ops.gather(expert_out, unrotate, 0), slot_rows, weights)  # my experts' share
+        out = self.reduce_scatter(partial)  # (T, H): summed over ranks, my tokens
         k = self.top_k
         kept = (slot_rows[self.rank * t * k:(self.rank + 1) * t * k] >= 0).astype(ms.int32).sum()
         return out, experts[self.rank * t:(self.rank + 1) * t], kept
@@ -161,68 +179,92 @@ class AllGatherDispatcher(LocalDispatcher):
 
 class AllToAllDispatcher(LocalDispatcher):
     """Each rank routes its own tokens, exchanges per-expert counts, drops over capacity in the
-    group's token order, and one all-to-all sends each row to its expert's rank (padded to the
-    largest block); a second brings the outputs back.
+    group's token order, and one all-to-all sends each row to its expert's rank; a second brings
+    the outputs back.
 
-    Index tables (host numpy): ``send_rows[j]`` are my rows for rank j's experts; ``grouped``
-    orders the received (ep, width) rows by my local expert, sources in rank order.
+    Static shapes: every rank sends every rank a buffer of :meth:`width` rows, the most one rank
+    can send another: N = T*k when dropless (all of a rank's slots may choose one rank's experts),
+    min(N, local experts * capacity) with capacity. Each all-to-all thus moves ep x width x H
+    values per rank (ep x the routed rows when dropless). The index tables are device tensors:
+    ``send_slot`` (N,) places my rows in the send buffers (ep*width: not sent), ``grouped_slot``
+    (ep*width,) orders the received rows by my local expert, sources in rank order (ep*width: padding).
     """
 
-    def __init__(self, route: Route, combine: Callable, capacity: Callable[[int], int],
-                 groups: ParallelGroups, local_experts: int):
-        super().__init__(route, combine, capacity)
-        self.ep, self.rank, self.local_experts = groups.ep.size, groups.ep.rank, local_experts
+    def __init__(self, config: ModelConfig, groups: ParallelGroups):
+        super().__init__(config)
+        self.ep, self.rank = groups.ep.size, groups.ep.rank
+        self.local_experts = config.num_experts // groups.ep.size
         self.comm = collectives(groups.ep)
         self.all_to_all = AllToAll(groups.ep, 0, 0)
 
+    def width(self, num_tokens: int) -> int:
+        """Rows of each per-rank send buffer for ``num_tokens`` tokens on this rank (the static bound)."""
+        slots, capacity = num_tokens * self.top_k, self.capacity(num_tokens * self.ep)
+        return min(slots, self.local_experts * capacity) if capacity else slots
+
     def dispatch(self, tokens: Tensor, logits: Tensor):
-        ep, n_local, rank = self.ep, self.local_experts, self.rank
+        ep, n_local, rank, e = self.ep, self.local_experts, self.rank, self.num_experts
+        t = tokens.shape[0]
         weights, experts, rows, slot_rows, counts = self.route(logits, tokens, 0)  # dropless locally
-        n, h = rows.shape
-        all_counts = self.comm.all_gather(ops.expand_dims(counts, 0), 0).asnumpy().astype(np.int64)  # (ep, E)
-        capacity = self.capacity(tokens.shape[0] * ep)
+        n, h, width = rows.shape[0], rows.shape[1], self.width(t)
+        all_counts = self.comm.all_gather(counts.reshape(1, e), 0)  # (ep, E)
+        capacity = self.capacity(t * ep)
+        kept_all = all_counts
         if capacity:  # slots of lower ranks come first in token order
-            before = np.cumsum(all_counts, 0) - all_counts
-            kept_all = np.clip(capacity - before, 0, all_counts)
-        else:
-            kept_all = all_counts
-        kept = kept_all[rank]
-        block = np.cumsum(all_counts[rank]) - all_counts[rank]
-        send_rows = [np.concatenate([np.arange(block[e], block[e] + kept[e]) for e in range(j * n_local, (j + 1) * n_local)])
-                     for j in range(ep)]
-        width = max(1, int(max(kept_all[i, j * n_local:(j + 1) * n_local].sum() for i in range(ep) for j in range(ep))))
-        send_index = np.full((ep, width), n, np.int32)  # n: an appended zero row
-        for j, idx in enumerate(send_rows):
-            send_index[j, :len(idx)] = idx
-        received = self.all_to_all(_gather_rows(rows, send_index.reshape(-1)).reshape(ep, width, h))
-        mine = kept_all[:, rank * n_local:(rank + 1) * n_local]  # (ep src, local experts)
-        offsets = np.cumsum(mine, 1) - mine
-        grouped = np.concatenate([i * width + offsets[i, e] + np.arange(mine[i, e])
-                                  for e in range(n_local) for i in range(ep)]).astype(np.int32)
-        expert_rows = ops.gather(received.reshape(ep * width, h), Tensor(grouped), 0)
-        plan = (weights, experts, slot_rows, send_rows, width, grouped, n, int(kept.sum()))
-        return expert_rows, Tensor(mine.sum(0).astype(np.int32)), plan
+            before = ops.cumsum(all_counts, 0) - all_counts
+            kept_all = ops.minimum(ops.maximum(capacity - before, 0), all_counts)
+        kept = kept_all[rank]  # (E,)
+        # my rows (grouped by expert, every row routed) -> (destination rank, position in its buffer)
+        expert = group_of_rows(counts, n)
+        start = ops.cumsum(counts, 0) - counts
+        within = ops.arange(n, dtype=ms.int32) - ops.gather(start, expert, 0)
+        keep_row = within < ops.gather(kept, expert, 0)
+        dest = expert // n_local
+        kept_before = ops.cumsum(kept, 0) - kept
+        position = ops.gather(kept_before, expert, 0) - ops.gather(kept_before, dest * n_local, 0) + within
+        send_slot = ops.where(keep_row, dest * width + position, ep * width).astype(ms.int32)
+        send_index = _inverse(send_slot, ep * width, n)
+        received = self.all_to_all(_gather_rows(rows, send_index).reshape(ep, width, h)).reshape(ep * width, h)
+        # received slot i*width + p from source i -> its place among my experts' rows
+        mine = kept_all[:, rank * n_local:(rank + 1) * n_local]  # (ep source, local experts)
+        source = ops.arange(ep * width, dtype=ms.int32) // width
+        p = ops.arange(ep * width, dtype=ms.int32) % width
+        from_source = ops.gather(mine, source, 0)  # (ep*width, local experts): the slot's source's rows
+        ends = ops.cumsum(from_source, 1)
+        local = (p.reshape(-1, 1) >= ends).astype(ms.int32).sum(1).astype(ms.int32)  # n_local: padding
+        local_safe = ops.minimum(local, n_local - 1)
+        within_src = p - ops.gather_elements(ends - from_source, 1, local_safe.reshape(-1, 1)).reshape(-1)
+        per_expert = mine.sum(0).astype(ms.int32)  # (local experts,) rows of each of my experts
+        expert_first = ops.cumsum(per_expert, 0) - per_expert
+        from_earlier_sources = (ops.cumsum(mine, 0) - mine).reshape(-1)
+        grouped = ops.gather(expert_first, local_safe, 0) + \
+            ops.gather(from_earlier_sources, source * n_local + local_safe, 0) + within_src
+        grouped_slot = ops.where(local < n_local, grouped, ep * width).astype(ms.int32)
+        expert_rows = _gather_rows(received, _inverse(grouped_slot, ep * width, ep * width))
+        plan = (weights, experts, slot_rows, send_slot, grouped_slot, keep_row, kept.sum())
+        return expert_rows, per_expert, plan
 
     def combine(self, expert_out: Tensor, plan):
-        weights, experts, slot_rows, send_rows, width, grouped, n, kept = plan
+        weights, experts, slot_rows, send_slot, grouped_slot, keep_row, kept = plan
         ep, h = self.ep, expert_out.shape[1]
-        back_index = np.full(ep * width, len(grouped), np.int32)
-        back_index[grouped] = np.arange(len(grouped), dtype=np.int32)
-        returned = self.all_to_all(_gather_rows(expert_out, back_index).reshape(ep, width, h))
-        row_index = np.full(n, ep * width, np.int32)
-        for j, idx in enumerate(send_rows):
-            row_index[idx] = j * width + np.arange(len(idx))
-        rows_out = _gather_rows(returned.reshape(ep * width, h), row_index)  # (N, H) in this rank's row order
-        keep_row = row_index < ep * width
-        slots = slot_rows.asnumpy()
-        slots = np.where((slots >= 0) & keep_row[np.maximum(slots, 0)], slots, -1).astype(np.int32)
-        return self.unpermute_combine(rows_out, Tensor(slots), weights), experts, Tensor(kept, ms.int32)
+        returned = self.all_to_all(_gather_rows(expert_out, grouped_slot).reshape(ep, -1, h)).reshape(-1, h)
+        rows_out = _gather_rows(returned, send_slot)  # (N, H) in this rank's row order, zero if not sent
+        sent = (slot_rows >= 0) & ops.gather(keep_row, ops.maximum(slot_rows, 0), 0)
+        slots = ops.where(sent, slot_rows, ops.full_like(slot_rows, -1))
+        return self.unpermute_combine(rows_out, slots, weights), experts, kept
 
 
-def _gather_rows(x: Tensor, index: np.ndarray) -> Tensor:
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x (n, H) gathered at ``index``, where index n selects a zero row."""
     x_ext = ops.cat([x, ops.zeros((1, x.shape[1]), x.dtype)], 0)
-    return ops.gather(x_ext, Tensor(index), 0)
+    return ops.gather(x_ext, index, 0)
+
+
+def _inverse(slot: Tensor, size: int, missing: int) -> Tensor:
+    """(size,) int32: index[slot[i]] = i for every slot[i] < size; ``missing`` where no slot points."""
+    table = ops.full((size + 1,), missing, dtype=ms.int32)  # the extra entry takes the unplaced slots
+    table = ops.tensor_scatter_update(table, slot.reshape(-1, 1), ops.arange(slot.shape[0], dtype=ms.int32))
+    return table[:size]
 
 
 class MoE(nn.Cell):
@@ -230,7 +272,7 @@ class MoE(nn.Cell):
 
     The token dispatcher is chosen once, from ``moe_token_dispatcher`` and the ep size
     (:class:`LocalDispatcher` without expert parallelism). Both expert-parallel dispatchers
-    (:class:`AllGatherDispatcher`, two collectives a layer, and :class:`AllToAllDispatcher`)
+    (:class:`AllGatherDispatcher`, three collectives a layer, and :class:`AllToAllDispatcher`)
     have the same capacity and drop semantics as one process holding every token of the ep
     group in rank order (capacity counts the group's tokens; a slot keeps its place in token order).
     """
@@ -239,8 +281,6 @@ class MoE(nn.Cell):
         super().__init__()
         h = config.hidden_size
         self.num_experts, self.top_k = config.num_experts, config.moe_top_k
-        self.norm_topk_prob, self.norm_eps = config.norm_topk_prob, config.norm_topk_eps
-        self.capacity_factor = config.capacity_factor
         self.entry, self.exit = region_entry(groups), region_exit(groups)
         self.router = Linear(h, config.num_experts, False, config)
         self.tp_share = ShareGradient(groups.tp)  # router statistics: replicated over tp (module docstring)
@@ -252,30 +292,18 @@ class MoE(nn.Cell):
                                  reduce=False)
             if config.shared_expert_gate:
                 self.shared_gate = Linear(h, 1, False, config)
-        self.gating_permute = dispatch.get("moe_gating_permute")
-        self.unpermute_combine = dispatch.get("moe_unpermute_combine")
-        self.token_dispatcher = self._token_dispatcher(groups)
+        self.token_dispatcher = self._token_dispatcher(config, groups)
 
-    def _token_dispatcher(self, groups: ParallelGroups) -> LocalDispatcher:
-        common = (self.route, self.unpermute_combine, self.capacity)
-        local_experts = self.num_experts // groups.ep.size
+    @staticmethod
+    def _token_dispatcher(config: ModelConfig, groups: ParallelGroups) -> LocalDispatcher:
         if groups.ep.size == 1:
-            return LocalDispatcher(*common)
+            return LocalDispatcher(config)
         if groups.config.moe_token_dispatcher == "allgather":
-            return AllGatherDispatcher(*common, self.router, groups, local_experts, self.top_k)
-        return AllToAllDispatcher(*common, groups, local_experts)
+            return AllGatherDispatcher(config, groups)
+        return AllToAllDispatcher(config, groups)
 
-    def capacity(self, num_tokens: int) -> int:
-        if not self.capacity_factor:
-            return 0
-        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
-
-    def route(self, logits: Tensor, tokens: Tensor, capacity: int):
-        """See :data:`Route`."""
-        return self.gating_permute(logits, tokens, self.top_k, self.norm_topk_prob, self.norm_eps, capacity)
-
-    def construct(self, x: Tensor) -> tuple[Tensor, RouterStats]:
-        """x (B, S, H) -> (out (B, S, H), this rank's tokens' :class:`RouterStats`)."""
+    def construct(self, x: Tensor) -> tuple[Tensor, tuple]:
+        """x (B, S, H) -> (out (B, S, H), this rank's tokens' :class:`RouterStats` as a tuple)."""
         x = self.entry(x)  # sequence parallel: gather the token shards
         b, s, h = x.shape
         tokens = x.reshape(b * s, h)
@@ -291,4 +319,4 @@ class MoE(nn.Cell):
         out = self.exit(out.reshape(b, s, h))
         stats_logits = self.tp_share(logits)
         f, p = load_balancing(stats_logits, experts, self.num_experts)
-        return out, RouterStats(f, p, z_loss(stats_logits), b * s * self.top_k - kept)
+        return out, (f, p, z_loss(stats_logits), b * s * self.top_k - kept)

@@ -1,4 +1,4 @@
-"""KV-cache generation: cached == uncached, greedy == transformers, batched == one by one."""
+"""KV-cache generation: cached == uncached, greedy == transformers (MoE compiled too), batched == one by one."""
 import numpy as np
 import pytest
 
@@ -62,8 +62,10 @@ def test_greedy_matches_transformers_generate(tmp_path, kind):
     with torch.no_grad():
         theirs = model.generate(torch.from_numpy(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None,
                                 pad_token_id=0).numpy()
-    ours = AutoModelForCausalLM.from_pretrained(directory).generate(prompt, max_new_tokens=12, eos_token_id=[])
+    mindport_model = AutoModelForCausalLM.from_pretrained(directory)
+    ours = mindport_model.generate(prompt, max_new_tokens=12, eos_token_id=[])
     assert np.array_equal(ours, theirs)
+    assert list(mindport_model.compiled_decoders) == [(1, 19)], "MoE decodes with the compiled static-cache step"
 
 
 @pytest.mark.parametrize("prompt, message", [([[]], "empty"), ([list(range(40))], "longer than max_position"),

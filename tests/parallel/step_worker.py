@@ -1,13 +1,14 @@
 """One training step under a parallel layout, launched by msrun; dumps what tests compare.
 
-usage: step_worker.py MODEL_DIRS OUT_DIR '{"data_parallel": 2, "model_parallel": 2, ...}'
+usage: step_worker.py MODEL_DIRS OUT_DIR '{"data_parallel": 2, "model_parallel": 2, ...}' [jit]
 
 MODEL_DIRS is one model directory, or several joined by ',' (one msrun launch for several
 models; the k-th writes to OUT_DIR/k/). For each, every rank loads its slices, takes its
 data-parallel share of a fixed batch, computes loss and gradients, synchronises them, applies
 one AdamW step and writes rank{r}.npz: loss (global), the global gradient norm (GradNorm),
 logits (all V columns, without pipeline stages), grad:/param: entries for its local parameters,
-and its coordinates (coord:dp/pp/cp/tp/ep). With no layout it runs single-process (the reference).
+and its coordinates (coord:dp/pp/cp/tp/ep). With no layout it runs single-process (the reference);
+with ``jit`` the forward and backward run as one ms.jit graph.
 """
 import json
 import os
@@ -32,7 +33,7 @@ def fixed_batch(vocab: int) -> np.ndarray:
     return ids
 
 
-def step(model_dir: str, out_dir: str, parallel: ParallelConfig, groups) -> None:
+def step(model_dir: str, out_dir: str, parallel: ParallelConfig, groups, jit: bool) -> None:
     ms.set_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     labels = fixed_batch(model.config.vocab_size)
@@ -57,7 +58,8 @@ def step(model_dir: str, out_dir: str, parallel: ParallelConfig, groups) -> None
         loss, grads = PipelineSchedule(model, groups, parallel.micro_batch_num).run(Batch(ids, labels[rows]))
     else:
         dump["logits"] = model.full_logits(model.forward(*inputs[:4])[0]).asnumpy()
-        loss, grads = ms.value_and_grad(loss_fn, None, optimizer.parameters)(*inputs[:4])
+        grad_fn = ms.value_and_grad(loss_fn, None, optimizer.parameters)
+        loss, grads = (ms.jit(grad_fn) if jit else grad_fn)(*inputs[:4])
     grads = GradientSync(params, groups)(grads)
     norm = GradNorm([p.name for p in params], groups)(ops.stack([sum_of_squares(g) for g in grads]))
     dump["grad_norm"] = norm.asnumpy()
@@ -71,12 +73,13 @@ def step(model_dir: str, out_dir: str, parallel: ParallelConfig, groups) -> None
     np.savez(os.path.join(out_dir, f"rank{groups.global_rank}.npz"), **dump)
 
 
-def main(model_dirs: list[str], out_dir: str, layout: dict) -> None:
+def main(model_dirs: list[str], out_dir: str, layout: dict, jit: bool) -> None:
     parallel = ParallelConfig.from_dict(layout)
     groups = init_parallel(parallel)
     for k, model_dir in enumerate(model_dirs):
-        step(model_dir, out_dir if len(model_dirs) == 1 else os.path.join(out_dir, str(k)), parallel, groups)
+        step(model_dir, out_dir if len(model_dirs) == 1 else os.path.join(out_dir, str(k)), parallel, groups, jit)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].split(","), sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
+    main(sys.argv[1].split(","), sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {},
+         sys.argv[4:] == ["jit"])

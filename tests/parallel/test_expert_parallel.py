@@ -2,6 +2,9 @@
 single-process run on the whole batch: loss, global gradient norm, logits, every gradient and
 every parameter after one AdamW step, and replicated parameters bit-identical on every rank.
 
+Every layout runs forward and backward as one ms.jit graph, as the Trainer does (the eager path runs
+the same code; tests/train/test_moe_compiled.py compares the two).
+
 - EP2 with each token dispatcher, tiny Mixtral and XVERSE-MoE (with capacity drops).
 - TP2, TP2+SP and TP2 x EP2 (4 ranks), tiny Mixtral, Qwen2-MoE (shared expert + sigmoid gate)
   and XVERSE-MoE (shared experts, capacity drops), all with a router loss: the router's and the
@@ -60,10 +63,11 @@ def models(tmp_path_factory):
 
 
 def run_layout(models: dict, families: tuple, layout: dict, tmp_path) -> None:
-    """One msrun launch for every family in ``families``, each compared with its single process."""
+    """One msrun launch (compiled) for every family in ``families``, each compared with its single process."""
     world = ParallelConfig.from_dict(layout).world_size
     out = str(tmp_path / "out")
-    msrun(WORKER, [",".join(models[f][0] for f in families), out, json.dumps(layout)], world, str(tmp_path / "log"))
+    msrun(WORKER, [",".join(models[f][0] for f in families), out, json.dumps(layout), "jit"], world,
+          str(tmp_path / "log"))
     for k, family in enumerate(families):
         dumps = rank_dumps(os.path.join(out, str(k)) if len(families) > 1 else out, world)
         assert_layout_equals_single_process(dumps, models[family][1], layout)
