@@ -345,12 +345,12 @@ def format_inference(config: ModelConfig, npus: int, seq_length: int, rows: list
     lines = [f"model: {_model_line(config)}",
              f"{npus} NPUs, decoding with {seq_length}-token contexts, fp16/bf16 weights and KV cache; budget "
              f"{MEMORY_BUDGET * ATLAS_800T_A2.hbm_bytes / GIB:.1f} GiB per NPU",
-             f"{'layout':<22} {'weights GiB':>11} {'max batch':>9} {'KV GiB':>7} {'decode tok/s b=1':>16} "
-             f"{'tok/s at max batch':>18} {'tok/s/NPU':>9} fits"]
+             f"{'layout':<22} {'weights GiB':>11} {'max batch':>9} {'batch':>6} {'KV GiB':>7} {'decode tok/s b=1':>16} "
+             f"{'tok/s at batch':>14} {'tok/s/NPU':>9} fits"]
     for r in rows:
-        rates = list(r["decode_tokens_per_s"].values())
-        lines.append(f"{r['layout']:<22} {r['weights_gib']:>11.1f} {r['max_batch']:>9} {r['kv_cache_gib']:>7.1f} "
-                     f"{rates[0]:>16.1f} {rates[-1]:>18.0f} {r['tokens_per_s_per_npu']:>9.0f} "
+        (_, one), (served, rate) = list(r["decode_tokens_per_s"].items())[0], list(r["decode_tokens_per_s"].items())[-1]
+        lines.append(f"{r['layout']:<22} {r['weights_gib']:>11.1f} {r['max_batch']:>9} {served[6:]:>6} "
+                     f"{r['kv_cache_gib']:>7.1f} {one:>16.1f} {rate:>14.0f} {r['tokens_per_s_per_npu']:>9.0f} "
                      f"{'yes' if r['fits'] else 'NO'}")
     return "\n".join(lines)
 
