@@ -52,6 +52,8 @@ pipeline bubble
     divided by v.
 optimizer
     AdamW reads and writes parameters, gradients, m, v and the fp32 master copy: bytes / HBM speed.
+    Under LoRA the gradient reduction and the optimizer step cover only what the ``pet_config``
+    trains (adapters and ``modules_to_save``, the memory report's accounting).
 
 Decoding (``--mode infer``), per token step at batch B: the weights and the KV cache read once at
 ``DECODE_HBM_EFFICIENCY`` of HBM speed (or the matmuls, if slower), plus 2 tensor-parallel
