@@ -8,6 +8,7 @@ device), so a config must stay within ``MEMORY_BUDGET`` = 85% of 64 GB (54.4 GB)
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -59,9 +60,13 @@ def test_serving_configs_hold_only_keys_something_reads_and_train_refuses_them(p
 
     from mindport.cli import main
 
-    assert _dotted(yaml.safe_load(path.read_text(encoding="utf-8"))) <= SERVING_KEYS
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert _dotted(doc) <= SERVING_KEYS
     assert main(["train", "--config", str(path)]) == 2
     assert "key 'run_mode' = 'predict'" in capsys.readouterr().err
+    assert main(["plan", "--config", str(path), "--json"]) == 0  # decoding at the file's batch and context
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] and f"batch_{doc['runner_config']['batch_size']}" in plan["decode_tokens_per_s"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
