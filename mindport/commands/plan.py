@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
                    help="sequences per optimizer step (default: about 4M tokens, at least one per NPU)")
     p.add_argument("--mode", choices=["train", "lora", "infer"], default=None,
                    help="train: full fine-tune/pretrain; lora: frozen base, trainable adapters (the --config's "
-                        "pet_config, else rank 16 on every attention and dense MLP projection); infer: decoding "
+                        "pet_config, else rank 16 on every attention, dense MLP and shared-expert projection); infer: decoding "
                         "(default: lora for a --config with a pet_config, infer for one with run_mode: predict, "
                         "else train)")
     p.add_argument("--layout", default=None, metavar="dp=..,tp=..,pp=..,ep=..,cp=..",
@@ -86,10 +86,7 @@ def run(args) -> int:
     if args.write and mode == "infer":
         raise ValueError(f"--write {args.write} with --mode infer: run YAMLs are written for training (--mode train "
                          f"or lora); serving is configured on `mindport generate`'s command line")
-    if mode == "lora":
-        lora = lora or planner.default_lora(config)
-    else:
-        lora = None
+    lora = (lora or planner.default_lora(config)) if mode == "lora" else None
     if mode == "infer":
         rows = planner.plan_inference(config, npus, seq, tps=(degrees["tp"],) if "tp" in degrees else None,
                                       batch=run_config.train.batch_size if args.config else None)
