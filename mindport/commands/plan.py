@@ -12,12 +12,16 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-length", type=int, help="tokens per sequence (infer: context length)")
     p.add_argument("--global-batch", type=int, default=None,
                    help="sequences per optimizer step (default: about 4M tokens, at least one per NPU)")
-    p.add_argument("--mode", choices=["train", "lora", "infer"], default="train",
-                   help="train: full fine-tune/pretrain; lora: frozen base, trainable adapters; infer: decoding")
+    p.add_argument("--mode", choices=["train", "lora", "infer"], default=None,
+                   help="train: full fine-tune/pretrain; lora: frozen base, trainable adapters (the --config's "
+                        "pet_config, else rank 16 on every attention, dense MLP and shared-expert projection); infer: decoding "
+                        "(default: lora for a --config with a pet_config, infer for one with run_mode: predict, "
+                        "else train)")
     p.add_argument("--layout", default=None, metavar="dp=..,tp=..,pp=..,ep=..,cp=..",
                    help="only layouts with these degrees (the rest: micro-batches, recompute, ZeRO, still searched)")
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="a run config: its model, layout, sequence length and global batch")
+                   help="a run config: its model, LoRA pet_config, layout, sequence length and global batch "
+                        "(with --npus: its layout is searched again)")
     p.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--write", default=None, metavar="OUT.yaml", help="write the best fitting layout as a run config")
@@ -43,7 +47,7 @@ def _from_config(args) -> tuple:
     degrees = dict(dp=p.data_parallel, tp=p.model_parallel, pp=p.pipeline_stage, cp=p.context_parallel,
                    ep=p.expert_parallel)
     micro_batches = p.micro_batch_num if p.pipeline_stage > 1 else t.grad_accumulation
-    return run.model, degrees, t.seq_length, t.batch_size * micro_batches * p.data_parallel, p.world_size
+    return run, degrees, t.batch_size * micro_batches * p.data_parallel
 
 
 def _check_positive(**values) -> None:
@@ -62,10 +66,15 @@ def run(args) -> int:
         print(json.dumps(rows, indent=1) if args.json else planner.format_calibration(rows))
         return 0
     degrees = planner.parse_layout(args.layout) if args.layout else {}
+    lora = mode = None
     if args.config:
-        config, from_yaml, seq, batch, npus = _from_config(args)
-        degrees = {**from_yaml, **degrees}
-        seq, batch, npus = args.seq_length or seq, args.global_batch or batch, args.npus or npus
+        run_config, from_yaml, batch = _from_config(args)
+        config, lora = run_config.model, run_config.lora
+        mode = "infer" if run_config.run_mode == "predict" else "lora" if lora else "train"
+        if not args.npus:  # the YAML's own layout; with --npus the layout is searched again
+            degrees = {**from_yaml, **degrees}
+        seq = args.seq_length or run_config.train.seq_length
+        batch, npus = args.global_batch or batch, args.npus or run_config.parallel.world_size
     else:
         if not args.model:
             raise ValueError("--model missing: expected a preset name, a model directory or a config.json "
@@ -73,11 +82,14 @@ def run(args) -> int:
         config = planner.load_model(args.model)
         seq, batch, npus = args.seq_length, args.global_batch, args.npus
     _check_positive(npus=npus, seq_length=seq)
-    if args.write and args.mode != "train":
-        raise ValueError(f"--write {args.write} with --mode {args.mode}: run YAMLs are written for --mode train "
-                         f"(LoRA's pet_config and serving settings are not part of them yet)")
-    if args.mode == "infer":
-        rows = planner.plan_inference(config, npus, seq, tps=(degrees["tp"],) if "tp" in degrees else None)
+    mode = args.mode or mode or "train"
+    if args.write and mode == "infer":
+        raise ValueError(f"--write {args.write} with --mode infer: run YAMLs are written for training (--mode train "
+                         f"or lora); serving is configured on `mindport generate`'s command line")
+    lora = (lora or planner.default_lora(config)) if mode == "lora" else None
+    if mode == "infer":
+        rows = planner.plan_inference(config, npus, seq, tps=(degrees["tp"],) if "tp" in degrees else None,
+                                      batch=run_config.train.batch_size if args.config else None)
         if not rows:
             raise ValueError(f"--npus {npus}: no tensor-parallel degree (1, 2, 4, 8) divides it and the model's heads")
         if args.json:
@@ -87,7 +99,7 @@ def run(args) -> int:
         return 0
     batch = batch or planner.default_global_batch(npus, seq)
     _check_positive(global_batch=batch)
-    plans = planner.plan_training(config, npus, seq, batch, args.mode, degrees)
+    plans = planner.plan_training(config, npus, seq, batch, lora, degrees)
     if not plans:
         raise ValueError(f"--npus {npus} --seq-length {seq} --global-batch {batch}"
                          + (f" --layout {args.layout}" if args.layout else "")
@@ -98,17 +110,17 @@ def run(args) -> int:
                              f"nothing written")
         if not args.model:
             raise ValueError(f"--write {args.write}: needs --model (the preset or checkpoint the run YAML names)")
-        text = planner.run_yaml(args.model, plans[0], seq, npus, args.write)
+        text = planner.run_yaml(args.model, plans[0], seq, npus, args.write, lora)
         tmp = args.write + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, args.write)
     if args.json:
         best = plans[0].row()
-        print(json.dumps({**best, "npus": npus, "seq_length": seq, "global_batch": batch, "mode": args.mode,
+        print(json.dumps({**best, "npus": npus, "seq_length": seq, "global_batch": batch, "mode": mode,
                           "candidates": [p.row() for p in plans[:args.top]]}, indent=1))
     else:
-        print(planner.format_training(config, npus, seq, batch, args.mode, plans[:args.top], len(plans)))
+        print(planner.format_training(config, npus, seq, batch, mode, plans[:args.top], len(plans)))
         if args.write:
             print(f"wrote {args.write}")
     return 0

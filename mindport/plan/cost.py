@@ -52,6 +52,8 @@ pipeline bubble
     divided by v.
 optimizer
     AdamW reads and writes parameters, gradients, m, v and the fp32 master copy: bytes / HBM speed.
+    Under LoRA the gradient reduction and the optimizer step cover only what the ``pet_config``
+    trains (adapters and ``modules_to_save``, the memory report's accounting).
 
 Decoding (``--mode infer``), per token step at batch B: the weights and the KV cache read once at
 ``DECODE_HBM_EFFICIENCY`` of HBM speed (or the matmuls, if slower), plus 2 tensor-parallel
@@ -216,8 +218,9 @@ def _gemm_time(hw: Hardware, gemms) -> float:
     return sum(f / (hw.peak_flops * gemm_efficiency(m, k, n)) for f, m, k, n in gemms)
 
 
-def train_step(config, layout: Layout, seq_length: int, hw: Hardware = ATLAS_800T_A2, lora: bool = False) -> dict:
-    """Predicted step time of ``layout`` training ``config`` on sequences of ``seq_length`` tokens.
+def train_step(config, layout: Layout, seq_length: int, hw: Hardware = ATLAS_800T_A2, lora=None) -> dict:
+    """Predicted step time of ``layout`` training ``config`` on sequences of ``seq_length`` tokens
+    (``lora``: a :class:`~mindport.config.LoraConfig`, only its adapters and saved modules train).
 
     Returns seconds per step split into ``compute``, ``communication`` (exposed), ``bubble`` and
     ``optimizer``, plus ``step``, ``tokens_per_s_per_npu`` and ``mfu``.
@@ -280,9 +283,9 @@ def train_step(config, layout: Layout, seq_length: int, hw: Hardware = ATLAS_800
     communication = m * comm_per_micro_batch
 
     # data-parallel gradient reduction and the optimizer step
-    trainable = lora_parameters(config, t, counts[0]) if lora else local_parameter_count(config, layout)
+    trainable = local_parameter_count(config, layout, lora)
     experts = 0  # expert weights on this rank: reduced over dp / ep (the ranks holding the same experts)
-    if config.is_moe and not lora:
+    if config.is_moe and lora is None:
         experts = counts[0] * 3 * h * (config.moe_intermediate_size // t) * (config.num_experts // L.ep)
     stride = pp * t if cp == 1 else t
     dp_comm = 0.0
@@ -306,9 +309,6 @@ def train_step(config, layout: Layout, seq_length: int, hw: Hardware = ATLAS_800
             "mfu": per_npu * model_flops / hw.peak_flops}
 
 
-LORA_RANK = 16  # planner's LoRA: rank-16 adapters on q/k/v/o and the dense MLP (or shared expert) projections
-
-
 def parallel_config(layout: Layout):
     """The :class:`mindport.config.ParallelConfig` of ``layout`` (its mindformers keys)."""
     from mindport.config import ParallelConfig
@@ -320,28 +320,21 @@ def parallel_config(layout: Layout):
                           offset=list(layout.offset) if layout.offset else 0)
 
 
-def local_parameter_count(config, layout: Layout) -> int:
-    """Parameter elements on the first rank (first pipeline stage, its tp/ep shard)."""
+def local_parameter_count(config, layout: Layout, lora=None) -> int:
+    """Trained parameter elements on the first rank (first pipeline stage, its tp/ep shard): all of
+    them, or under ``lora`` the adapters and saved modules only."""
+    from mindport.models.lora import trained_shapes
     from mindport.train.memory import local_parameters
 
+    local = local_parameters(config, parallel_config(layout), pipeline_offset=layout.offset, lora=lora)
+    trained = local.keys() if lora is None else local.keys() & trained_shapes(config, lora).keys()
     total = 0
-    for shape in local_parameters(config, parallel_config(layout), pipeline_offset=layout.offset).values():
+    for shape in (local[name] for name in trained):
         n = 1
         for x in shape:
             n *= x
         total += n
     return total
-
-
-def lora_parameters(config, tp: int, layers: int) -> int:
-    """Adapter elements (A: r x in, B: out x r) on one rank holding ``layers`` layers."""
-    h, d = config.hidden_size, config.head_dim
-    n, n_kv = config.num_heads, config.num_kv_heads
-    pairs = [(h, n * d), (h, n_kv * d), (h, n_kv * d), (n * d, h)]
-    inner = config.shared_expert_intermediate_size if config.is_moe else config.ffn_hidden_size
-    if inner:
-        pairs += [(h, inner), (h, inner), (inner, h)]
-    return layers * sum(LORA_RANK * (i + o) for i, o in pairs) // tp
 
 
 def kv_bytes_per_token(config, tp: int) -> int:

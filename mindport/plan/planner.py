@@ -1,6 +1,7 @@
 """Layout planner: the legal layouts of a model on N NPUs, their memory (the training memory report,
-:func:`mindport.train.memory.memory_report`) and predicted speed (:mod:`mindport.plan.cost`), ranked
-by tokens/s per NPU; decoding memory and speed for ``--mode infer``; the calibration runs.
+:func:`mindport.train.memory.memory_report`, with the 910B's flash attention and, for LoRA, the
+adapters of a ``pet_config``) and predicted speed (:mod:`mindport.plan.cost`), ranked by tokens/s
+per NPU; decoding memory and speed for ``--mode infer``; the calibration runs.
 """
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import os
 from dataclasses import dataclass
 from itertools import product
 
-from mindport.config import ConfigError, ModelConfig, ParallelConfig, stage_layer_counts
+from mindport.config import ConfigError, LoraConfig, ModelConfig, ParallelConfig, stage_layer_counts
 from mindport.plan.cost import (ATLAS_800T_A2, MEMORY_BUDGET, MINDFORMERS, MINDPORT, MINDSPEED, Hardware, Layout,
-                                decode_step, kv_bytes_per_token, lora_parameters, parallel_config, train_step)
+                                decode_step, kv_bytes_per_token, parallel_config, train_step)
 
 AMP_LEVEL = "O2"  # fp16/bf16 weights with an fp32 master copy: how the large models train on Ascend
 MODES = ("train", "lora", "infer")
+ATTENTION = "flash"  # mindport's attention core on Ascend (FlashAttentionScore, UNEXECUTED): the memory it keeps
 GIB = 2**30
 
 
@@ -56,35 +58,36 @@ class Plan:
                 "recompute": self.layout.recompute, "micro_batch": self.layout.micro_batch}
 
 
-def training_memory(config: ModelConfig, layout: Layout, seq_length: int, lora: bool = False) -> dict:
-    """The memory report of the largest rank (first or last pipeline stage); under LoRA the frozen
-    base has no gradients or optimizer state, the adapters (fp32, replicated) have both."""
+def default_lora(config: ModelConfig) -> LoraConfig:
+    """The LoRA planned without a ``pet_config``: rank 16 on every projection an adapter can target
+    (attention, dense MLP or shared expert), by the family's HF module names."""
+    from mindport.models.lora import hf_weights
+    from mindport.parallel.sharding import rule_for
+
+    modules = sorted({hf.rsplit(".", 2)[-2] for hf, ours in hf_weights(config).items()
+                      if hf.endswith(".weight") and rule_for(ours).kind in ("column", "row")})
+    return LoraConfig(lora_rank=16, lora_alpha=32.0, target_modules=modules)
+
+
+def training_memory(config: ModelConfig, layout: Layout, seq_length: int, lora: LoraConfig | None = None) -> dict:
+    """The memory report of the largest rank (first or last pipeline stage, or the one with most
+    layers); under LoRA the frozen base has no gradients or optimizer state (the report's accounting)."""
     from mindport.train.memory import memory_report
 
     parallel = parallel_config(layout)
     counts = stage_layer_counts(config.num_layers, layout.pp, layout.offset)
     stages = {0, counts.index(max(counts)), layout.pp - 1}  # most in flight, most layers, the head
     reports = [memory_report(config, parallel, layout.micro_batch, seq_length, AMP_LEVEL, layout.recompute == "full",
-                             rank=stage * layout.cp * layout.tp, pipeline_offset=parallel.offset)
+                             rank=stage * layout.cp * layout.tp, pipeline_offset=parallel.offset, lora=lora,
+                             attention=ATTENTION)
                for stage in sorted(stages)]
-    if lora:
-        for report in reports:
-            b = report["bytes"]
-            adapters = lora_parameters(config, layout.tp, len(report["layers"]))
-            b["parameters"] += 4 * adapters
-            b["gradients"] = 4 * adapters
-            for key in ("optimizer.adam_m", "optimizer.adam_v"):
-                b[key] = 4 * adapters
-            b["optimizer.master"] = 0
-            b["optimizer"] = 8 * adapters
-            b["total"] = b["parameters"] + b["gradients"] + b["optimizer"] + b["activations"]
     return max(reports, key=lambda r: r["bytes"]["total"])
 
 
-def evaluate(config: ModelConfig, layout: Layout, seq_length: int, mode: str = "train",
+def evaluate(config: ModelConfig, layout: Layout, seq_length: int, lora: LoraConfig | None = None,
              hw: Hardware = ATLAS_800T_A2) -> Plan:
-    cost = train_step(config, layout, seq_length, hw, lora=mode == "lora")
-    memory = training_memory(config, layout, seq_length, lora=mode == "lora")
+    cost = train_step(config, layout, seq_length, hw, lora=lora)
+    memory = training_memory(config, layout, seq_length, lora=lora)
     return Plan(layout, cost, memory, memory["bytes"]["total"] <= MEMORY_BUDGET * hw.hbm_bytes)
 
 
@@ -151,12 +154,14 @@ def candidate_layouts(config: ModelConfig, npus: int, seq_length: int, global_ba
                             yield layout
 
 
-def plan_training(config: ModelConfig, npus: int, seq_length: int, global_batch: int, mode: str = "train",
-                  fixed: dict[str, int] | None = None, hw: Hardware = ATLAS_800T_A2) -> list[Plan]:
-    """Every legal mindport layout, fitting ones first, each group by predicted tokens/s per NPU."""
+def plan_training(config: ModelConfig, npus: int, seq_length: int, global_batch: int,
+                  lora: LoraConfig | None = None, fixed: dict[str, int] | None = None,
+                  hw: Hardware = ATLAS_800T_A2) -> list[Plan]:
+    """Every legal mindport layout, fitting ones first, each group by predicted tokens/s per NPU
+    (``lora``: LoRA fine-tuning with this ``pet_config``)."""
     plans = []
     for layout in candidate_layouts(config, npus, seq_length, global_batch, fixed):
-        plans.append(evaluate(config, layout, seq_length, mode, hw))
+        plans.append(evaluate(config, layout, seq_length, lora, hw))
     plans.sort(key=lambda p: (not p.fits, -p.cost["tokens_per_s_per_npu"]))
     return plans
 
@@ -168,9 +173,10 @@ def default_global_batch(npus: int, seq_length: int) -> int:
 
 # ------------------------------------------------------------------------------------------- inference
 def plan_inference(config: ModelConfig, npus: int, seq_length: int, hw: Hardware = ATLAS_800T_A2,
-                   tps: tuple[int, ...] | None = None) -> list[dict]:
+                   tps: tuple[int, ...] | None = None, batch: int | None = None) -> list[dict]:
     """Per tensor-parallel degree (replicas = npus / tp): weights and KV cache per rank, the largest
-    batch of ``seq_length``-token contexts that fits, decode tokens/s at batch 1 and at that batch."""
+    batch of ``seq_length``-token contexts that fits, decode tokens/s at batch 1 and at that batch
+    (or at ``batch``, a serving config's, which then must fit)."""
     from mindport.train.flops import matmul_params
     from mindport.train.memory import memory_report
 
@@ -184,17 +190,18 @@ def plan_inference(config: ModelConfig, npus: int, seq_length: int, hw: Hardware
         weights = memory_report(config, parallel, 1, seq_length, AMP_LEVEL)["bytes"]["parameters"]
         per_token = kv_bytes_per_token(config, tp)
         free = MEMORY_BUDGET * hw.hbm_bytes - weights
-        batch = max(0, int(free // (per_token * seq_length)))
+        largest = max(0, int(free // (per_token * seq_length)))
+        served = batch or max(largest, 1)
         one = decode_step(config, tp, 1, seq_length, weights, hw)
-        full = decode_step(config, tp, max(batch, 1), seq_length, weights, hw)
+        full = decode_step(config, tp, served, seq_length, weights, hw)
         replicas = npus // tp
+        cached = (batch or largest) * seq_length * per_token
         rows.append({
             "layout": f"tp{tp} x {replicas} replica(s)", "parallel_config": parallel.to_dict(),
-            "fits": batch >= 1, "weights_gib": weights / GIB,
-            "kv_cache_gib": batch * seq_length * per_token / GIB,
-            "memory_gib": (weights + batch * seq_length * per_token) / GIB,
-            "max_batch": batch, "max_tokens_in_cache": int(max(free, 0) // per_token),
-            "decode_tokens_per_s": {"batch_1": one["tokens_per_s"], f"batch_{max(batch, 1)}": full["tokens_per_s"]},
+            "fits": largest >= (batch or 1), "weights_gib": weights / GIB,
+            "kv_cache_gib": cached / GIB, "memory_gib": (weights + cached) / GIB,
+            "max_batch": largest, "max_tokens_in_cache": int(max(free, 0) // per_token),
+            "decode_tokens_per_s": {"batch_1": one["tokens_per_s"], f"batch_{served}": full["tokens_per_s"]},
             "tokens_per_s_per_npu": full["tokens_per_s"] * replicas / npus,
             "mfu": full["tokens_per_s"] * 2 * matmul_params(config) / (tp * hw.peak_flops),
         })
@@ -259,9 +266,12 @@ def calibrate(hw: Hardware = ATLAS_800T_A2) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ run YAML
-def run_yaml(model_spec: str, plan: Plan, seq_length: int, npus: int, out_path: str) -> str:
+def run_yaml(model_spec: str, plan: Plan, seq_length: int, npus: int, out_path: str,
+             lora: LoraConfig | None = None) -> str:
     """A run config (mindformers' layout, ``mindport train`` reads it) for ``plan``: the preset key
-    when ``model_spec`` is a preset, else ``load_checkpoint: model_spec``."""
+    when ``model_spec`` is a preset, ``load_checkpoint: model_spec`` when it is a directory; with
+    ``lora`` its ``pet_config`` and a ``load_checkpoint`` (the base to adapt; a placeholder path
+    beside a preset)."""
     import yaml
 
     layout = plan.layout
@@ -271,8 +281,9 @@ def run_yaml(model_spec: str, plan: Plan, seq_length: int, npus: int, out_path: 
     launch = (f'scripts/msrun_launcher.sh "mindport train --config {out_path}" {npus}' if nodes == 1 else
               f'scripts/msrun_launcher.sh "mindport train --config {out_path}" \\\n#       {npus} {per_node} '
               f'NODE0_IP 8118 $NODE_RANK output/msrun_log False 7200')
+    task = "LoRA fine-tuning" if lora else "training"
     header = [
-        f"# Written by `mindport plan`: {nodes} Atlas 800T A2 node(s) x {per_node} NPUs = {npus} ranks.",
+        f"# {task} written by `mindport plan`: {nodes} Atlas 800T A2 node(s) x {per_node} NPUs = {npus} ranks.",
         f"# Launch{' on every node (NODE_RANK 0..' + str(nodes - 1) + ')' if nodes > 1 else ''}:",
         f"#   {launch}",
         f"# Predicted: {plan.cost['tokens_per_s_per_npu']:.0f} tokens/s per NPU, MFU {100 * plan.cost['mfu']:.1f}%, "
@@ -281,12 +292,14 @@ def run_yaml(model_spec: str, plan: Plan, seq_length: int, npus: int, out_path: 
         "# UNEXECUTED at this size: no Ascend NPU was available.",
     ]
     doc: dict = {"seed": 1234, "output_dir": "./output/run"}
-    if is_preset:
-        doc["run_mode"] = "train"
-        doc["model"] = {"model_config": {"preset": model_spec}}
-    else:
-        doc["run_mode"] = "finetune"
-        doc["load_checkpoint"] = os.path.abspath(model_spec)
+    doc["run_mode"] = "train" if is_preset and not lora else "finetune"
+    if not is_preset or lora:
+        doc["load_checkpoint"] = f"/path/to/{model_spec}" if is_preset else os.path.abspath(model_spec)
+    if is_preset or lora:
+        doc["model"] = {"model_config": {"preset": model_spec} if is_preset else {}}
+    if lora:
+        doc["model"]["model_config"]["pet_config"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in lora.to_dict().items()}
     parallel = parallel_config(layout).to_dict()
     doc["parallel_config"] = {k: parallel[k] for k in ("data_parallel", "model_parallel", "pipeline_stage",
                                                        "micro_batch_num", "use_seq_parallel", "expert_parallel",
@@ -332,12 +345,12 @@ def format_inference(config: ModelConfig, npus: int, seq_length: int, rows: list
     lines = [f"model: {_model_line(config)}",
              f"{npus} NPUs, decoding with {seq_length}-token contexts, fp16/bf16 weights and KV cache; budget "
              f"{MEMORY_BUDGET * ATLAS_800T_A2.hbm_bytes / GIB:.1f} GiB per NPU",
-             f"{'layout':<22} {'weights GiB':>11} {'max batch':>9} {'KV GiB':>7} {'decode tok/s b=1':>16} "
-             f"{'tok/s at max batch':>18} {'tok/s/NPU':>9} fits"]
+             f"{'layout':<22} {'weights GiB':>11} {'max batch':>9} {'batch':>6} {'KV GiB':>7} {'decode tok/s b=1':>16} "
+             f"{'tok/s at batch':>14} {'tok/s/NPU':>9} fits"]
     for r in rows:
-        rates = list(r["decode_tokens_per_s"].values())
-        lines.append(f"{r['layout']:<22} {r['weights_gib']:>11.1f} {r['max_batch']:>9} {r['kv_cache_gib']:>7.1f} "
-                     f"{rates[0]:>16.1f} {rates[-1]:>18.0f} {r['tokens_per_s_per_npu']:>9.0f} "
+        (_, one), (served, rate) = list(r["decode_tokens_per_s"].items())[0], list(r["decode_tokens_per_s"].items())[-1]
+        lines.append(f"{r['layout']:<22} {r['weights_gib']:>11.1f} {r['max_batch']:>9} {served[6:]:>6} "
+                     f"{r['kv_cache_gib']:>7.1f} {one:>16.1f} {rate:>14.0f} {r['tokens_per_s_per_npu']:>9.0f} "
                      f"{'yes' if r['fits'] else 'NO'}")
     return "\n".join(lines)
 

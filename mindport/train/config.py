@@ -128,7 +128,7 @@ _TOP_LEVEL_TRAIN = {"seed": "seed", "output_dir": "output_dir", "load_checkpoint
 # a run setting another value gets one warning line (unused_keys_set). None: any value is fine (a class
 # name, or a setting with no effect here).
 UNUSED_KEYS: dict[str, Any] = {
-    "run_mode": None, "trainer": None, "context": None, "use_parallel": None, "src_strategy_path_or_dir": "",
+    "trainer": None, "context": None, "use_parallel": None, "src_strategy_path_or_dir": "",
     "auto_trans_ckpt": False, "only_save_strategy": False, "resume_training": False,  # mindport: --resume
     "model.arch": None, "model.model_config.type": None,
     "parallel_config.gradient_aggregation_group": 4, "parallel_config.vocab_emb_dp": False,
@@ -215,6 +215,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig | None = None
+    run_mode: str = "train"  # mindformers' key: train | finetune (the same run here) | predict (serving sizes)
 
     @property
     def tokens_per_step(self) -> int:
@@ -224,6 +225,10 @@ class RunConfig:
         rows = t.batch_size * (p.micro_batch_num if p.pipeline_stage > 1 else 1)
         return rows * p.data_parallel * t.grad_accumulation * t.seq_length
 
+
+# mindformers' run_mode values mindport reads: train and finetune start `mindport train`; predict marks a
+# serving config (layout, context length and batch for `mindport plan --config`), which `mindport train` refuses
+RUN_MODES = ("train", "finetune", "predict")
 
 # model_config keys that are not the architecture: with load_checkpoint they still come from the YAML
 # (everything else comes from the checkpoint, and a YAML value must agree with it)
@@ -237,7 +242,11 @@ def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
     mindport does not use (``UNUSED_KEYS``) are accepted; set to another value, they get one warning line."""
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{source}: expected a mapping with a 'model: model_config:' section")
-    rest = {k: v for k, v in doc.items() if k not in ("model", "parallel_config")}
+    run_mode = doc.get("run_mode", "train")
+    if run_mode not in RUN_MODES:
+        raise ConfigError(f"{source}: key 'run_mode' = {run_mode!r}: expected one of "
+                          f"{', '.join(map(repr, RUN_MODES))}")
+    rest = {k: v for k, v in doc.items() if k not in ("model", "parallel_config", "run_mode")}
     train = train_config_from_sections(rest, source)
     model_section = doc.get("model", {} if train.load_checkpoint else None)
     if not isinstance(model_section, Mapping):
@@ -269,7 +278,7 @@ def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:
     if unused:
         print(f"{source}: warning: mindformers key(s) {', '.join(unused)} accepted but unused by mindport: "
               f"no effect", file=sys.stderr)
-    return RunConfig(model, parallel, train, lora)
+    return RunConfig(model, parallel, train, lora, run_mode)
 
 
 def _pet_config(values: Any, source: str) -> LoraConfig | None:

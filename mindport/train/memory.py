@@ -29,16 +29,29 @@ Peak activations (an estimate, per micro-batch of b sequences)
         projection inputs              2 b s h a        (normed x entering q/k/v and gate/up; full
                                                          sequence, gathered under sequence parallel)
         q, k, v after RoPE             b s (n + 2 n_kv) d a / t
-        attention probabilities        b (n/t) s s_k (4 + a [a != 4])   fp32 softmax output, plus
-                                                         its copy in the compute dtype
+        attention (``composite``)      b (n/t) s s_k (4 + a [a != 4])   probabilities: fp32 softmax
+                                                         output, plus its copy in the compute dtype
+        attention (``flash``)          b (n/t) s 64     FlashAttentionScore's softmax max and sum,
+                                                         (B, N, S, 8) fp32 each, no probabilities
+                                       + b s s_k        the uint8 copy of the mask each layer makes
+                                                         for it (kept for FlashAttentionScoreGrad)
         attention output               b s n d a / t    (o_proj input)
         dense MLP                      3 b s F a / t    (gate, up, silu(gate) * up)
         MoE MLP                        4 b s E + b s k c (h + 3 I / t) a + 3 b s I_sh a / t
                                        (fp32 router logits; routed slots, c = capacity_factor or 1,
                                        their inputs and expert gate/up/product; the shared expert)
 
+    ``attention`` names mindport's attention core on the target (the ``attention`` op of
+    :mod:`mindport.dispatch`): ``composite`` is the reference backend (CPU, and any device without a
+    fused kernel), ``flash`` the Ascend backend (``FlashAttentionScore``; UNEXECUTED, no NPU was
+    reachable). The default follows the device MindSpore targets (``flash`` on Ascend); the planner
+    plans for the 910B and passes ``flash``.
+
     s_k = s, except context parallelism: ``all_gather`` attends over the whole sequence
-    (s_k = cp s) and ``ring`` keeps no probabilities, only a 4-byte log-sum-exp per query and head.
+    (s_k = cp s) and ``ring`` keeps no probabilities, only a 4-byte log-sum-exp per query and head
+    (either attention), and neither uses the mask.
+    The attention mask the host builds, (B, 1, s, s) fp32, adds b s s 4 once per micro-batch
+    (``activations.mask``; cp = 1 only: context parallelism passes none).
     The last stage adds the final norm and head inputs (b s h a / p + b s h a) and the logits:
     b s (V/t) (12 + a [a != 4]) (fp32 logits, and the softmax and one-hot the vocab-parallel
     cross-entropy builds in its backward).
@@ -51,11 +64,12 @@ Peak activations (an estimate, per micro-batch of b sequences)
     (:mod:`mindport.parallel.schedules`): peak = in-flight inputs + one micro-batch's activations.
 
     Not counted: temporaries of single kernels, the allocator's fragmentation and workspace,
-    communication buffers (the emulated collectives on CPU allocate full-size zeros), RoPE tables
-    and the mask.
+    communication buffers (the emulated collectives on CPU allocate full-size zeros) and the RoPE
+    tables.
 """
 from __future__ import annotations
 
+from mindport import dispatch
 from mindport.config import ConfigError, ModelConfig, ParallelConfig, parameter_shapes
 from mindport.dtypes import itemsize
 from mindport.models.lora import trained_shapes
@@ -64,7 +78,17 @@ from mindport.parallel.sharding import is_norm, local_shape, rule_for, stages_of
 from mindport.parallel.state import coordinates
 from mindport.train.zero import shard_length
 
+ATTENTION_KINDS = ("composite", "flash")
 
+
+def default_attention() -> str:
+    """The attention core mindport runs on this device: ``flash`` on Ascend, else ``composite``."""
+    return "flash" if dispatch.device_target() == "Ascend" else "composite"
+
+
+def _check_attention(attention: str) -> None:
+    if attention not in ATTENTION_KINDS:
+        raise ConfigError(f"attention = {attention!r}: expected one of {', '.join(map(repr, ATTENTION_KINDS))}")
 
 def _numel(shape) -> int:
     n = 1
@@ -96,25 +120,25 @@ def _activation_bytes(config: ModelConfig, amp_level: str) -> int:
 
 
 def layer_activation_terms(config: ModelConfig, parallel: ParallelConfig, micro_batch: int, seq_len: int,
-                           amp_level: str = "O0") -> dict[str, int]:
+                           amp_level: str = "O0", attention: str = "composite") -> dict[str, int]:
     """Bytes one decoder layer keeps for its backward pass, per term (see the module docstring)."""
+    _check_attention(attention)
     a = _activation_bytes(config, amp_level)
     t, cp = parallel.model_parallel, parallel.context_parallel
     p = t if parallel.use_seq_parallel and t > 1 else 1
     b, s, h, d = micro_batch, seq_len // cp, config.hidden_size, config.head_dim
     n, n_kv = config.num_heads // t, config.num_kv_heads // t
     extra_copy = a if a != 4 else 0
-    if cp == 1:
-        probs = b * n * s * s * (4 + extra_copy)
-    elif parallel.context_parallel_algo == "all_gather":
-        probs = b * n * s * (cp * s) * (4 + extra_copy)
-    else:  # ring: no probabilities kept, one log-sum-exp per query and head
+    if cp > 1 and parallel.context_parallel_algo == "ring":  # no probabilities, one log-sum-exp per query and head
         probs = b * n * s * 4
+    else:
+        s_k = s if cp == 1 else cp * s
+        probs = b * n * s * 64 + b * s * s_k if attention == "flash" else b * n * s * s_k * (4 + extra_copy)
     terms = {
         "norm_inputs": 2 * b * s * h * a // p,
         "projection_inputs": 2 * b * s * h * a,
         "qkv": b * s * (n + 2 * n_kv) * d * a,
-        "attention_probs": probs,
+        "attention": probs,
         "attention_out": b * s * n * d * a,
     }
     if config.is_moe:
@@ -129,19 +153,21 @@ def layer_activation_terms(config: ModelConfig, parallel: ParallelConfig, micro_
 
 def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: int, seq_len: int,
                   amp_level: str = "O0", recompute: bool | int = False, rank: int = 0,
-                  pipeline_offset=None, lora=None) -> dict:
+                  pipeline_offset=None, lora=None, attention: str | None = None) -> dict:
     """Memory of rank ``rank`` when training ``config`` under ``parallel``.
 
     micro_batch: sequences per micro-batch on one data-parallel rank (``TrainConfig.batch_size``);
     seq_len: tokens per sequence before context-parallel splitting; amp_level: O0 | O1 | O2;
     recompute: True (every layer), N (the first N layers of the stage) or False; lora: a
-    :class:`~mindport.config.LoraConfig` (only the adapters and saved modules train).
+    :class:`~mindport.config.LoraConfig` (only the adapters and saved modules train); attention:
+    ``composite`` | ``flash`` (default: this device's, :func:`default_attention`).
 
     Returns ``{"rank", "coords", "stage", "stages", "layers", "parameter_count", "optimizer_shard",
     "shard_parts", "expert_shard_parts", ..., "bytes": {name: bytes}}``; ``bytes`` holds parameters, gradients,
     optimizer.adam_m / adam_v / master, optimizer, activations.<term> (one layer),
-    activations.layer, activations.head, activations (peak) and total.
+    activations.layer, activations.head, activations.mask, activations (peak) and total.
     """
+    attention = attention or default_attention()
     if amp_level not in ("O0", "O1", "O2"):
         raise ConfigError(f"key 'amp_level' = {amp_level!r}: expected one of 'O0', 'O1', 'O2'")
     if seq_len % parallel.context_parallel:
@@ -178,7 +204,7 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
             moment_elems += n
             master_bytes += 4 * n if dtype_bytes != 4 else 0
 
-    terms = layer_activation_terms(config, parallel, micro_batch, seq_len, amp_level)
+    terms = layer_activation_terms(config, parallel, micro_batch, seq_len, amp_level, attention)
     layer = sum(terms.values())
     a = _activation_bytes(config, amp_level)
     t = parallel.model_parallel
@@ -189,7 +215,8 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
     if stage == stages - 1:
         head = layer_input + b * s * h * a + b * s * vocab_block(config.vocab_size, t, config.vocab_pad_multiple) * (12 + (a if a != 4 else 0))
     recomputed = len(layers) if recompute is True else min(int(recompute or 0), len(layers))
-    one_micro_batch = (len(layers) - recomputed) * layer + recomputed * layer_input + head
+    mask = b * s * s * 4 if parallel.context_parallel == 1 else 0
+    one_micro_batch = (len(layers) - recomputed) * layer + recomputed * layer_input + head + mask
     if recomputed:
         one_micro_batch += layer  # the layer being rebuilt during its backward
     if stages > 1:
@@ -212,13 +239,14 @@ def memory_report(config: ModelConfig, parallel: ParallelConfig, micro_batch: in
     out.update({f"activations.{k}": v for k, v in terms.items()})
     out["activations.layer"] = layer
     out["activations.head"] = head
+    out["activations.mask"] = mask
     out["activations"] = peak
     out["total"] = param_bytes + grad_bytes + out["optimizer"] + peak
     return {"rank": rank, "coords": coords, "stage": stage, "stages": stages, "layers": layers,
             "parameter_count": count, "optimizer_shard": parallel.optimizer_shard,
             "shard_parts": dp if parallel.optimizer_shard else 1,
             "expert_shard_parts": dp // ep if parallel.optimizer_shard else 1, "micro_batch": micro_batch, "seq_len": seq_len,
-            "amp_level": amp_level, "recomputed_layers": recomputed, "micro_batches_in_flight": in_flight,
+            "amp_level": amp_level, "attention": attention, "recomputed_layers": recomputed, "micro_batches_in_flight": in_flight,
             "bytes": out}
 
 
@@ -238,7 +266,7 @@ def format_memory_report(report: dict) -> str:
     lines = [
         f"memory rank {report['rank']} (dp {c['dp']}, pp {c['pp']}, cp {c['cp']}, tp {c['tp']}): "
         f"stage {report['stage'] + 1}/{report['stages']}, layers {span}, micro-batch {report['micro_batch']} x "
-        f"{report['seq_len']} tokens, amp {report['amp_level']}, recomputed layers {report['recomputed_layers']}, "
+        f"{report['seq_len']} tokens, amp {report['amp_level']}, {report['attention']} attention, recomputed layers {report['recomputed_layers']}, "
         f"micro-batches in flight {report['micro_batches_in_flight']}, optimizer "
         + (f"sharded over {report['shard_parts']} ranks" if report["optimizer_shard"] else "replicated")
         + (f" (experts over {report['expert_shard_parts']})"
@@ -249,6 +277,7 @@ def format_memory_report(report: dict) -> str:
     for name, value in report["bytes"].items():
         label = ("  " if "." in name else "") + name + ":"  # dotted names are parts of the line below them
         note = {"activations": " peak (estimate)", "activations.layer": " one layer",
-                "activations.head": " final norm, head, loss"}.get(name, "")
+                "activations.head": " final norm, head, loss",
+                "activations.mask": " fp32 attention mask"}.get(name, "")
         lines.append(f"{label:<{width}} {value:>16,} B {human_bytes(value):>12}{note}")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Every run config in configs/: it loads, its layout matches the world size its launch line starts, and
-the memory report's largest rank fits an Atlas 800T A2 NPU with the planner's headroom.
+the memory report's largest rank fits an Atlas 800T A2 NPU with the planner's headroom (with mindport's
+Ascend attention, FlashAttentionScore, and for LoRA configs the report's LoRA accounting of their pet_config).
 
 Headroom: the report counts parameters, gradients, optimizer state and saved activations, not kernel
 workspaces, the allocator's fragmentation, or the CANN runtime's and HCCL's buffers (a few GB per
@@ -7,6 +8,7 @@ device), so a config must stay within ``MEMORY_BUDGET`` = 85% of 64 GB (54.4 GB)
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -31,12 +33,40 @@ def world_size(text: str) -> int:
     return int(infer.group(1)) if infer else 1
 
 
-def test_every_family_has_fine_tune_and_inference_configs():
+# what reads a serving (run_mode: predict) config: `mindport plan --config` and the fit test below
+SERVING_KEYS = {"run_mode", "model.model_config.preset", "parallel_config.model_parallel", "runner_config.batch_size",
+                "runner_config.seq_length"}
+
+
+def _dotted(doc, prefix="") -> set[str]:
+    if not isinstance(doc, dict):
+        return {prefix[:-1]}
+    return {key for k, v in doc.items() for key in _dotted(v, f"{prefix}{k}.")}
+
+
+def test_every_family_has_fine_tune_lora_and_inference_configs():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
     for family, models in {"telechat2": ["7b", "35b", "115b"], "xverse": ["65b", "moe_a4.2b"],
                            "qwen_moe": ["a2.7b"], "mixtral": ["8x7b", "chinese_8x7b"]}.items():
         for model in models:
-            assert f"{family}/finetune_{model}.yaml" in names and f"{family}/infer_{model}.yaml" in names
+            for task in ("finetune", "lora", "infer"):
+                assert f"{family}/{task}_{model}.yaml" in names
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "run_mode: predict" in p.read_text(encoding="utf-8")],
+                         ids=lambda p: p.name)
+def test_serving_configs_hold_only_keys_something_reads_and_train_refuses_them(path, capsys):
+    import yaml
+
+    from mindport.cli import main
+
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert _dotted(doc) <= SERVING_KEYS
+    assert main(["train", "--config", str(path)]) == 2
+    assert "key 'run_mode' = 'predict'" in capsys.readouterr().err
+    assert main(["plan", "--config", str(path), "--json"]) == 0  # decoding at the file's batch and context
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] and f"batch_{doc['runner_config']['batch_size']}" in plan["decode_tokens_per_s"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
@@ -60,5 +90,6 @@ def test_config_loads_matches_its_world_size_and_fits_64gb(path, tmp_path):
         return
     stage_firsts = range(0, world, run.parallel.context_parallel * run.parallel.model_parallel)
     peak = max(memory_report(run.model, run.parallel, run.train.batch_size, run.train.seq_length, run.train.amp_level,
-                             run.train.recompute, rank=r)["bytes"]["total"] for r in stage_firsts)
+                             run.train.recompute, rank=r, pipeline_offset=run.parallel.offset, lora=run.lora,
+                             attention="flash")["bytes"]["total"] for r in stage_firsts)
     assert peak <= budget, f"{path}: {peak / 2**30:.1f} GiB"

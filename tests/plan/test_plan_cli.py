@@ -43,9 +43,35 @@ def test_training_plan_json_ranks_fitting_layouts_by_throughput(capsys):
 def test_lora_has_no_base_gradients_or_optimizer_state(capsys):
     full = _json(capsys, BASE + ["--layout", "tp=8"])
     lora = _json(capsys, BASE + ["--layout", "tp=8", "--mode", "lora"])
-    assert lora["memory_split_gib"]["gradients"] < 0.01 * full["memory_split_gib"]["gradients"]
-    assert lora["memory_split_gib"]["optimizer"] < 0.01 * full["memory_split_gib"]["optimizer"]
+    assert lora["memory_split_gib"]["gradients"] < 0.05 * full["memory_split_gib"]["gradients"]  # adapters only
+    assert lora["memory_split_gib"]["optimizer"] < 0.05 * full["memory_split_gib"]["optimizer"]
     assert lora["tokens_per_s_per_npu"] > full["tokens_per_s_per_npu"]  # no weight gradients, no grad sync
+
+
+def test_lora_memory_is_the_memory_reports_and_the_pet_config_is_written(capsys, tmp_path):
+    """The planner's LoRA memory is memory_report's LoRA accounting (with the 910B's flash attention),
+    for the pet_config of a --config YAML, and --write carries that pet_config into the run YAML."""
+    from mindport.config import LoraConfig
+    from mindport.plan.cost import parallel_config
+    from mindport.plan.planner import load_model, plan_training
+    from mindport.train.memory import memory_report
+
+    config = load_model("telechat2-7b")
+    lora = LoraConfig(lora_rank=8, target_modules=["query"], modules_to_save=["lm_head"])
+    plan = plan_training(config, 8, 4096, 64, lora, fixed={"tp": 8})[0]
+    report = memory_report(config, parallel_config(plan.layout), plan.layout.micro_batch, 4096, "O2",
+                           plan.layout.recompute == "full", lora=lora, attention="flash")
+    assert plan.memory["bytes"] == report["bytes"] and report["bytes"]["parameters.frozen"] > 0
+    written = tmp_path / "lora.yaml"
+    _json(capsys, BASE + ["--layout", "tp=8", "--mode", "lora", "--write", str(written)])
+    (tmp_path / "base").mkdir()
+    config.save(str(tmp_path / "base" / "config.json"))
+    run = load_yaml(str(written), [f"load_checkpoint={tmp_path / 'base'}"])
+    assert run.lora is not None and run.lora.lora_rank == 16 and "query" in run.lora.target_modules
+    check_layout(run.parallel, 8, run.model)
+    custom = tmp_path / "custom.yaml"
+    custom.write_text(written.read_text().replace("lora_rank: 16", "lora_rank: 4"))
+    assert _json(capsys, ["plan", "--config", str(custom)])["mode"] == "lora"
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -86,7 +112,7 @@ def test_bad_inputs_fail_in_one_line(capsys, tmp_path):
                                              "--seq-length", "64"])
     assert "--config" in _error(capsys, ["plan", "--config", str(tmp_path / "none.yaml")])
     assert "--npus 0" in _error(capsys, ["plan", "--model", "telechat2-7b", "--npus", "0", "--seq-length", "64"])
-    assert "--mode lora" in _error(capsys, BASE + ["--mode", "lora", "--write", str(tmp_path / "x.yaml")])
+    assert "--mode infer" in _error(capsys, BASE + ["--mode", "infer", "--write", str(tmp_path / "x.yaml")])
     assert not (tmp_path / "x.yaml").exists()
     assert "no legal layout" in _error(capsys, BASE + ["--layout", "tp=3"])  # 3 divides neither 8 nor the heads
 

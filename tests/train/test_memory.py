@@ -125,7 +125,7 @@ def test_tensor_parallel_doubling_halves_all_but_the_replicated_parameters(wide)
         for key, per_element in (("parameters", 4), ("gradients", 4), ("optimizer", 8)):
             assert r4["bytes"][key] - per_element * replicated == (r2["bytes"][key] - per_element * replicated) // 2
         a2, a4 = r2["bytes"], r4["bytes"]
-        for term in ("norm_inputs", "qkv", "attention_probs", "attention_out", "mlp"):  # sequence parallel
+        for term in ("norm_inputs", "qkv", "attention", "attention_out", "mlp"):  # sequence parallel
             assert 2 * a4[f"activations.{term}"] == a2[f"activations.{term}"], term
         assert a4["activations.projection_inputs"] == a2["activations.projection_inputs"]  # gathered sequence
         assert a4["activations"] < a2["activations"]
@@ -169,3 +169,26 @@ def test_report_prints_name_value_lines(tiny):
                 "activations", "total"):
         assert any(line.startswith(key + ":") for line in lines), key
     assert human_bytes(1536) == "1.50 KiB" and human_bytes(12) == "12 B"
+
+
+def test_flash_attention_keeps_softmax_statistics_and_a_mask_copy_not_the_probabilities(wide, monkeypatch):
+    """mindport's Ascend attention is FlashAttentionScore (kernels.attention_ascend): it keeps (B, N, S, 8)
+    fp32 softmax max and sum and the uint8 mask it is given, where the composite core keeps the S x S
+    probabilities; an Ascend target picks it by default. The fp32 host mask is counted once."""
+    from mindport import dispatch
+    from mindport.config import ConfigError
+
+    seq, tp = 512, 2
+    parallel = ParallelConfig(model_parallel=tp)
+    composite = memory_report(wide, parallel, MB, seq, "O2")
+    flash = memory_report(wide, parallel, MB, seq, "O2", attention="flash")
+    heads = wide.num_heads // tp
+    assert composite["attention"] == "composite"  # CPU: the reference backend
+    assert composite["bytes"]["activations.attention"] == MB * heads * seq * seq * (4 + 2)
+    assert flash["bytes"]["activations.attention"] == MB * heads * seq * 64 + MB * seq * seq
+    assert flash["bytes"]["activations.mask"] == composite["bytes"]["activations.mask"] == MB * seq * seq * 4
+    assert flash["bytes"]["activations"] < composite["bytes"]["activations"]
+    monkeypatch.setattr(dispatch, "device_target", lambda: "Ascend")
+    assert memory_report(wide, parallel, MB, seq, "O2")["bytes"] == flash["bytes"]
+    with pytest.raises(ConfigError, match="attention = 'sdpa'"):
+        memory_report(wide, parallel, MB, seq, attention="sdpa")
