@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore.common.initializer import Normal, Zero, initializer
 
 from mindport import dispatch
 from mindport.config import ModelConfig
@@ -67,7 +67,12 @@ def z_loss(logits: Tensor) -> Tensor:
 
 
 class Experts(nn.Cell):
-    """E SwiGLU experts with stacked weights, applied to expert-grouped rows."""
+    """E SwiGLU experts with stacked weights, applied to expert-grouped rows.
+
+    LoRA (:meth:`add_lora`) follows PEFT's ``target_parameters`` on transformers 5's fused experts: each
+    expert e has its own A_e, B_e, gate and up share A_e as they share PEFT's fused ``gate_up_proj``,
+    and the delta is added to the expert's weights before its matmuls: W_e + s B_e A_e.
+    """
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups):
         super().__init__()
@@ -81,6 +86,35 @@ class Experts(nn.Cell):
         self.down_proj = Parameter(initializer(init, (e, h, i), dtype))
         self.num_experts = e
         self.act = dispatch.get("swiglu")
+        self.gate_up_proj_lora_A = self.gate_proj_lora_B = self.up_proj_lora_B = None
+        self.down_proj_lora_A = self.down_proj_lora_B = None
+        self.lora_scaling = 0.0
+
+    def add_lora(self, rank: int, scaling: float, projections, prefix: str) -> None:
+        """Attach zero adapters to ``projections`` ("gate_up_proj", "down_proj"): gate_up_proj_lora_A
+        (E, r, H), gate_proj_lora_B and up_proj_lora_B (E, I, r); down_proj_lora_A (E, r, I),
+        down_proj_lora_B (E, H, r), named ``prefix.<attribute>``."""
+        (e, i, h), dtype = self.gate_proj.shape, self.gate_proj.dtype
+        shapes = {"gate_up_proj": {"gate_up_proj_lora_A": (e, rank, h), "gate_proj_lora_B": (e, i, rank),
+                                   "up_proj_lora_B": (e, i, rank)},
+                  "down_proj": {"down_proj_lora_A": (e, rank, i), "down_proj_lora_B": (e, h, rank)}}
+        for projection in projections:
+            for attr, shape in shapes[projection].items():
+                setattr(self, attr, Parameter(initializer(Zero(), shape, dtype), name=f"{prefix}.{attr}"))
+        self.lora_scaling = scaling
+
+    def expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The (gate (E, I, H), up (E, I, H), down (E, H, I)) stacks in the compute dtype, with the
+        adapters' deltas s B_e A_e added where present."""
+        dt, s = self.compute_dtype, self.lora_scaling
+        gate, up, down = (w.astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        if self.gate_up_proj_lora_A is not None:
+            a = self.gate_up_proj_lora_A.astype(dt)  # (E, r, H)
+            gate = gate + ops.matmul(self.gate_proj_lora_B.astype(dt), a) * s
+            up = up + ops.matmul(self.up_proj_lora_B.astype(dt), a) * s
+        if self.down_proj_lora_A is not None:
+            down = down + ops.matmul(self.down_proj_lora_B.astype(dt), self.down_proj_lora_A.astype(dt)) * s
+        return gate, up, down
 
     def construct(self, rows: Tensor, counts: Tensor) -> Tensor:
         """rows (N, H) grouped by expert, counts (E,) -> (N, H); rows past sum(counts) stay zero.
@@ -88,14 +122,15 @@ class Experts(nn.Cell):
         Expert block sizes are read on the host, so this runs in PYNATIVE mode.
         """
         sizes = [int(c) for c in counts.asnumpy()]
+        gate, up, down = self.expert_weights()
         outs, start = [], 0
         dt = self.compute_dtype
         for e, size in enumerate(sizes):
             if size == 0:
                 continue
             x = rows[start:start + size].astype(dt)  # (n_e, H)
-            hidden = self.act(ops.matmul(x, self.gate_proj[e].astype(dt).T), ops.matmul(x, self.up_proj[e].astype(dt).T))
-            outs.append(ops.matmul(hidden, self.down_proj[e].astype(dt).T))
+            hidden = self.act(ops.matmul(x, gate[e].T), ops.matmul(x, up[e].T))
+            outs.append(ops.matmul(hidden, down[e].T))
             start += size
         if start < rows.shape[0]:
             outs.append(ops.zeros((rows.shape[0] - start, rows.shape[1]), dt))
