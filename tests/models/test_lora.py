@@ -173,6 +173,14 @@ def fused_expert(state: dict, name: str) -> np.ndarray | None:
     return gate_up[:half] if proj in ("w1", "gate_proj") else gate_up[half:]
 
 
+def test_save_pretrained_of_an_adapted_model_fails_in_one_line(tmp_path):
+    model = AutoModelForCausalLM.from_preset("mixtral-tiny")
+    apply_lora(model, LoraConfig(lora_rank=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match=r"^\S+/out: this model carries a LoRA adapter.*save_adapter.*lora merge"):
+        model.save_pretrained(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_dropout_only_in_training():
     from mindspore import Tensor
 
