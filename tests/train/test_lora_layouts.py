@@ -1,5 +1,5 @@
 """LoRA under msrun: TP2+SP, PP2, DP2+ZeRO and DP2 x EP2 (MoE; attention adapters, or routed experts'
-adapters living with their experts) train like one process.
+adapters living with their experts), and TP2 with routed experts' adapters, train like one process.
 
 Each layout fine-tunes the same base (a saved tiny model) with the same adapters (A drawn per name
 from the seed, then sliced) on the same global batches: per-step loss and gradient norm equal the
@@ -30,6 +30,7 @@ LAYOUTS = {
     "dp2_zero": (DENSE, {"data_parallel": 2, "optimizer_shard": True}, 2),
     "dp2_ep2_moe_zero": (MOE, {"data_parallel": 2, "expert_parallel": 2, "optimizer_shard": True}, 2),
     "dp2_ep2_moe_experts": (MOE_EXPERTS, {"data_parallel": 2, "expert_parallel": 2}, 2),
+    "tp2_moe_experts": (MOE_EXPERTS, {"model_parallel": 2}, 4),
 }
 
 
