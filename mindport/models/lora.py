@@ -110,9 +110,10 @@ def _select_experts(config: ModelConfig, lora: LoraConfig, source: str) -> dict[
         hits = [(i, p) for i in range(config.num_layers) for p in EXPERT_PARAMETERS
                 if fused and config.num_experts and module_matches(target, f"{fused.format(i=i)}.{p}", False)]
         if not hits:
+            expected = (f"one of {['experts.' + p for p in EXPERT_PARAMETERS]}" if fused and config.num_experts
+                        else "none: its routed experts are not fused parameters in transformers 5")
             raise ConfigError(f"{source}: key 'target_parameters' = {target!r}: matches no routed experts' "
-                              f"parameter of this {config.family} model (expected "
-                              f"{['experts.' + p for p in EXPERT_PARAMETERS] if fused else 'none: no fused experts'})")
+                              f"parameter of this {config.family} model (expected {expected})")
         for i, parameter in hits:
             chosen.setdefault(i, set()).add(parameter)
     if chosen and lora.lora_dropout:

@@ -108,6 +108,10 @@ def test_target_errors(tmp_path):
         apply_lora(model, LoraConfig(target_modules=["w1"]))
     with pytest.raises(ConfigError, match=r"'target_parameters' = 'experts.w1': matches no routed experts"):
         apply_lora(model, LoraConfig(target_modules=[], target_parameters=["experts.w1"]))
+    with pytest.raises(ConfigError, match=r"'experts.down_proj': matches no routed experts' parameter of this "
+                                          r"xverse model \(expected none: its routed experts are not fused"):
+        apply_lora(AutoModelForCausalLM.from_preset("xverse-moe-tiny"),
+                   LoraConfig(target_modules=[], target_parameters=["experts.down_proj"]))
     with pytest.raises(ConfigError, match=r"'lora_dropout' = 0.1: expected 0 with target_parameters"):
         apply_lora(model, LoraConfig(lora_dropout=0.1, target_parameters=["experts.down_proj"]))
     with pytest.raises(ConfigError, match=r"'gate': matches 'model.layers.0.block_sparse_moe.gate', a replicated"):
