@@ -104,8 +104,10 @@ class Experts(nn.Cell):
         self.lora_scaling = scaling
 
     def expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The (gate (E, I, H), up (E, I, H), down (E, H, I)) stacks in the compute dtype, with the
-        adapters' deltas s B_e A_e added where present."""
+        """The (gate (E, I, H), up (E, I, H), down (E, H, I)) stacks: the parameters, or with adapters
+        the adapted stacks W + s B A in the compute dtype."""
+        if self.gate_up_proj_lora_A is None and self.down_proj_lora_A is None:
+            return self.gate_proj, self.up_proj, self.down_proj
         dt, s = self.compute_dtype, self.lora_scaling
         gate, up, down = (w.astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
         if self.gate_up_proj_lora_A is not None:
@@ -129,8 +131,8 @@ class Experts(nn.Cell):
             if size == 0:
                 continue
             x = rows[start:start + size].astype(dt)  # (n_e, H)
-            hidden = self.act(ops.matmul(x, gate[e].T), ops.matmul(x, up[e].T))
-            outs.append(ops.matmul(hidden, down[e].T))
+            hidden = self.act(ops.matmul(x, gate[e].astype(dt).T), ops.matmul(x, up[e].astype(dt).T))
+            outs.append(ops.matmul(hidden, down[e].astype(dt).T))
             start += size
         if start < rows.shape[0]:
             outs.append(ops.zeros((rows.shape[0] - start, rows.shape[1]), dt))
