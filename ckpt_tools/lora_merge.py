@@ -1,6 +1,7 @@
 """``mindport lora merge``: a base model plus a LoRA adapter -> one model directory, streaming.
 
     W' = W + (B @ A) * (lora_alpha / r)        every adapted weight, in fp32, stored in W's dtype
+    W_e' = W_e + (B_e @ A_e) * (lora_alpha / r)  every routed expert's adapted projection
     P' = the adapter's copy                    every ``modules_to_save`` parameter
 
 as PEFT's ``merge_and_unload()`` does. The base (HF or mindport format) is read one tensor at a
@@ -24,7 +25,7 @@ from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir
 from mindport.ckpt_tools.convert import (Summary, _check_paths, _from_f32, _full, _Out, _progress, _Source, _to_f32,
                                          _write_files)
 from mindport.models.auto import read_config
-from mindport.models.lora import adapter_tensors, is_adapter, read_adapter
+from mindport.models.lora import adapter_tensors, is_adapter, read_adapter, weight_deltas
 from mindport.models.registry import family
 from mindport.parallel.layout import LAYOUT_FILE
 
@@ -55,15 +56,13 @@ def merge_lora(base: str, adapter: str, dst: str, overwrite: bool = False, max_s
     by_ours = adapter_tensors(config, lora, tensors, adapter)  # mindport name -> whole tensor, checked
     name_map = family(config.family).name_map
     changes = {}  # base tensor name -> fp32 update
+    for weight, delta in weight_deltas(lora, by_ours).items():
+        for stored, expert in _stored_names(weight, name_map, config, is_hf):
+            changes[stored] = lambda w, d=(delta if expert is None else delta[expert]): w + d
     for ours, array in by_ours.items():
-        if is_adapter(ours):
-            if ours.endswith(".lora_A.weight"):
-                prefix = ours[:-len(".lora_A.weight")]
-                a, b = array, by_ours[prefix + ".lora_B.weight"]
-                delta = (b @ a) * np.float32(lora.scaling)
-                changes[_stored_name(prefix + ".weight", name_map, config, is_hf)] = lambda w, d=delta: w + d
-        else:
-            changes[_stored_name(ours, name_map, config, is_hf)] = lambda w, p=array: p
+        if not is_adapter(ours):
+            (stored, _), = _stored_names(ours, name_map, config, is_hf)
+            changes[stored] = lambda w, p=array: p
     with _Source(base) as source:
         outs = []
         for name, src in source.tensors.items():
@@ -79,9 +78,9 @@ def merge_lora(base: str, adapter: str, dst: str, overwrite: bool = False, max_s
     return Summary(len(outs), nbytes, time.perf_counter() - start, dst)
 
 
-def _stored_name(ours: str, name_map, config, is_hf: bool) -> str:
-    """The base directory's name for mindport parameter ``ours`` (routed experts are never adapted)."""
+def _stored_names(ours: str, name_map, config, is_hf: bool) -> list[tuple[str, int | None]]:
+    """The base directory's (name, expert) pairs of mindport parameter ``ours``: one per routed expert
+    in an HF base (``None``: the whole tensor)."""
     if not is_hf:
-        return ours
-    (hf, _), = name_map.to_hf(ours, config.num_experts)
-    return hf
+        return [(ours, None)]
+    return list(name_map.to_hf(ours, config.num_experts))

@@ -370,7 +370,9 @@ class LoraConfig(Loadable):
     W x + (alpha / r) B A dropout(x) for every adapted Linear, A (r, in), B (out, r). ``target_modules``
     names HF modules as PEFT does: a list of names, each matching a module whose name equals it or ends
     with ``.name``, or one regular expression matched against whole module names. ``modules_to_save``
-    (same matching) are trained whole (e.g. ``embed_tokens``, ``lm_head``).
+    (same matching) are trained whole (e.g. ``embed_tokens``, ``lm_head``). ``target_parameters`` names
+    routed experts' fused parameters as transformers 5 and PEFT do (``experts.gate_up_proj``,
+    ``experts.down_proj``; a name equals a parameter's or ends it after a dot): one adapter per expert.
     """
 
     ALIASES = {"r": "lora_rank"}
@@ -381,6 +383,7 @@ class LoraConfig(Loadable):
     lora_dropout: float = 0.0
     target_modules: Any = ("q_proj", "v_proj")  # list of HF module names, or one regex string
     modules_to_save: Any = ()
+    target_parameters: Any = ()  # HF parameter names of fused routed experts (PEFT's target_parameters)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -390,15 +393,15 @@ class LoraConfig(Loadable):
             fail("lora_alpha", self.lora_alpha, "a positive number")
         if not 0 <= self.lora_dropout < 1:
             fail("lora_dropout", self.lora_dropout, "a number in [0, 1)")
-        for key in ("target_modules", "modules_to_save"):
+        for key in ("target_modules", "modules_to_save", "target_parameters"):
             value = getattr(self, key)
             names = [value] if isinstance(value, str) else value
             if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
                 fail(key, value, "a list of module names or one regular expression")
-            if key == "modules_to_save" or not isinstance(value, str):
+            if key != "target_modules" or not isinstance(value, str):
                 setattr(self, key, tuple(names))
-        if not self.target_modules:
-            fail("target_modules", self.target_modules, "at least one module name")
+        if not self.target_modules and not self.target_parameters:
+            fail("target_modules", self.target_modules, "at least one module name (or target_parameters)")
 
     @property
     def scaling(self) -> float:

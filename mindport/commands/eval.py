@@ -5,6 +5,7 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="mean loss and perplexity of a model on a prepared data directory")
     p.add_argument("--load", required=True, help="model directory (checkpoint, mindport or HF format)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format or a LoRA training checkpoint)")
     p.add_argument("--data", required=True, help="directory written by `mindport data prepare`")
     p.add_argument("--batch-size", type=int, default=4, help="rows per step (per data-parallel rank)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
@@ -29,7 +30,7 @@ def run(args) -> int:
             raise ValueError(f"{flag} {value}: expected a positive integer")
     dataset = PackedDataset(args.data)
     groups = init_parallel(ParallelConfig(data_parallel=args.data_parallel, model_parallel=args.model_parallel))
-    model = AutoModelForCausalLM.from_pretrained(args.load)
+    model = AutoModelForCausalLM.from_pretrained(args.load, adapter=args.adapter)
     result = evaluate(model, dataset, args.batch_size, args.max_samples)
     if groups.global_rank:
         return 0  # rank 0 reports

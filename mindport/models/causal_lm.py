@@ -6,7 +6,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from mindport import dispatch
-from mindport.config import ModelConfig
+from mindport.config import ConfigError, ModelConfig
 from mindport.constants import IGNORE_INDEX
 from mindport.parallel import state
 from mindport.parallel.comm import collectives
@@ -241,9 +241,16 @@ class CausalLM(nn.Cell):
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, out_dir: str, overwrite: bool = False, dtype: str | None = None,
                         max_shard_bytes: int | None = None) -> None:
-        """Write an HF-format directory (config.json, generation_config.json, safetensors)."""
+        """Write an HF-format directory (config.json, generation_config.json, safetensors). A model with
+        a LoRA adapter refuses: its adapter is saved alone, or merged into its base by file."""
         from mindport.models.weights import DEFAULT_SHARD_BYTES, export_hf
         from mindport.models.registry import family
+
+        if self.lora is not None:
+            raise ConfigError(f"{out_dir}: this model carries a LoRA adapter, which an HF model directory cannot "
+                              f"hold: save the adapter with mindport.models.lora.save_adapter(model, DIR) (a PEFT "
+                              f"adapter directory; `mindport lora export` for a training checkpoint), then "
+                              f"`mindport lora merge --base BASE --adapter DIR --dst {out_dir}` for a merged model")
 
         export_hf(self, family(self.config.family), out_dir, overwrite, dtype, max_shard_bytes or DEFAULT_SHARD_BYTES)
 

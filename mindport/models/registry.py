@@ -33,6 +33,7 @@ class Family:
     to_hf_hook: Callable[[ModelConfig, dict], None] | None = None  # (config, hf) -> edit hf in place
     chat_template_file: str | None = None  # the family chat model's template (research/<family>/chat_template.jinja)
     chat_tokens: tuple[str, ...] = ()  # special tokens that template writes (reserved by `mindport tokenizer train`)
+    fused_experts: str | None = None  # transformers 5's module of the fused routed experts (PEFT target_parameters)
 
     @property
     def chat_template(self) -> str | None:

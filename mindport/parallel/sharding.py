@@ -40,6 +40,13 @@ rules from the weight they adapt (:func:`adapter_rule`): for a column-parallel w
 output axis like the weight and A is replicated; for a row-parallel weight A splits its input axis
 and B is replicated. The replicated matrix's gradient is partial on each tp rank (it meets only this
 rank's output columns, or this rank's partial sum of x A^T), so it is ``partial_over_tp="always"``.
+
+Routed experts' adapters (PEFT's ``target_parameters`` model, :mod:`mindport.models.lora`) are stacks
+per expert under ``layers.N.mlp.experts.``: ``gate_up_proj_lora_A`` (E, r, H), shared by the gate and
+up projections, ``gate_proj_lora_B`` and ``up_proj_lora_B`` (E, I, r), ``down_proj_lora_A`` (E, r, I)
+and ``down_proj_lora_B`` (E, H, r). They split over ep along the experts like the weights they adapt
+(an expert's adapter lives with it) and over tp by the same column/row reasoning: gate/up B and down A
+split the ffn axis I, the other factor is replicated over tp with a tp-partial gradient.
 """
 from __future__ import annotations
 
@@ -61,7 +68,7 @@ class Rule:
 
     def __post_init__(self) -> None:
         assert self.partial_over_tp in ("never", "sequence_parallel", "always"), self.partial_over_tp
-        assert self.partial_over_tp == "never" or self.kind == "replicated", self.pattern
+        assert self.partial_over_tp == "never" or self.tp_axis is None, self.pattern
 
     def grad_partial_over_tp(self, sequence_parallel: bool) -> bool:
         """True if this parameter's gradient must be summed over the tp group."""
@@ -94,22 +101,37 @@ class ShardingError(ValueError):
     pass
 
 
-_ADAPTER = re.compile(r"(.+)\.lora_(A|B)\.weight")
+_ADAPTER = re.compile(r"(?P<base>.+)\.lora_(?P<factor>[AB])\.weight"  # a Linear's
+                      r"|(?P<experts>.+\.experts\.)(?P<proj>gate_up|gate|up|down)_proj_lora_(?P<expert_factor>[AB])")
+
+
+def adapted_weight(name: str) -> tuple[str, str] | None:
+    """(the weight a LoRA factor adapts, "A" or "B"), or None if ``name`` is not a LoRA factor; the
+    experts' shared gate/up A adapts (and is sliced like) the gate projection's stack."""
+    m = _ADAPTER.fullmatch(name)
+    if m is None:
+        return None
+    if m.group("base"):
+        return m.group("base") + ".weight", m.group("factor")
+    proj = "gate" if m.group("proj") == "gate_up" else m.group("proj")
+    return f"{m.group('experts')}{proj}_proj", m.group("expert_factor")
 
 
 def adapter_rule(name: str) -> Rule | None:
     """The rule of a LoRA matrix (module docstring), or None if ``name`` is not one."""
-    m = _ADAPTER.fullmatch(name)
-    if m is None:
+    adapted = adapted_weight(name)
+    if adapted is None:
         return None
-    base = rule_for(m.group(1) + ".weight")
-    if base.kind not in ("column", "row"):
-        raise ShardingError(f"parameter '{name}': LoRA adapts column- or row-parallel weights only, "
-                            f"not a {base.kind} one")
-    split = "B" if base.kind == "column" else "A"
-    if m.group(2) == split:
-        return Rule(re.escape(name), base.kind, tp_axis=base.tp_axis)
-    return Rule(re.escape(name), "replicated", partial_over_tp="always")
+    weight, factor = adapted
+    base = rule_for(weight)
+    if base.kind not in ("column", "row", "expert"):
+        raise ShardingError(f"parameter '{name}': LoRA adapts column- or row-parallel weights and routed experts "
+                            f"only, not a {base.kind} one")
+    splits_output = base.kind == "column" or (base.kind == "expert" and base.tp_axis == 1)  # W (..., out, in)
+    if factor == ("B" if splits_output else "A"):
+        return Rule(re.escape(name), base.kind, tp_axis=base.tp_axis, ep_axis=base.ep_axis)
+    return Rule(re.escape(name), "expert" if base.kind == "expert" else "replicated", ep_axis=base.ep_axis,
+                partial_over_tp="always")
 
 
 def rule_for(name: str) -> Rule:

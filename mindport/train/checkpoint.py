@@ -51,7 +51,7 @@ import numpy as np
 from mindport.checkpoint.model_files import carry_files
 from mindport.checkpoint.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter, numpy_dtype_code
 from mindport.config import MINDPORT_KEY, ConfigError, ParallelConfig, parameter_shapes
-from mindport.models.lora import ADAPTER_WEIGHTS, peft_names, trained_shapes, write_adapter_config
+from mindport.models.lora import ADAPTER_WEIGHTS, from_peft, to_peft, trained_shapes, write_adapter_config
 from mindport.parallel.layout import LAYOUT_FILE, export_rank, layout_text, rank_dir_name, rank_directory, rank_layout
 
 STATE_DIR = "train_state"
@@ -196,9 +196,9 @@ class CheckpointManager:
         self.directory = os.path.abspath(directory)
         self.lora = lora  # a LoRA run's LoraConfig (with its model_config): weights are the adapter, PEFT names
         self.weights_name = ADAPTER_WEIGHTS if lora else "model.safetensors"
+        self.model_config = model_config
         if lora:
             self._shapes = trained_shapes(model_config, lora)
-            self._peft_names = peft_names(model_config, self._shapes)
         self.keep = keep
         self.model_files_from = model_files_from  # a model directory whose non-weight files every checkpoint carries
         self.groups = groups if groups is not None and len(groups.world.ranks) > 1 else None
@@ -286,7 +286,7 @@ class CheckpointManager:
             state_file = os.path.join(tmp, STATE_DIR, f"rank_{self.groups.global_rank:05d}.safetensors") if mine \
                 else None
         if weights_file is not None and self.lora and self.groups is None:
-            weights = {self._peft_names[n]: a for n, a in weights.items()}
+            weights = to_peft(self.model_config, self.lora, weights)
         if weights_file is not None:
             os.makedirs(os.path.dirname(weights_file), exist_ok=True)
             write_safetensors(weights_file, weights)
@@ -351,8 +351,7 @@ class CheckpointManager:
         weights_file, state_file = self.files(path)
         weights = read_safetensors(weights_file)
         if self.lora and self.groups is None:
-            ours = {peft: n for n, peft in self._peft_names.items()}
-            weights = {ours.get(n, n): a for n, a in weights.items()}
+            weights = from_peft(self.model_config, self.lora, weights)
         return weights, read_safetensors(state_file), state
 
     def _check_layout(self, state_path: str, saved: dict) -> None:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore.common.initializer import Normal, Zero, initializer
 
 from mindport import dispatch
 from mindport.config import ModelConfig
@@ -76,7 +76,12 @@ def z_loss(logits: Tensor) -> Tensor:
 
 
 class Experts(nn.Cell):
-    """E SwiGLU experts with stacked weights, applied to expert-grouped rows."""
+    """E SwiGLU experts with stacked weights, applied to expert-grouped rows.
+
+    LoRA (:meth:`add_lora`) follows PEFT's ``target_parameters`` on transformers 5's fused experts: each
+    expert e has its own A_e, B_e, gate and up share A_e as they share PEFT's fused ``gate_up_proj``,
+    and the delta is added to the expert's weights before its matmuls: W_e + s B_e A_e.
+    """
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups):
         super().__init__()
@@ -91,6 +96,37 @@ class Experts(nn.Cell):
         self.num_experts = e
         self.act = dispatch.get("swiglu")
         self.grouped_matmul = dispatch.get("grouped_matmul")
+        self.gate_up_proj_lora_A = self.gate_proj_lora_B = self.up_proj_lora_B = None
+        self.down_proj_lora_A = self.down_proj_lora_B = None
+        self.lora_scaling = 0.0
+
+    def add_lora(self, rank: int, scaling: float, projections, prefix: str) -> None:
+        """Attach zero adapters to ``projections`` ("gate_up_proj", "down_proj"): gate_up_proj_lora_A
+        (E, r, H), gate_proj_lora_B and up_proj_lora_B (E, I, r); down_proj_lora_A (E, r, I),
+        down_proj_lora_B (E, H, r), named ``prefix.<attribute>``."""
+        (e, i, h), dtype = self.gate_proj.shape, self.gate_proj.dtype
+        shapes = {"gate_up_proj": {"gate_up_proj_lora_A": (e, rank, h), "gate_proj_lora_B": (e, i, rank),
+                                   "up_proj_lora_B": (e, i, rank)},
+                  "down_proj": {"down_proj_lora_A": (e, rank, i), "down_proj_lora_B": (e, h, rank)}}
+        for projection in projections:
+            for attr, shape in shapes[projection].items():
+                setattr(self, attr, Parameter(initializer(Zero(), shape, dtype), name=f"{prefix}.{attr}"))
+        self.lora_scaling = scaling
+
+    def expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The (gate (E, I, H), up (E, I, H), down (E, H, I)) stacks: the parameters, or with adapters
+        the adapted stacks W + s B A in the compute dtype."""
+        if self.gate_up_proj_lora_A is None and self.down_proj_lora_A is None:
+            return self.gate_proj, self.up_proj, self.down_proj
+        dt, s = self.compute_dtype, self.lora_scaling
+        gate, up, down = (w.astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        if self.gate_up_proj_lora_A is not None:
+            a = self.gate_up_proj_lora_A.astype(dt)  # (E, r, H)
+            gate = gate + ops.matmul(self.gate_proj_lora_B.astype(dt), a) * s
+            up = up + ops.matmul(self.up_proj_lora_B.astype(dt), a) * s
+        if self.down_proj_lora_A is not None:
+            down = down + ops.matmul(self.down_proj_lora_B.astype(dt), self.down_proj_lora_A.astype(dt)) * s
+        return gate, up, down
 
     def construct(self, rows: Tensor, counts: Tensor) -> Tensor:
         """rows (N, H) grouped by expert, counts (E,) -> (N, H); rows past sum(counts) stay zero.
@@ -98,9 +134,9 @@ class Experts(nn.Cell):
         Three grouped matmuls (``ops/grouped_matmul``): static shapes, nothing read on the host.
         """
         dt, matmul = self.compute_dtype, self.grouped_matmul
+        gate, up, down = (w.astype(dt) for w in self.expert_weights())
         x = rows.astype(dt)
-        hidden = self.act(matmul(x, self.gate_proj.astype(dt), counts), matmul(x, self.up_proj.astype(dt), counts))
-        return matmul(hidden, self.down_proj.astype(dt), counts)
+        return matmul(self.act(matmul(x, gate, counts), matmul(x, up, counts)), down, counts)
 
 
 class LocalDispatcher(nn.Cell):

@@ -30,4 +30,5 @@ FAMILY = Family(
     arch=dict(rope_theta=1e6, norm_topk_prob=True, norm_topk_eps=0.0, bos_token_id=1, eos_token_id=2),
     hf_fields=HF_FIELDS, hf_export={"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
                                     "tie_word_embeddings": False, "hidden_act": "silu"},
-    presets=PRESETS, names=NAMES, chat_template_file=os.path.join(os.path.dirname(__file__), "chat_template.jinja"))
+    presets=PRESETS, names=NAMES, fused_experts="model.layers.{i}.mlp.experts",
+    chat_template_file=os.path.join(os.path.dirname(__file__), "chat_template.jinja"))

@@ -53,4 +53,4 @@ FAMILY = Family(
     hf_fields=HF_FIELDS, hf_export={"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
                                     "tie_word_embeddings": False, "hidden_act": "silu"},
     presets=PRESETS, names=NAMES, from_hf_hook=_from_hf, to_hf_hook=_to_hf,
-    chat_template_file=CHAT_TEMPLATE)
+    fused_experts="model.layers.{i}.mlp.experts", chat_template_file=CHAT_TEMPLATE)

@@ -1,4 +1,5 @@
-"""LoRA under msrun: TP2+SP, PP2, DP2+ZeRO and DP2 x EP2 (MoE) train like one process.
+"""LoRA under msrun: TP2+SP, PP2, DP2+ZeRO and DP2 x EP2 (MoE; attention adapters, or routed experts'
+adapters living with their experts), and TP2 with routed experts' adapters, train like one process.
 
 Each layout fine-tunes the same base (a saved tiny model) with the same adapters (A drawn per name
 from the seed, then sliced) on the same global batches: per-step loss and gradient norm equal the
@@ -18,14 +19,18 @@ from testkit.train import SEQ, VOCAB
 STEPS = 3
 GLOBAL_BATCH = 4
 LR = 3e-3
-DENSE = ("telechat2-tiny-gqa", ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"))
-MOE = ("mixtral-tiny", ("q_proj", "k_proj", "v_proj", "o_proj"))
+# (preset, target_modules, target_parameters)
+DENSE = ("telechat2-tiny-gqa", ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"), ())
+MOE = ("mixtral-tiny", ("q_proj", "k_proj", "v_proj", "o_proj"), ())
+MOE_EXPERTS = ("mixtral-tiny", ("v_proj",), ("experts.gate_up_proj", "experts.down_proj"))
 # name -> (model, parallel_config, batch_size per data-parallel rank and micro-batch)
 LAYOUTS = {
     "tp2_sp": (DENSE, {"model_parallel": 2, "use_seq_parallel": True}, 4),
     "pp2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2),
     "dp2_zero": (DENSE, {"data_parallel": 2, "optimizer_shard": True}, 2),
     "dp2_ep2_moe_zero": (MOE, {"data_parallel": 2, "expert_parallel": 2, "optimizer_shard": True}, 2),
+    "dp2_ep2_moe_experts": (MOE_EXPERTS, {"data_parallel": 2, "expert_parallel": 2}, 2),
+    "tp2_moe_experts": (MOE_EXPERTS, {"model_parallel": 2}, 4),
 }
 
 
@@ -47,10 +52,11 @@ def bases(tmp_path_factory):
     return get
 
 
-def write_yaml(root, data_dir, base, targets, batch, parallel=None, **runner):
+def write_yaml(root, data_dir, base, targets, params, batch, parallel=None, **runner):
+    pet = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": list(targets),
+           "target_parameters": list(params), "modules_to_save": ["lm_head"]}
     doc = {"seed": 0, "output_dir": str(root / "out"), "load_checkpoint": base,
-           "model": {"model_config": {"pet_config": {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8,
-                                                     "target_modules": list(targets), "modules_to_save": ["lm_head"]}}},
+           "model": {"model_config": {"pet_config": pet}},
            "parallel_config": parallel or {},
            "runner_config": {"batch_size": batch, "seq_length": SEQ, "train_steps": STEPS, **runner},
            "lr_schedule": {"learning_rate": LR, "warmup_steps": 1}, "train_dataset": {"data_dir": data_dir}}
@@ -73,8 +79,8 @@ def references(data_dir, bases, tmp_path_factory):
     def run(model):
         if model not in cache:
             root = tmp_path_factory.mktemp("single")
-            preset, targets = model
-            result = train(load_yaml(write_yaml(root, data_dir, bases(preset), targets, GLOBAL_BATCH)),
+            preset, targets, params = model
+            result = train(load_yaml(write_yaml(root, data_dir, bases(preset), targets, params, GLOBAL_BATCH)),
                            progress=False, echo=lambda s: None)
             cache[model] = metrics(root / "out"), result.checkpoint
         return cache[model]
@@ -95,9 +101,9 @@ def layout_runs(data_dir, bases, tmp_path_factory):
 
     def run(name):
         if name not in cache:
-            (preset, targets), parallel, batch = LAYOUTS[name]
+            (preset, targets, params), parallel, batch = LAYOUTS[name]
             root = tmp_path_factory.mktemp(name)
-            config = write_yaml(root, data_dir, bases(preset), targets, batch, parallel)
+            config = write_yaml(root, data_dir, bases(preset), targets, params, batch, parallel)
             launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress"], world_of(parallel),
                          str(root / "log"))
             cache[name] = root
@@ -112,8 +118,9 @@ def test_lora_layout_trains_like_one_process(name, references, bases, layout_run
     from mindport import cli
     from mindport.models.lora import read_adapter
 
-    (preset, targets), parallel, batch = LAYOUTS[name]
-    ref_metrics, ref_ckpt = references((preset, targets))
+    model, parallel, batch = LAYOUTS[name]
+    preset = model[0]
+    ref_metrics, ref_ckpt = references(model)
     run_dir = layout_runs(name)
     got = metrics(run_dir / "out")
     for key in ("loss", "grad_norm"):
@@ -154,8 +161,8 @@ def test_lora_resume_under_zero_continues_the_run(layout_runs, bases, data_dir, 
     from mindport import cli
 
     straight = metrics(layout_runs("dp2_zero") / "out")
-    (preset, targets), parallel, batch = LAYOUTS["dp2_zero"]
-    config = write_yaml(tmp_path, data_dir, bases(preset), targets, batch, parallel, save_steps=1)
+    (preset, targets, params), parallel, batch = LAYOUTS["dp2_zero"]
+    config = write_yaml(tmp_path, data_dir, bases(preset), targets, params, batch, parallel, save_steps=1)
     launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress", "--stop-after", "2"], 2,
                  str(tmp_path / "log1"))
     launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress", "--resume"], 2, str(tmp_path / "log2"))

@@ -129,13 +129,13 @@ def test_memory_report_counts_trainable_and_frozen_bytes(tmp_path, data_dir, bas
     assert set(trainer.masters) == (set(trained) if level == "O2" else set())
 
 
-def test_generate_with_adapter(tmp_path, base_dir, tok_dir, capsys):
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, base_dir):
+    """(model with a random, trained-looking adapter, that adapter saved as a PEFT directory)."""
     from mindspore import Tensor
 
     from mindport import AutoModelForCausalLM
-    from mindport.cli import main
     from mindport.models.lora import apply_lora, save_adapter
-    from mindport.tokenizer import Tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     apply_lora(model, LoraConfig(lora_rank=4, target_modules=TARGETS))
@@ -143,13 +143,22 @@ def test_generate_with_adapter(tmp_path, base_dir, tok_dir, capsys):
     for _, p in model.parameters_and_names():
         if p.requires_grad:
             p.set_data(Tensor(p.asnumpy() + 0.3 * rng.standard_normal(p.shape).astype(np.float32)))
-    save_adapter(model, str(tmp_path / "adapter"))
+    directory = str(tmp_path_factory.mktemp("adapter"))
+    save_adapter(model, directory, overwrite=True)
+    return model, directory
+
+
+def test_generate_with_adapter(base_dir, tok_dir, adapted, capsys):
+    from mindport.cli import main
+    from mindport.tokenizer import Tokenizer
+
+    model, adapter = adapted
     tok = Tokenizer.load(tok_dir)
     ids = tok.encode("The for statement")
     args = ["generate", "--load", base_dir, "--tokenizer", tok_dir, "--prompt", "The for statement", "--greedy",
             "--max-new-tokens", "8"]
     texts = []
-    for extra in ([], ["--adapter", str(tmp_path / "adapter")]):
+    for extra in ([], ["--adapter", adapter]):
         capsys.readouterr()
         assert main(args + extra) == 0
         texts.append(capsys.readouterr().out.strip())
@@ -157,3 +166,19 @@ def test_generate_with_adapter(tmp_path, base_dir, tok_dir, capsys):
     stops = [k for k in range(len(ids), len(out)) if out[k] in tok.stop_ids()]
     expected = tok.decode(out[:stops[0]] if stops else out)
     assert texts[1] == expected.strip() and texts[0] != texts[1]
+
+
+def test_eval_with_adapter(base_dir, data_dir, adapted, capsys):
+    from mindport.cli import main
+    from mindport.train.data import PackedDataset
+    from mindport.train.evaluate import evaluate
+
+    model, adapter = adapted
+    losses = []
+    for extra in ([], ["--adapter", adapter]):
+        capsys.readouterr()
+        assert main(["eval", "--load", base_dir, "--data", data_dir, "--max-samples", "4"] + extra) == 0
+        losses.append(next(float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
+                           if line.startswith("loss:")))
+    expected = evaluate(model, PackedDataset(data_dir), 4, 4).loss
+    assert losses[1] == pytest.approx(expected, abs=2e-6) and abs(losses[0] - losses[1]) > 1e-3
