@@ -6,6 +6,7 @@ import pytest
 
 from mindport import AutoModelForCausalLM
 from mindport.train.config import TrainConfig
+from mindport.train.data import Batch
 from mindport.train.trainer import Trainer
 
 CASES = {
@@ -25,7 +26,8 @@ def trainer(preset: str, overrides: dict, jit: bool) -> Trainer:
 @pytest.mark.parametrize("case", CASES)
 def test_moe_step_is_one_compiled_graph_equal_to_the_eager_step(case, monkeypatch):
     preset, overrides = CASES[case]
-    batch = np.random.default_rng(0).integers(0, 256, (2, 17))
+    ids = np.random.default_rng(0).integers(0, 256, (2, 17)).astype(np.int32)
+    batch = Batch(ids, ids.copy())
     eager, compiled = trainer(preset, overrides, jit=False), trainer(preset, overrides, jit=True)
     assert compiled.compiled and not eager.compiled
     a, b = eager.train_step([batch]), compiled.train_step([batch])
