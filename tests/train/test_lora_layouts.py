@@ -1,4 +1,4 @@
-"""LoRA under msrun: TP2+SP, PP2, DP2+ZeRO and DP2 x EP2 (MoE; attention adapters, or routed experts'
+"""LoRA under msrun: TP2+SP, PP2, DP2+ZeRO, CP2 (ring attention) and DP2 x EP2 (MoE; attention adapters, or routed experts'
 adapters living with their experts), and TP2 with routed experts' adapters, train like one process.
 
 Each layout fine-tunes the same base (a saved tiny model) with the same adapters (A drawn per name
@@ -31,6 +31,7 @@ LAYOUTS = {
     "dp2_ep2_moe_zero": (MOE, {"data_parallel": 2, "expert_parallel": 2, "optimizer_shard": True}, 2),
     "dp2_ep2_moe_experts": (MOE_EXPERTS, {"data_parallel": 2, "expert_parallel": 2}, 2),
     "tp2_moe_experts": (MOE_EXPERTS, {"model_parallel": 2}, 4),
+    "cp2_ring": (DENSE, {"context_parallel": 2, "context_parallel_algo": "ring"}, 4),
 }
 
 
@@ -89,7 +90,8 @@ def references(data_dir, bases, tmp_path_factory):
 
 
 def world_of(parallel):
-    return int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage")]))
+    return int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage",
+                                                     "context_parallel")]))
 
 
 @pytest.fixture(scope="module")
