@@ -98,10 +98,10 @@ def config_layout(run) -> Layout:
     if not isinstance(t.recompute, bool):
         raise ConfigError(f"key 'recompute' = {t.recompute!r}: the planner models true or false (every layer or none)")
     micro_batches = p.micro_batch_num if p.pipeline_stage > 1 else t.grad_accumulation
-    offset = tuple(p.offset) if isinstance(p.offset, (list, tuple)) else (p.offset,) * p.pipeline_stage if p.offset else 0
+    offset = (p.offset,) * p.pipeline_stage if isinstance(p.offset, int) else tuple(p.offset)  # one per stage
     return Layout(p.data_parallel, p.model_parallel, p.pipeline_stage, p.context_parallel, p.expert_parallel,
                   p.use_seq_parallel, t.batch_size, micro_batches, 1, "full" if t.recompute else "none",
-                  p.optimizer_shard, MINDPORT, offset)
+                  p.optimizer_shard, MINDPORT, offset if any(offset) else 0)
 
 
 def predicted_line(plan: Plan) -> str:
