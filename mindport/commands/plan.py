@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default=None, metavar="YAML",
                    help="a run config: its model, LoRA pet_config, layout, sequence length and global batch "
                         "(with --npus: its layout is searched again)")
+    p.add_argument("--header", action="store_true",
+                   help="with --config: print the '# Predicted:' header line for the file's own layout (nothing searched)")
     p.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--write", default=None, metavar="OUT.yaml", help="write the best fitting layout as a run config")
@@ -30,8 +32,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _from_config(args) -> tuple:
-    """Model, degrees, sequence length and global batch of a run YAML (its checkpoint need not exist:
+def _from_config(args):
+    """The RunConfig of a run YAML (its checkpoint need not exist:
     the architecture then comes from the preset)."""
     import yaml
 
@@ -42,12 +44,7 @@ def _from_config(args) -> tuple:
     with open(args.config, encoding="utf-8") as f:
         doc = yaml.safe_load(f) or {}
     overrides = [] if os.path.exists(str(doc.get("load_checkpoint"))) else ["load_checkpoint=null"]
-    run = load_yaml(args.config, overrides)
-    p, t = run.parallel, run.train
-    degrees = dict(dp=p.data_parallel, tp=p.model_parallel, pp=p.pipeline_stage, cp=p.context_parallel,
-                   ep=p.expert_parallel)
-    micro_batches = p.micro_batch_num if p.pipeline_stage > 1 else t.grad_accumulation
-    return run, degrees, t.batch_size * micro_batches * p.data_parallel
+    return load_yaml(args.config, overrides)
 
 
 def _check_positive(**values) -> None:
@@ -67,8 +64,16 @@ def run(args) -> int:
         return 0
     degrees = planner.parse_layout(args.layout) if args.layout else {}
     lora = mode = None
+    if args.header and not args.config:
+        raise ValueError("--header needs --config YAML (the run config whose header line to print)")
     if args.config:
-        run_config, from_yaml, batch = _from_config(args)
+        run_config = _from_config(args)
+        if args.header:
+            print(planner.config_prediction(run_config))
+            return 0
+        layout = planner.config_layout(run_config)
+        from_yaml = dict(dp=layout.dp, tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep)
+        batch = layout.dp * layout.micro_batch * layout.micro_batches
         config, lora = run_config.model, run_config.lora
         mode = "infer" if run_config.run_mode == "predict" else "lora" if lora else "train"
         if not args.npus:  # the YAML's own layout; with --npus the layout is searched again

@@ -91,6 +91,40 @@ def evaluate(config: ModelConfig, layout: Layout, seq_length: int, lora: LoraCon
     return Plan(layout, cost, memory, memory["bytes"]["total"] <= MEMORY_BUDGET * hw.hbm_bytes)
 
 
+def config_layout(run) -> Layout:
+    """The layout a run config (:class:`mindport.train.config.RunConfig`) trains with: ``micro_batch_num``
+    micro-batches with pipeline stages, else ``gradient_accumulation_steps``."""
+    p, t = run.parallel, run.train
+    if not isinstance(t.recompute, bool):
+        raise ConfigError(f"key 'recompute' = {t.recompute!r}: the planner models true or false (every layer or none)")
+    micro_batches = p.micro_batch_num if p.pipeline_stage > 1 else t.grad_accumulation
+    offset = (p.offset,) * p.pipeline_stage if isinstance(p.offset, int) else tuple(p.offset)  # one per stage
+    return Layout(p.data_parallel, p.model_parallel, p.pipeline_stage, p.context_parallel, p.expert_parallel,
+                  p.use_seq_parallel, t.batch_size, micro_batches, 1, "full" if t.recompute else "none",
+                  p.optimizer_shard, MINDPORT, offset if any(offset) else 0)
+
+
+def predicted_line(plan: Plan) -> str:
+    """The ``# Predicted:`` header line of a training run config."""
+    return (f"# Predicted: {plan.cost['tokens_per_s_per_npu']:.0f} tokens/s per NPU, MFU {100 * plan.cost['mfu']:.1f}%, "
+            f"{plan.memory['bytes']['total'] / GIB:.1f} GiB on the largest rank (memory report; budget "
+            f"{MEMORY_BUDGET * ATLAS_800T_A2.hbm_bytes / 1e9:.1f} GB of 64 GB).")
+
+
+def config_prediction(run) -> str:
+    """The ``# Predicted:`` header line of a run config, for its own layout (nothing searched): training
+    and LoRA (its ``pet_config``) speed and memory, or for a serving config (``run_mode: predict``)
+    weights, the contexts that fit and decode speed at batch 1 and at its ``batch_size``."""
+    seq = run.train.seq_length
+    if run.run_mode != "predict":
+        return predicted_line(evaluate(run.model, config_layout(run), seq, run.lora))
+    tp, batch = run.parallel.model_parallel, run.train.batch_size
+    row = plan_inference(run.model, tp, seq, tps=(tp,), batch=batch)[0]
+    rates = row["decode_tokens_per_s"]
+    return (f"# Predicted: weights {row['weights_gib']:.1f} GiB per NPU, room for {row['max_batch']} contexts of {seq} "
+            f"tokens; decode {rates['batch_1']:.1f} tokens/s at batch 1, {rates[f'batch_{batch}']:.0f} at batch {batch}.")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -286,9 +320,7 @@ def run_yaml(model_spec: str, plan: Plan, seq_length: int, npus: int, out_path: 
         f"# {task} written by `mindport plan`: {nodes} Atlas 800T A2 node(s) x {per_node} NPUs = {npus} ranks.",
         f"# Launch{' on every node (NODE_RANK 0..' + str(nodes - 1) + ')' if nodes > 1 else ''}:",
         f"#   {launch}",
-        f"# Predicted: {plan.cost['tokens_per_s_per_npu']:.0f} tokens/s per NPU, MFU {100 * plan.cost['mfu']:.1f}%, "
-        f"{plan.memory['bytes']['total'] / GIB:.1f} GiB on the largest rank (memory report; budget "
-        f"{MEMORY_BUDGET * ATLAS_800T_A2.hbm_bytes / 1e9:.1f} GB of 64 GB).",
+        predicted_line(plan),
         "# UNEXECUTED at this size: no Ascend NPU was available.",
     ]
     doc: dict = {"seed": 1234, "output_dir": "./output/run"}

@@ -93,3 +93,20 @@ def test_config_loads_matches_its_world_size_and_fits_64gb(path, tmp_path):
                              run.train.recompute, rank=r, pipeline_offset=run.parallel.offset, lora=run.lora,
                              attention="flash")["bytes"]["total"] for r in stage_firsts)
     assert peak <= budget, f"{path}: {peak / 2**30:.1f} GiB"
+
+
+# CPU runs (the demo's and the tiny layout's): no NPU prediction in their headers
+PREDICTED = [p for p in CONFIGS if p.name not in ("demo_train.yaml", "tiny_train.yaml")]
+
+
+@pytest.mark.parametrize("path", PREDICTED, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_header_prediction_is_the_planners_for_the_files_own_layout(path, capsys):
+    """The header's one '# Predicted:' line (tokens/s per NPU, MFU and GiB of the largest rank; for a
+    serving config weights, contexts that fit and decode rates) is what the current planner computes for
+    the file's own layout, rounded as printed: `mindport plan --config FILE --header` (nothing searched)."""
+    from mindport.cli import main
+
+    stated = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("# Predicted:")]
+    assert len(stated) == 1, f"{path}: expected one '# Predicted:' header line"
+    assert main(["plan", "--config", str(path), "--header"]) == 0
+    assert capsys.readouterr().out.strip() == stated[0]

@@ -104,6 +104,8 @@ def test_write_emits_a_run_yaml_that_loads_and_plans_back(capsys, tmp_path):
     assert "msrun_launcher.sh" in out_path.read_text() and "preset: telechat2-7b" in out_path.read_text()
     again = _json(capsys, ["plan", "--config", str(out_path)])
     assert again["layout"] == best["layout"]
+    assert main(["plan", "--config", str(out_path), "--header"]) == 0  # the written header is the file's own
+    assert capsys.readouterr().out.strip() in out_path.read_text().splitlines()
 
 
 def test_bad_inputs_fail_in_one_line(capsys, tmp_path):
@@ -113,6 +115,7 @@ def test_bad_inputs_fail_in_one_line(capsys, tmp_path):
     assert "--config" in _error(capsys, ["plan", "--config", str(tmp_path / "none.yaml")])
     assert "--npus 0" in _error(capsys, ["plan", "--model", "telechat2-7b", "--npus", "0", "--seq-length", "64"])
     assert "--mode infer" in _error(capsys, BASE + ["--mode", "infer", "--write", str(tmp_path / "x.yaml")])
+    assert "--header needs --config" in _error(capsys, BASE + ["--header"])
     assert not (tmp_path / "x.yaml").exists()
     assert "no legal layout" in _error(capsys, BASE + ["--layout", "tp=3"])  # 3 divides neither 8 nor the heads
 
