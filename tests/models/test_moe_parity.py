@@ -25,20 +25,28 @@ def test_moe_logits_match_transformers(tmp_path, kind, overrides):
     assert diff <= TOL, f"max abs diff {diff:.2e}"
 
 
-def test_aux_loss_matches_transformers_mixtral(tmp_path):
-    import torch
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+@pytest.mark.parametrize("kind, experts", [("mixtral", 4), ("qwen2_moe", 6)])
+def test_aux_loss_matches_transformers(tmp_path, kind, experts):
+    """Both pool the loss over layers with one function (transformers' load_balancing_loss_func, the same
+    text in modeling_mixtral and modeling_qwen2_moe), without an attention mask here (no padding)."""
+    import importlib
 
-    model, directory = hf_moe("mixtral", tmp_path, output_router_logits=True)
+    import torch
+
+    load_balancing_loss_func = importlib.import_module(
+        f"transformers.models.{kind}.modeling_{kind}").load_balancing_loss_func
+    model, directory = hf_moe(kind, tmp_path, output_router_logits=True)
     ids = np.random.default_rng(1).integers(0, 256, (2, 10))
     with torch.no_grad():
         out = model(torch.from_numpy(ids), labels=torch.from_numpy(ids), output_router_logits=True)
-    theirs_aux = float(load_balancing_loss_func(out.router_logits, 4, 2))
+    theirs_aux = float(load_balancing_loss_func(out.router_logits, experts, 2))
     ours = AutoModelForCausalLM.from_pretrained(directory)
+    coef = model.config.router_aux_loss_coef
+    assert ours.config.router_aux_loss_coef == pytest.approx(coef) and ours.config.router_z_loss_coef == 0
     batch = ours.prepare(ids)
     _, router_loss, load = ours.forward(*batch)
-    assert abs(float(router_loss.asnumpy()) / 0.02 - theirs_aux) <= 1e-5
-    assert load.shape == (2, 5) and float(load[:, -1].sum().asnumpy()) == 0  # (layers, experts + dropped)
+    assert abs(float(router_loss.asnumpy()) / coef - theirs_aux) <= 1e-5
+    assert load.shape == (2, experts + 1) and float(load[:, -1].sum().asnumpy()) == 0  # (layers, experts + dropped)
     total = float(ours(ids, labels=ids).asnumpy())  # CE + coef * aux, as HF adds it with router logits on
     assert abs(total - float(out.loss)) <= 1e-4
 
