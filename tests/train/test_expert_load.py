@@ -15,6 +15,7 @@ from mindport import AutoModelForCausalLM
 from mindport.config import ConfigError
 from mindport.train.config import TrainConfig
 from mindport.train.data import Batch
+from mindport.train.tensorboard import read_records
 from mindport.train.trainer import Trainer
 from testkit.train import SEQ, VOCAB
 
@@ -61,6 +62,22 @@ def test_step_reports_the_expert_load_of_a_numpy_count_of_the_router_choices():
     counts = np.array(tokens, np.float64)
     assert metrics["expert_load"] == tokens and metrics["dropped_slots"] == dropped
     np.testing.assert_allclose(metrics["expert_load_imbalance"], counts.max(1) / counts.mean(1), rtol=1e-4)
+
+
+def test_z_loss_coefficient_weighs_switch_transformers_router_z_loss_pooled_over_layers():
+    import torch
+    from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
+
+    ms.set_seed(0)
+    model = AutoModelForCausalLM.from_preset("mixtral-tiny", router_aux_loss_coef=0.0, router_z_loss_coef=0.25)
+    seen = []
+    for layer in model.layers.values():
+        layer.mlp.router = RecordLogits(layer.mlp.router, seen)
+    ids = np.random.default_rng(3).integers(0, 256, (2, 9))
+    router_loss = model.forward(*model.prepare(ids))[1]
+    theirs = np.mean([float(router_z_loss_func(torch.from_numpy(logits).reshape(2, 9, -1))) for logits in seen])
+    assert len(seen) == model.config.num_layers
+    assert float(router_loss.asnumpy()) == pytest.approx(0.25 * theirs, rel=1e-5)
 
 
 class FakeDataComm:
@@ -110,6 +127,10 @@ def test_mindport_train_on_a_tiny_moe_writes_the_load_metrics_and_heatmap(tmp_pa
         load = np.array(record["expert_load"])
         assert load.shape == (layers, experts) and (load.sum(1) == 2 * SEQ * 2).all()  # every slot of top-2
         assert len(record["expert_load_imbalance"]) == len(record["dropped_slots"]) == layers
+    tb_dir = os.path.join(out, "tensorboard")
+    events = b"".join(read_records(os.path.join(tb_dir, os.listdir(tb_dir)[0])))
+    assert all(f"moe/{key}/layer_{i}".encode() in events
+               for key in ("expert_load_imbalance", "dropped_slots") for i in range(layers))
     with open(os.path.join(out, "expert_load.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(os.path.join(out, "loss_curve.png"))
