@@ -46,7 +46,8 @@ class RunLogger:
             f.writelines(json.dumps(m) + "\n" for m in kept)
         self._f = open(self.path, "a", encoding="utf-8")
         self.history = [(m["step"], m["loss"]) for m in kept]
-        self.expert_load = sum((np.asarray(m["expert_load"], np.float64) for m in kept if "expert_load" in m), None)
+        loads = [np.asarray(m["expert_load"], np.float64) for m in kept if "expert_load" in m]
+        self.expert_load = np.sum(loads, 0) if loads else None  # (L, E) over the logged steps (MoE)
         self.tb = EventWriter(os.path.join(output_dir, TENSORBOARD_DIR)) if tensorboard else None
         self._window: list[float] = []
         self.bar = None

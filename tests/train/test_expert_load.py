@@ -134,3 +134,18 @@ def test_mindport_train_on_a_tiny_moe_writes_the_load_metrics_and_heatmap(tmp_pa
     with open(os.path.join(out, "expert_load.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(os.path.join(out, "loss_curve.png"))
+
+
+def test_heatmap_sums_the_expert_load_over_the_steps_of_a_resumed_run(tmp_path):
+    from mindport.train.logger import RunLogger
+
+    out = str(tmp_path)
+    step = {"lr": 1e-3, "grad_norm": 1.0, "loss_scale": 1.0, "expert_load_imbalance": [1.5], "dropped_slots": [0]}
+    first = RunLogger(out, 2, progress=False, echo=lambda s: None)
+    first.log(dict(step, step=1, loss=2.0, expert_load=[[3, 1]]), 8, 1.0)
+    first.close()
+    resumed = RunLogger(out, 2, start_step=1, progress=False, echo=lambda s: None)
+    resumed.log(dict(step, step=2, loss=1.5, expert_load=[[2, 2]]), 8, 1.0)
+    assert resumed.expert_load.tolist() == [[5, 3]]
+    resumed.close()
+    assert os.path.isfile(os.path.join(out, "expert_load.png"))
