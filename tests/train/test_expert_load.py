@@ -62,6 +62,9 @@ def test_step_reports_the_expert_load_of_a_numpy_count_of_the_router_choices():
     counts = np.array(tokens, np.float64)
     assert metrics["expert_load"] == tokens and metrics["dropped_slots"] == dropped
     np.testing.assert_allclose(metrics["expert_load_imbalance"], counts.max(1) / counts.mean(1), rtol=1e-4)
+    accumulating = Trainer(tiny_moe(), trainer.config)  # two micro-batches: their loads add up
+    metrics = accumulating.train_step([Batch(ids, ids.copy())] * 2)
+    assert metrics["expert_load"] == (2 * counts).astype(int).tolist() and metrics["dropped_slots"] == [2 * d for d in dropped]
 
 
 def test_z_loss_coefficient_weighs_switch_transformers_router_z_loss_pooled_over_layers():
