@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from mindport.dtypes import SAFETENSORS_CODES
 from mindport.errors import ConfigError
 
+ROUTER_AUX_LOSS_SCOPES = ("global_batch", "micro_batch")
 MINDPORT_KEY = "mindport_config"  # config.json of a mindport model directory: {MINDPORT_KEY: {...}}
 
 
@@ -132,6 +133,9 @@ class ModelConfig(Loadable):
     shared_expert_gate: bool = False  # Qwen: shared output scaled by sigmoid(Linear(H -> 1))
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
+    # "global_batch": routed fractions f summed over data/context-parallel ranks before the loss (Qwen's
+    # global-batch balancing); "micro_batch": each rank's own f (transformers' load_balancing_loss_func per batch)
+    router_aux_loss_scope: str = "global_batch"
     capacity_factor: float = 0.0  # 0: dropless
     # token ids and dtypes
     bos_token_id: int | None = 1
@@ -186,6 +190,8 @@ class ModelConfig(Loadable):
                 fail("moe_top_k", self.moe_top_k, f"at most num_experts = {self.num_experts}")
             if self.capacity_factor < 0:
                 fail("capacity_factor", self.capacity_factor, "0 (dropless) or a positive number")
+            if self.router_aux_loss_scope not in ROUTER_AUX_LOSS_SCOPES:
+                fail("router_aux_loss_scope", self.router_aux_loss_scope, " or ".join(ROUTER_AUX_LOSS_SCOPES))
         elif self.moe_top_k or self.shared_expert_intermediate_size:
             fail("num_experts", self.num_experts, "a positive count when MoE keys are set")
         else:

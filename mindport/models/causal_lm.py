@@ -17,7 +17,7 @@ from mindport.transformer.attention import MASK_VALUE
 from mindport.transformer.block import DecoderLayer
 from mindport.transformer.layers import RMSNorm, as_array, as_tensor
 from mindport.transformer.loss import CausalLMLoss
-from mindport.transformer.moe import DROPPED, FRACTION, PROBABILITY, Z_LOSS
+from mindport.transformer.moe import DROPPED, FRACTION, PROBABILITY, TOKENS, Z_LOSS
 from mindport.transformer.rope import logn_scale, rope_tables
 
 dispatch.configure_runtime()
@@ -176,7 +176,8 @@ class CausalLM(nn.Cell):
     def forward(self, input_ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale=None,
                 caches=None) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (B, S, V/tp: this rank's vocabulary shard), the weighted router loss and the
-        count of dropped routing slots (both 0 for dense models).
+        expert load of this rank's tokens (L, E + 1): per MoE layer, the routing slots of each expert
+        (dropped ones included) and, last, the slots dropped over capacity (dense models: 0, 0).
 
         On a pipeline stage other than the last, returns this stage's hidden states instead of
         logits; on a stage other than the first, ``input_ids`` is the previous stage's output.
@@ -187,34 +188,42 @@ class CausalLM(nn.Cell):
             x, layer_stats = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[k])
             if layer_stats is not None:
                 stats.append(layer_stats)
-        router_loss, dropped = self.router_loss(stats)
+        router_loss, load = self.router_loss(stats), self.expert_load(stats)
         if not self.is_last:
-            return x, router_loss, dropped
-        return self.lm_head(self.final_norm(x)), router_loss, dropped
+            return x, router_loss, load
+        return self.lm_head(self.final_norm(x)), router_loss, load
 
-    def router_loss(self, stats: list[tuple]) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def expert_load(stats: list[tuple]) -> Tensor:
+        """(L, E + 1) float32 from the MoE layers' stats: slots per expert, then dropped slots (() 0 if dense)."""
+        if not stats:
+            return ops.zeros((), ms.float32)
+        return ops.stack([ops.cat([s[TOKENS], s[DROPPED].astype(ms.float32).reshape(1)]) for s in stats])
+
+    def router_loss(self, stats: list[tuple]) -> Tensor:
         """Switch/Mixtral load balancing over all MoE layers' routing slots pooled
         (E * sum(mean f * mean P)), plus the router z-loss, weighted by their coefficients.
 
         With R data/context-parallel ranks, each holding an equal share of the tokens, rank r
-        differentiates E * sum(f_global * P_r) / R, where f_global (the routed fractions, not
-        differentiable) is averaged over the ranks: summed over ranks this is the loss of the
-        whole batch, and so are the summed gradients.
+        differentiates E * sum(f * P_r) / R. With ``router_aux_loss_scope`` "global_batch" (default),
+        f is f_global (the routed fractions, not differentiable) averaged over the ranks: summed over
+        ranks this is the loss of the whole batch, and so are the summed gradients. With "micro_batch"
+        f is the rank's own f_r: the mean over ranks of each rank's loss of its own tokens.
         """
-        zero = ops.zeros((), ms.float32)
         if not stats:
-            return zero, zero
+            return ops.zeros((), ms.float32)
         f = ops.stack([s[FRACTION] for s in stats]).mean(0)
         p = ops.stack([s[PROBABILITY] for s in stats]).mean(0)
         z = ops.stack([s[Z_LOSS] for s in stats]).mean()
         ranks = 1
+        global_batch = self.config.router_aux_loss_scope == "global_batch"
         for comm in self.data_comms:
-            f = comm.all_reduce(ops.stop_gradient(f))
+            if global_batch:
+                f = comm.all_reduce(ops.stop_gradient(f)) / comm.group.size
             ranks *= comm.group.size
-        f, p, z = f / ranks, p / ranks, z / ranks
+        p, z = p / ranks, z / ranks
         balance = self.config.num_experts * (f * p).sum()
-        dropped = ops.stack([s[DROPPED] for s in stats]).sum().astype(ms.float32)
-        return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z, dropped
+        return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z
 
     def loss(self, logits: Tensor, router_loss: Tensor, labels: Tensor) -> Tensor:
         return self.loss_fn(logits, labels) + router_loss

@@ -233,7 +233,7 @@ RUN_MODES = ("train", "finetune", "predict")
 # model_config keys that are not the architecture: with load_checkpoint they still come from the YAML
 # (everything else comes from the checkpoint, and a YAML value must agree with it)
 TRAINING_MODEL_KEYS = ("param_dtype", "compute_dtype", "initializer_range", "router_aux_loss_coef",
-                       "router_z_loss_coef", "capacity_factor", "vocab_pad_multiple")
+                       "router_z_loss_coef", "router_aux_loss_scope", "capacity_factor", "vocab_pad_multiple")
 
 
 def run_config_from_dict(doc: Mapping[str, Any], source: str) -> RunConfig:

@@ -1,15 +1,19 @@
-"""Per-step metrics to the console, ``metrics.jsonl``, TensorBoard and, at the end, a PNG."""
+"""Per-step metrics to the console, ``metrics.jsonl``, TensorBoard and, at the end, a loss-curve PNG
+(and for MoE models an expert-load heatmap PNG)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 
-from mindport.train.plot import loss_curve_png
+import numpy as np
+
+from mindport.train.plot import expert_load_png, loss_curve_png
 from mindport.train.tensorboard import EventWriter
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
+EXPERT_LOAD_PLOT_FILE = "expert_load.png"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -22,7 +26,8 @@ def read_metrics(output_dir: str) -> list[dict]:
 
 
 class RunLogger:
-    """``log(metrics)`` once per optimiser step; ``close()`` writes the loss-curve PNG.
+    """``log(metrics)`` once per optimiser step; ``close()`` writes the loss-curve PNG and, when the
+    metrics carry ``expert_load`` (MoE), the heatmap of the expert load summed over the logged steps.
 
     On resume, lines of ``metrics.jsonl`` past the resumed step (logged after the checkpoint,
     before the interruption) are dropped, so the file holds each step once.
@@ -41,6 +46,8 @@ class RunLogger:
             f.writelines(json.dumps(m) + "\n" for m in kept)
         self._f = open(self.path, "a", encoding="utf-8")
         self.history = [(m["step"], m["loss"]) for m in kept]
+        loads = [np.asarray(m["expert_load"], np.float64) for m in kept if "expert_load" in m]
+        self.expert_load = np.sum(loads, 0) if loads else None  # (L, E) over the logged steps (MoE)
         self.tb = EventWriter(os.path.join(output_dir, TENSORBOARD_DIR)) if tensorboard else None
         self._window: list[float] = []
         self.bar = None
@@ -70,10 +77,15 @@ class RunLogger:
         self._f.flush()
         self.history.append((record["step"], record["loss"]))
         if self.tb is not None:
-            self.tb.add_scalars(record["step"], {f"train/{k}": float(record[k]) for k in
-                                                 ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "mfu")
-                                                 if k in record})
+            scalars = {f"train/{k}": float(record[k]) for k in
+                       ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "mfu") if k in record}
+            for key in ("expert_load_imbalance", "dropped_slots"):  # one scalar per MoE layer
+                scalars.update({f"moe/{key}/layer_{i}": float(v) for i, v in enumerate(record.get(key, ()))})
+            self.tb.add_scalars(record["step"], scalars)
             self.tb.flush()
+        if "expert_load" in record:
+            load = np.asarray(record["expert_load"], np.float64)
+            self.expert_load = load if self.expert_load is None else self.expert_load + load
         step = record["step"]
         self._window.append(record["loss"])
         if step % self.log_every == 0 or step == self.total or step == 1:
@@ -104,4 +116,6 @@ class RunLogger:
         steps, losses = zip(*self.history)
         path = os.path.join(self.output_dir, PLOT_FILE)
         loss_curve_png(path, steps, losses)
+        if self.expert_load is not None:
+            expert_load_png(os.path.join(self.output_dir, EXPERT_LOAD_PLOT_FILE), self.expert_load)
         return path

@@ -1,4 +1,4 @@
-"""A loss-curve PNG with numpy and zlib only (no matplotlib, no pillow).
+"""A loss-curve PNG and an expert-load heatmap PNG with numpy and zlib only (no matplotlib, no pillow).
 
 The curve is drawn as line segments on an RGB canvas with axes, a light grid, and labels
 in a built-in 3x5 pixel font (digits, '.', '-', 'e' and the letters of 'step' and 'loss').
@@ -103,4 +103,26 @@ def loss_curve_png(path: str, steps, losses, width: int = 720, height: int = 420
             _line(img, a, b, c, d, (20, 70, 180), 2)
     elif len(pts) == 1:
         _line(img, pts[0][0], pts[0][1], pts[0][0], pts[0][1], (20, 70, 180), 3)
+    write_png(path, img)
+
+
+def expert_load_png(path: str, load, cell: int = 16) -> None:
+    """Heatmap of an MoE run's expert load (L layers, E experts): one row of cells per layer, each cell
+    coloured by the expert's share of its layer's slots relative to an even share (white: none, blue:
+    even, red: 2x even or more); layer numbers on the left, expert numbers along the top."""
+    load = np.asarray(load, dtype=np.float64)
+    layers, experts = load.shape
+    ratio = load / np.maximum(load.mean(1, keepdims=True), 1e-9)  # 1: an even share
+    blue, red = np.array([40, 90, 200.0]), np.array([200, 30, 30.0])
+    low = np.clip(ratio, 0, 1)[..., None]  # white -> blue over [0, 1]
+    high = np.clip(ratio - 1, 0, 1)[..., None]  # blue -> red over [1, 2]
+    colors = (255 + (blue - 255) * low) * (ratio[..., None] <= 1) + (blue + (red - blue) * high) * (ratio[..., None] > 1)
+    left, top = 30, 20
+    img = np.full((top + layers * cell + 10, left + experts * cell + 10, 3), 255, np.uint8)
+    img[top:top + layers * cell, left:left + experts * cell] = \
+        np.kron(colors, np.ones((cell, cell, 1))).astype(np.uint8)
+    for layer in range(layers):
+        _text(img, 4, top + layer * cell + cell // 2 - 5, str(layer))
+    for expert in range(experts):
+        _text(img, left + expert * cell + 2, 4, str(expert), scale=1 if expert >= 10 else 2)
     write_png(path, img)

@@ -65,6 +65,17 @@ def next_token_targets(labels: np.ndarray) -> np.ndarray:
     return targets
 
 
+def expert_load_metrics(load: np.ndarray) -> dict:
+    """Per-layer metrics of this rank's step from the expert load (L, E + 1) (slots per expert, then
+    dropped slots): ``expert_load`` (L x E routed slots), ``expert_load_imbalance`` (L: max / mean
+    slots of an expert) and ``dropped_slots`` (L)."""
+    tokens, dropped = load[:, :-1], load[:, -1]
+    imbalance = tokens.max(1) / np.maximum(tokens.mean(1), 1e-9)
+    return {"expert_load": np.rint(tokens).astype(int).tolist(),
+            "expert_load_imbalance": [round(float(v), 4) for v in imbalance],
+            "dropped_slots": np.rint(dropped).astype(int).tolist()}
+
+
 class Trainer:
     """Holds the (possibly AMP-converted) model, the optimiser and the loss scaler.
 
@@ -133,15 +144,15 @@ class Trainer:
         model, scaler, clip, optimizer = self.model, self.scaler, float(self.config.grad_clip), self.optimizer
 
         def loss_fn(ids, cos, sin, mask, targets, count, router_weight):
-            logits, router_loss, _ = model.forward(ids, cos, sin, mask)
+            logits, router_loss, load = model.forward(ids, cos, sin, mask)
             loss = model.loss_from_targets(logits, router_loss, targets, count, router_weight)
-            return loss * scaler.scale_value.astype(loss.dtype), loss
+            return loss * scaler.scale_value.astype(loss.dtype), loss, load
 
         grad_fn = ms.value_and_grad(loss_fn, None, self.params, has_aux=True)
 
         def micro(ids, cos, sin, mask, targets, count, router_weight):
-            (_, loss), grads = grad_fn(ids, cos, sin, mask, targets, count, router_weight)
-            return loss, tuple(g.astype(ms.float32) for g in grads)
+            (_, loss, load), grads = grad_fn(ids, cos, sin, mask, targets, count, router_weight)
+            return loss, tuple(g.astype(ms.float32) for g in grads), load
 
         def accumulate(acc, grads):
             return tuple(a + g.astype(ms.float32) for a, g in zip(acc, grads))
@@ -165,9 +176,9 @@ class Trainer:
             return norm, finite
 
         def fused(ids, cos, sin, mask, targets, count, router_weight, lr):
-            loss, grads = micro(ids, cos, sin, mask, targets, count, router_weight)
+            loss, grads, load = micro(ids, cos, sin, mask, targets, count, router_weight)
             norm, finite = apply(grads, lr)
-            return loss, norm, finite
+            return loss, norm, finite, load
 
         wrap = ms.jit if self.compiled else _identity
         self._micro, self._accumulate, self._fused = wrap(micro), wrap(accumulate), wrap(fused)
@@ -216,13 +227,15 @@ class Trainer:
         lr = Tensor(lr_value, ms.float32)
         count = self.supervised_count(micro_batches)
         router_weight = Tensor(1.0 / len(micro_batches), ms.float32)
+        load = None  # (L, E + 1) expert load summed over the micro-batches (MoE, without pipeline stages)
         if self.pipeline is None and len(micro_batches) == 1:
-            loss, norm, finite = self._fused(*self._inputs(micro_batches[0]), count, router_weight, lr)
+            loss, norm, finite, load = self._fused(*self._inputs(micro_batches[0]), count, router_weight, lr)
         else:
             losses, acc = [], None
             for batch in micro_batches:
                 if self.pipeline is None:
-                    loss, grads = self._micro(*self._inputs(batch), count, router_weight)
+                    loss, grads, micro_load = self._micro(*self._inputs(batch), count, router_weight)
+                    load = micro_load if load is None else load + micro_load
                 else:
                     loss, grads = self.pipeline.run(batch, self.scaler.scale_value, count, router_weight)
                     loss = ops.zeros((), ms.float32) if loss is None else loss
@@ -234,9 +247,12 @@ class Trainer:
         for comm in self.loss_sums:
             loss = comm.all_reduce(loss)
         self.step += 1
-        return {"step": self.step, "loss": float(loss.asnumpy()), "lr": lr_value,
-                "grad_norm": float(norm.asnumpy()), "loss_scale": float(self.scaler.scale_value.asnumpy()),
-                "finite": bool(finite.asnumpy())}
+        metrics = {"step": self.step, "loss": float(loss.asnumpy()), "lr": lr_value,
+                   "grad_norm": float(norm.asnumpy()), "loss_scale": float(self.scaler.scale_value.asnumpy()),
+                   "finite": bool(finite.asnumpy())}
+        if self.base_config.num_experts and load is not None:
+            metrics.update(expert_load_metrics(load.asnumpy()))  # one (L, E + 1) read per step
+        return metrics
 
     # ------------------------------------------------------------------ state
     def fp32_weights(self) -> dict[str, np.ndarray]:

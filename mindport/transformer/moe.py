@@ -54,9 +54,10 @@ class RouterStats(NamedTuple):
     probability: Tensor  # P (E,): mean router probability per expert
     z_loss: Tensor       # (): mean squared logsumexp of the router logits
     dropped: Tensor      # (): routing slots dropped over capacity
+    tokens: Tensor       # (E,): routing slots per expert (T * f), dropped ones included
 
 
-FRACTION, PROBABILITY, Z_LOSS, DROPPED = range(len(RouterStats._fields))  # positions in the stats tuple
+FRACTION, PROBABILITY, Z_LOSS, DROPPED, TOKENS = range(len(RouterStats._fields))  # positions in the stats tuple
 
 
 def load_balancing(logits: Tensor, experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -355,4 +356,4 @@ class MoE(nn.Cell):
         out = self.exit(out.reshape(b, s, h))
         stats_logits = self.tp_share(logits)
         f, p = load_balancing(stats_logits, experts, self.num_experts)
-        return out, (f, p, z_loss(stats_logits), b * s * self.top_k - kept)
+        return out, (f, p, z_loss(stats_logits), b * s * self.top_k - kept, ops.stop_gradient(f) * (b * s))

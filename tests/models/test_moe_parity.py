@@ -25,20 +25,28 @@ def test_moe_logits_match_transformers(tmp_path, kind, overrides):
     assert diff <= TOL, f"max abs diff {diff:.2e}"
 
 
-def test_aux_loss_matches_transformers_mixtral(tmp_path):
-    import torch
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+@pytest.mark.parametrize("kind, experts", [("mixtral", 4), ("qwen2_moe", 6)])
+def test_aux_loss_matches_transformers(tmp_path, kind, experts):
+    """Both pool the loss over layers with one function (transformers' load_balancing_loss_func, the same
+    text in modeling_mixtral and modeling_qwen2_moe), without an attention mask here (no padding)."""
+    import importlib
 
-    model, directory = hf_moe("mixtral", tmp_path, output_router_logits=True)
+    import torch
+
+    load_balancing_loss_func = importlib.import_module(
+        f"transformers.models.{kind}.modeling_{kind}").load_balancing_loss_func
+    model, directory = hf_moe(kind, tmp_path, output_router_logits=True)
     ids = np.random.default_rng(1).integers(0, 256, (2, 10))
     with torch.no_grad():
         out = model(torch.from_numpy(ids), labels=torch.from_numpy(ids), output_router_logits=True)
-    theirs_aux = float(load_balancing_loss_func(out.router_logits, 4, 2))
+    theirs_aux = float(load_balancing_loss_func(out.router_logits, experts, 2))
     ours = AutoModelForCausalLM.from_pretrained(directory)
+    coef = model.config.router_aux_loss_coef
+    assert ours.config.router_aux_loss_coef == pytest.approx(coef) and ours.config.router_z_loss_coef == 0
     batch = ours.prepare(ids)
-    _, router_loss, dropped = ours.forward(*batch)
-    assert abs(float(router_loss.asnumpy()) / 0.02 - theirs_aux) <= 1e-5
-    assert float(dropped.asnumpy()) == 0
+    _, router_loss, load = ours.forward(*batch)
+    assert abs(float(router_loss.asnumpy()) / coef - theirs_aux) <= 1e-5
+    assert load.shape == (2, experts + 1) and float(load[:, -1].sum().asnumpy()) == 0  # (layers, experts + dropped)
     total = float(ours(ids, labels=ids).asnumpy())  # CE + coef * aux, as HF adds it with router logits on
     assert abs(total - float(out.loss)) <= 1e-4
 
@@ -89,8 +97,8 @@ def test_capacity_drops_and_counts_slots(tmp_path):
     ids = np.random.default_rng(9).integers(0, 256, (2, 16))
     dropless = AutoModelForCausalLM.from_pretrained(directory)
     capped = AutoModelForCausalLM.from_pretrained(directory, capacity_factor=0.5)
-    _, _, dropped = capped.forward(*capped.prepare(ids))
-    _, _, none_dropped = dropless.forward(*dropless.prepare(ids))
+    dropped = capped.forward(*capped.prepare(ids))[2][:, -1].sum()
+    none_dropped = dropless.forward(*dropless.prepare(ids))[2][:, -1].sum()
     slots = 2 * 16 * 3 * 2  # tokens x top-k x layers
     assert float(none_dropped.asnumpy()) == 0 and slots / 2 <= float(dropped.asnumpy()) < slots
     assert np.abs(capped(ids).asnumpy() - dropless(ids).asnumpy()).max() > 1e-3
@@ -107,8 +115,8 @@ def test_router_stats_are_named_and_pooled_into_the_router_loss():
     _, stats = moe(x)
     stats = RouterStats(*stats)
     assert stats.fraction.shape == stats.probability.shape == (4,)
-    loss, dropped = model.router_loss([tuple(stats)])
+    loss, load = model.router_loss([tuple(stats)]), model.expert_load([tuple(stats)])
     c = model.config
     expected = (c.router_aux_loss_coef * 4 * float((stats.fraction * stats.probability).sum().asnumpy())
                 + c.router_z_loss_coef * float(stats.z_loss.asnumpy()))
-    assert abs(float(loss.asnumpy()) - expected) <= 1e-6 and int(dropped.asnumpy()) == int(stats.dropped.asnumpy())
+    assert abs(float(loss.asnumpy()) - expected) <= 1e-6 and int(load[0, -1].asnumpy()) == int(stats.dropped.asnumpy())

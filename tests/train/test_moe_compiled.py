@@ -1,5 +1,5 @@
 """The MoE training step compiles: one ms.jit graph for forward, backward, clipping and AdamW, equal to
-the eager step, with no host read per layer (only the step's four metrics are read)."""
+the eager step, with no host read per layer (only the step's four metrics and one (L, E + 1) expert load are read)."""
 import mindspore as ms
 import numpy as np
 import pytest
@@ -40,4 +40,5 @@ def test_moe_step_is_one_compiled_graph_equal_to_the_eager_step(case, monkeypatc
     asnumpy = ms.Tensor.asnumpy
     monkeypatch.setattr(ms.Tensor, "asnumpy", lambda self: reads.append(self.shape) or asnumpy(self))
     compiled.train_step([batch])
-    assert len(reads) == 4, f"host reads in one step: {reads} (expected the 4 metrics only)"
+    assert len(reads) == 5, f"host reads in one step: {reads} (expected the 4 metrics and the expert load only)"
+    assert reads[-1] == (compiled.base_config.num_layers, compiled.base_config.num_experts + 1)
