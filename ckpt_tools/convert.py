@@ -59,6 +59,7 @@ from mindport.checkpoint.tensor_check import check_shape, check_tensors, missing
 from mindport.checkpoint.shards import DEFAULT_SHARD_BYTES, StagingDir, write_shards
 from mindport.config import ConfigError, ModelConfig, Shape, parameter_shapes
 from mindport.dtypes import DTYPE_NAMES, ITEMSIZE, NUMPY_DTYPES, SAFETENSORS_CODES
+from mindport.models.lora import ADAPTER_CONFIG
 from mindport.parallel.layout import LAYOUT_FILE, Box, layout_text, rank_dir_name, rank_layout
 
 CHUNK_BYTES = 32 << 20  # largest buffer a dtype change, a strided slice or a merge holds
@@ -436,6 +437,10 @@ def _plan_ranks(outs: list[_Out], config: ModelConfig, tp: int, pp: int, ep: int
 # --------------------------------------------------------------------------- writing
 
 def _check_paths(src: str, dst: str, overwrite: bool) -> None:
+    if os.path.isfile(os.path.join(src, ADAPTER_CONFIG)):
+        raise CheckpointError(f"{src}: a LoRA adapter ({ADAPTER_CONFIG}), not a model: merge it into its base "
+                              f"with `mindport lora merge --base BASE --adapter {src} --dst OUT` (or `mindport lora "
+                              f"export` for a PEFT adapter directory)")
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst}: destination exists (pass --overwrite / overwrite=True to replace it)")
     if os.path.exists(dst) and os.path.realpath(dst) == os.path.realpath(src):

@@ -60,7 +60,12 @@ def write_shards(directory: str, entries: list[Entry], chunks: Callable[[str], I
 
 
 class StagingDir:
-    """A temporary sibling directory renamed onto ``final`` on success, removed on failure."""
+    """A temporary sibling directory renamed onto ``final`` on success, removed on failure.
+
+    The temporary name carries the writer's pid (``.NAME.tmp-PID-XXXX``): a writer starting removes the
+    staging directories of writers of the same destination that no longer run (killed with -9). The
+    result gets the permissions of a directory made under the process umask (``mkdtemp`` makes 0700).
+    """
 
     def __init__(self, final: str, overwrite: bool):
         self.final = os.path.abspath(final)
@@ -68,7 +73,15 @@ class StagingDir:
             raise CheckpointError(f"{final}: destination exists (pass --overwrite / overwrite=True to replace it)")
         parent = os.path.dirname(self.final)
         os.makedirs(parent, exist_ok=True)
-        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.tmp-", dir=parent)
+        prefix = f".{os.path.basename(self.final)}.tmp-"
+        for name in os.listdir(parent):
+            pid = name[len(prefix):].split("-", 1)[0]
+            if name.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        self.path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o777 & ~umask)
 
     def __enter__(self) -> str:
         return self.path
@@ -84,3 +97,13 @@ class StagingDir:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.path, self.final)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -182,3 +182,13 @@ def test_eval_with_adapter(base_dir, data_dir, adapted, capsys):
                            if line.startswith("loss:")))
     expected = evaluate(model, PackedDataset(data_dir), 4, 4).loss
     assert losses[1] == pytest.approx(expected, abs=2e-6) and abs(losses[0] - losses[1]) > 1e-3
+
+
+def test_converting_an_adapter_fails_in_one_line_pointing_to_lora_merge(adapted, tmp_path, capsys):
+    from mindport.cli import main
+
+    _, adapter = adapted
+    assert main(["convert", "ms2hf", "--src", adapter, "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mindport lora merge" in err and adapter in err, err
+    assert not (tmp_path / "out").exists()
