@@ -70,7 +70,7 @@ def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, over
         raise DataError(f"seq_length = {seq_length}: expected at least 2")
     if tokenizer.eos_id is None:
         raise DataError(f"{tokenizer.source}: tokenizer has no EOS token")
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
     with StagingDir(out_dir, overwrite) as tmp:
         total, docs = 0, 0
         with open(os.path.join(tmp, TOKENS_FILE), "wb") as f:
@@ -105,6 +105,11 @@ def prepare(texts: Iterable[str], tokenizer, out_dir: str, seq_length: int, over
                  "tokenizer": os.path.abspath(tokenizer.source)}
         write_index(tmp, index, tokenizer)
     return index
+
+
+def token_dtype(vocab_size: int) -> type:
+    """tokens.bin's element type: uint16 when every id fits, else uint32."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
 def write_index(directory: str, index: dict, tokenizer) -> None:

@@ -35,7 +35,8 @@ import numpy as np
 from mindport.chat_template import token_mask
 from mindport.constants import IGNORE_INDEX
 from mindport.tokenizer import TokenizerError
-from mindport.train.data import FORMAT, LABELS_FILE, SEGMENTS_FILE, TOKENS_FILE, DataError, write_index
+from mindport.train.data import (FORMAT, LABELS_FILE, SEGMENTS_FILE, TOKENS_FILE, DataError, token_dtype,
+                                 write_index)
 
 RECORD_FORMATS = ("chat", "alpaca")
 ROLES = ("system", "user", "assistant")
@@ -223,7 +224,7 @@ def prepare_sft(records: Iterable[tuple[str, Messages]], tokenizer, out_dir: str
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     if pad_id is None:
         raise DataError(f"{tokenizer.source}: tokenizer has no pad or EOS token to pad samples with")
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
     counts = dict(num_records=0, num_conversations=0, truncated_records=0, dropped_records=0, num_tokens=0,
                   num_supervised_tokens=0, num_samples=0)
     with StagingDir(out_dir, overwrite) as tmp:
