@@ -6,13 +6,13 @@ from the seed, then sliced) on the same global batches: per-step loss and gradie
 single-process LoRA run, the ranks' copies of replicated adapter slices are bit-identical, and the
 adapter joined from the per-rank checkpoint equals the single-process one.
 """
-import json
 import os
 
 import numpy as np
 import pytest
 import yaml
 
+from mindport.train.logger import read_metrics
 from testkit import launch
 from testkit.train import SEQ, VOCAB
 
@@ -65,11 +65,6 @@ def write_yaml(root, data_dir, base, targets, params, batch, parallel=None, **ru
     return str(root / "run.yaml")
 
 
-def metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def references(data_dir, bases, tmp_path_factory):
     from mindport.train.config import load_yaml
@@ -83,7 +78,7 @@ def references(data_dir, bases, tmp_path_factory):
             preset, targets, params = model
             result = train(load_yaml(write_yaml(root, data_dir, bases(preset), targets, params, GLOBAL_BATCH)),
                            progress=False, echo=lambda s: None)
-            cache[model] = metrics(root / "out"), result.checkpoint
+            cache[model] = read_metrics(root / "out"), result.checkpoint
         return cache[model]
 
     return run
@@ -124,7 +119,7 @@ def test_lora_layout_trains_like_one_process(name, references, bases, layout_run
     preset = model[0]
     ref_metrics, ref_ckpt = references(model)
     run_dir = layout_runs(name)
-    got = metrics(run_dir / "out")
+    got = read_metrics(run_dir / "out")
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref_metrics], rtol=1e-5, atol=0,
                                    err_msg=f"{name}: {key}")
@@ -162,12 +157,12 @@ def test_lora_resume_under_zero_continues_the_run(layout_runs, bases, data_dir, 
     the 3rd: bit for bit the uninterrupted run's losses and grad norms."""
     from mindport import cli
 
-    straight = metrics(layout_runs("dp2_zero") / "out")
+    straight = read_metrics(layout_runs("dp2_zero") / "out")
     (preset, targets, params), parallel, batch = LAYOUTS["dp2_zero"]
     config = write_yaml(tmp_path, data_dir, bases(preset), targets, params, batch, parallel, save_steps=1)
     launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress", "--stop-after", "2"], 2,
                  str(tmp_path / "log1"))
     launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress", "--resume"], 2, str(tmp_path / "log2"))
-    got = metrics(tmp_path / "out")
+    got = read_metrics(tmp_path / "out")
     for key in ("loss", "grad_norm"):
         np.testing.assert_array_equal([m[key] for m in got], [m[key] for m in straight], err_msg=key)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from testkit.train import SEQ, VOCAB
+from mindport.train.logger import read_metrics
 from testkit import launch
-
+from testkit.train import SEQ, VOCAB
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -59,11 +59,6 @@ def write_yaml(path, data_dir, output_dir, batch, parallel=None, model=DENSE, **
            "lr_schedule": {"learning_rate": LR, "warmup_steps": 1}, "train_dataset": {"data_dir": data_dir}}
     path.write_text(yaml.safe_dump(doc))
     return str(path)
-
-
-def metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def weights_of(directory):
@@ -108,7 +103,7 @@ def references(data_dirs, tmp_path_factory):
             cfg = load_yaml(write_yaml(root / "run.yaml", data_dirs[data], root / "out", GLOBAL_BATCH, model=model,
                                        **dict(runner)))
             result = train(cfg, progress=False, echo=lambda s: None)
-            cache[model, runner, data] = metrics(root / "out"), result.checkpoint
+            cache[model, runner, data] = read_metrics(root / "out"), result.checkpoint
         return cache[model, runner, data]
 
     return run
@@ -146,7 +141,7 @@ def test_layout_trains_like_one_process_and_its_checkpoint_merges(name, referenc
     model, parallel, _, runner, data = LAYOUTS[name]
     ref_metrics, ref_ckpt = references(model, runner, data)
     out = layout_runs(name)
-    got = metrics(out)
+    got = read_metrics(out)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([m[key] for m in got], [m[key] for m in ref_metrics], rtol=RTOL[runner], atol=0,
@@ -223,7 +218,7 @@ def test_eval_under_msrun_with_tensor_and_data_parallelism(reference, layout_run
 def test_resume_under_zero_continues_the_run(layout_runs, data_dir, tmp_path):
     """DP2 with sharded optimizer state: stop after 2 steps, resume for the 3rd: bit for bit the
     losses and grad norms of the uninterrupted DP2 run."""
-    straight = metrics(layout_runs("dp2_zero"))
+    straight = read_metrics(layout_runs("dp2_zero"))
     _, parallel, batch, _, _ = LAYOUTS["dp2_zero"]
     cfg = write_yaml(tmp_path / "run.yaml", data_dir, tmp_path / "out", batch, parallel, save_steps=1)
     msrun_mindport(["train", "--config", cfg, "--no-progress", "--stop-after", "2"], 2, tmp_path / "log1")
@@ -231,7 +226,7 @@ def test_resume_under_zero_continues_the_run(layout_runs, data_dir, tmp_path):
     assert "resume: continuing from" in log and "(step 2, 8 samples consumed)" in log
     state = os.listdir(tmp_path / "out" / "checkpoints" / f"step_{STEPS:08d}" / "train_state")
     assert sorted(state) == ["rank_00000.safetensors", "rank_00001.safetensors", "state.json"]
-    got = metrics(tmp_path / "out")
+    got = read_metrics(tmp_path / "out")
     for key in ("loss", "grad_norm"):
         np.testing.assert_array_equal([m[key] for m in got], [m[key] for m in straight], err_msg=key)
 
