@@ -9,6 +9,8 @@ from setuptools import find_packages, setup
 CORE = ["mindport"] + [f"mindport.{p}" for p in find_packages("mindport")]
 MAPPED = {"research": "mindport.research", "ops": "mindport.ops", "ckpt_tools": "mindport.ckpt_tools"}
 
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"]  # `mindport serve`
+
 packages, package_dir = list(CORE), {"mindport": "mindport"}
 for folder, namespace in MAPPED.items():
     package_dir[namespace] = folder
@@ -23,7 +25,8 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={"mindport.ops": ["*/csrc/*.cc", "csrc/*.h"], "mindport": ["configs/*/*.yaml"],
-                  "mindport.research": ["*/chat_template.jinja"], "mindport.plan": ["*.json"]},
+                  "mindport.research": ["*/chat_template.jinja"], "mindport.plan": ["*.json"],
+                  "mindport.serve": ["static/*.html"]},
     install_requires=[
         "jinja2>=3.1.6",  # chat templates, run in its sandbox as transformers runs them
         "mindspore==2.10.0",
@@ -33,6 +36,11 @@ setup(
         "sentencepiece>=0.2",
         "tqdm>=4.66",
     ],
-    extras_require={"test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "peft>=0.17"]},
+    extras_require={
+        "serve": SERVE,
+        # openai: the real client against `mindport serve`; selenium drives the system's chromium (chat page test)
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "peft>=0.17", "openai>=1.40", "selenium>=4.11",
+                 *SERVE],
+    },
     entry_points={"console_scripts": ["mindport = mindport.cli:main"]},
 )

@@ -31,6 +31,7 @@ LAYERS = [
     ("training", ["mindport.train"]),
     ("layout planner: cost model over the memory report", ["mindport.plan"]),
     ("conversion tool", ["mindport.ckpt_tools"]),
+    ("serving: the OpenAI-compatible HTTP server over the inference engine", ["mindport.serve"]),
     ("command line and public API", ["mindport.commands", "mindport.cli", "mindport"]),
 ]
 
