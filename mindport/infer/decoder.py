@@ -35,7 +35,7 @@ class CompiledDecoder(nn.Cell):
         self.caches = nn.CellList([StaticLayerCache(batch, config.num_kv_heads // model.groups.tp.size, max_len,
                                                     config.head_dim, dtype) for _ in range(len(model.layer_ids))])
         self.step = ms.jit(self.construct)
-        self.copy_row = ms.jit(self.copy_row_from)
+        self.move_row = ms.jit(self.move)
 
     def construct(self, ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, write: Tensor, q_scale=None) -> Tensor:
         """Full-vocabulary logits (b, S, V) of this step."""
@@ -45,11 +45,12 @@ class CompiledDecoder(nn.Cell):
         local = self.model.forward(ids, cos, sin, mask, q_scale, self.caches)[0]
         return self.model.full_logits(local)
 
-    def copy_row_from(self, source: "CompiledDecoder", src: Tensor, dst: Tensor) -> None:
-        """Row ``src`` (1,) of ``source``'s caches (same length) into row ``dst`` (1,) of this one's."""
-        for cache, other in zip(self.caches, source.caches):
-            ops.scatter_update(cache.k, dst, ops.gather(other.k, src, 0))
-            ops.scatter_update(cache.v, dst, ops.gather(other.v, src, 0))
+    def move(self, src: Tensor, dst: Tensor) -> Tensor:
+        """Copy cache row ``src`` (1,) into row ``dst`` (1,), every layer's K and V."""
+        for cache in self.caches:
+            ops.scatter_update(cache.k, dst, ops.gather(cache.k, src, 0))
+            ops.scatter_update(cache.v, dst, ops.gather(cache.v, src, 0))
+        return dst
 
     def row_inputs(self, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
         """Step inputs for rows holding independent sequences: row i's tokens ``ids[i]`` (b, S) sit at
@@ -67,3 +68,4 @@ class CompiledDecoder(nn.Cell):
         mask = np.where(keys[None, None] <= positions[:, :, None], 0.0, MASK_VALUE).astype(np.float32)[:, None]
         q_scale = Tensor(logn_scale(config, positions)[:, None, :, None]) if config.use_logn_attn else None
         return Tensor(ids.astype(np.int32)), Tensor(cos), Tensor(sin), Tensor(mask), q_scale
+

@@ -58,8 +58,9 @@ class StaticLayerCache(nn.Cell):
     attention calls ``update(k, v)`` only. Every (b, S) compiles once under ``ms.jit``.
 
     Why a blend and not a scatter of each row's position: with MindSpore 2.10 on CPU, index
-    arithmetic on a Parameter assigned in the same graph (scatter/gather indices) was seen reading
-    the value from before the assign; elementwise arithmetic reads it in order.
+    arithmetic on a Parameter assigned in the same graph (scatter/gather indices), and a slice of
+    such a Parameter, were seen reading the value from before the assign; elementwise arithmetic
+    reads it in order (hence ``write * 1`` before slicing).
     """
 
     def __init__(self, slots: int, num_kv_heads: int, max_len: int, head_dim: int, dtype):
@@ -79,7 +80,7 @@ class StaticLayerCache(nn.Cell):
             pad = ops.zeros(k.shape[:2] + (length - s,) + k.shape[3:], self.k.dtype)
             k, v = ops.cat((k.astype(self.k.dtype), pad), 2), ops.cat((v.astype(self.v.dtype), pad), 2)
         whole, dtype = b == self.num_slots, self.k.dtype
-        write = self.write if whole else self.write[:b]
+        write = self.write if whole else (self.write * 1)[:b]
         k_rows = (self.k if whole else self.k[:b]) * (1 - write) + k.astype(dtype) * write
         v_rows = (self.v if whole else self.v[:b]) * (1 - write) + v.astype(dtype) * write
         if whole:
