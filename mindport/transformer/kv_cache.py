@@ -49,30 +49,45 @@ class KVCache:
 
 
 class StaticLayerCache(nn.Cell):
-    """K and V of one layer for compiled decoding: fixed shape (B, Nkv, max_len, D).
+    """K and V of one layer for compiled decoding: ``slots`` rows (B, Nkv, max_len, D) of fixed shape.
 
-    ``update`` writes this step's single position selected by a one-hot ``write`` (1, 1, L, 1)
-    and returns the whole cache; the caller masks positions not yet written. Every step has
-    the same shapes, so a ``ms.jit`` decode step compiles once.
+    A step computes the first b rows. ``write`` (slots, 1, max_len, 1) is 1 at the positions each
+    row writes this step (its own length: rows hold sequences of different lengths; a row with no
+    1 is left as it is); ``update`` blends them in and returns the b rows' whole caches, the caller
+    masking positions not written yet. ``write`` is a Parameter the decoder assigns, because
+    attention calls ``update(k, v)`` only. Every (b, S) compiles once under ``ms.jit``.
+
+    Why a blend and not a scatter of each row's position: with MindSpore 2.10 on CPU, index
+    arithmetic on a Parameter assigned in the same graph (scatter/gather indices), and a slice of
+    such a Parameter, were seen reading the value from before the assign; elementwise arithmetic
+    reads it in order (hence ``write * 1`` before slicing).
     """
 
-    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype):
+    def __init__(self, slots: int, num_kv_heads: int, max_len: int, head_dim: int, dtype):
         super().__init__()
-        shape = (batch, num_kv_heads, max_len, head_dim)
+        shape = (slots, num_kv_heads, max_len, head_dim)
+        self.num_slots = slots
         self.k = Parameter(ops.zeros(shape, dtype), requires_grad=False)
         self.v = Parameter(ops.zeros(shape, dtype), requires_grad=False)
-        self.write = Parameter(ops.zeros((1, 1, max_len, 1), dtype), requires_grad=False)
+        self.write = Parameter(ops.zeros((slots, 1, max_len, 1), dtype), requires_grad=False)
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """k, v (B, Nkv, S, D): one decode position (S = 1, broadcast to the one-hot ``write``)
-        or the prompt at positions [0, S) (prefill)."""
+        """k, v (b, Nkv, S, D): one decode position per row (S = 1, broadcast to its ``write``) or
+        prompts at positions [0, S) (prefill) -> the b rows' caches (b, Nkv, max_len, D)."""
+        b, _, s, _ = k.shape
         length = self.k.shape[2]
-        if k.shape[2] > 1:  # prefill at position 0: pad to the cache length
-            pad = ops.zeros(k.shape[:2] + (length - k.shape[2],) + k.shape[3:], self.k.dtype)
+        if s > 1:  # prefill at position 0: pad to the cache length
+            pad = ops.zeros(k.shape[:2] + (length - s,) + k.shape[3:], self.k.dtype)
             k, v = ops.cat((k.astype(self.k.dtype), pad), 2), ops.cat((v.astype(self.v.dtype), pad), 2)
-        keep = 1 - self.write
-        k_all = self.k * keep + k.astype(self.k.dtype) * self.write
-        v_all = self.v * keep + v.astype(self.v.dtype) * self.write
-        ops.assign(self.k, k_all)
-        ops.assign(self.v, v_all)
-        return k_all, v_all
+        whole, dtype = b == self.num_slots, self.k.dtype
+        write = self.write if whole else (self.write * 1)[:b]
+        k_rows = (self.k if whole else self.k[:b]) * (1 - write) + k.astype(dtype) * write
+        v_rows = (self.v if whole else self.v[:b]) * (1 - write) + v.astype(dtype) * write
+        if whole:
+            ops.assign(self.k, k_rows)
+            ops.assign(self.v, v_rows)
+        else:  # rows [0, b): constant indices
+            rows = ops.arange(b, dtype=ms.int32)
+            ops.scatter_update(self.k, rows, k_rows)
+            ops.scatter_update(self.v, rows, v_rows)
+        return k_rows, v_rows
