@@ -1,0 +1,45 @@
+"""``mindport serve``'s one-line errors (before any model loads) and the stop-string cutter."""
+from __future__ import annotations
+
+import pytest
+
+from mindport.cli import main
+from mindport.serve.text import StopStrings
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mindport: error: "), lines
+    return lines[0]
+
+
+def test_bad_arguments_are_one_line_errors(capsys, monkeypatch, tmp_path):
+    from mindport.commands import serve
+
+    assert "no such model directory" in _error(capsys, ["serve", "--load", str(tmp_path / "none")])
+    assert "--max-batch 0: expected a positive integer" in _error(
+        capsys, ["serve", "--load", str(tmp_path), "--max-batch", "0"])
+    assert "--timeout -1.0" in _error(capsys, ["serve", "--load", str(tmp_path), "--timeout", "-1"])
+    assert "expected NAME=DIR" in _error(capsys, ["serve", "--load", str(tmp_path), "--adapter", "lonely"])
+    assert "no such adapter directory" in _error(capsys, ["serve", "--load", str(tmp_path), "--adapter",
+                                                          f"a={tmp_path / 'none'}"])
+    monkeypatch.setattr(serve, "_importable", lambda name: name != "fastapi")
+    assert _error(capsys, ["serve", "--load", str(tmp_path)]).endswith(
+        "mindport serve needs fastapi: pip install 'mindport[serve]'")
+
+
+@pytest.mark.parametrize("pieces, stops, expected", [
+    (["hello a", "b", "d ", "x", "z", "ab", "c", "more"], ["abc", "xy"], ["hello ", "", "abd ", "", "xz", "", "", ""]),
+    (["fooE", "N", "D bar"], ["END"], ["foo", "", ""]),  # a stop string split over three pieces
+    (["no", " stop"], [], ["no", " stop"]),
+])
+def test_stop_strings_hold_back_only_what_may_begin_a_stop(pieces, stops, expected):
+    cutter = StopStrings(stops)
+    assert [cutter.push(p) for p in pieces] == expected
+    assert cutter.stopped == bool(stops) and cutter.flush() == ""
+
+
+def test_text_held_back_is_released_when_the_reply_ends():
+    cutter = StopStrings(["END"])
+    assert (cutter.push("the EN"), cutter.flush()) == ("the ", "EN")
