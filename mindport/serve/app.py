@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from importlib import resources
@@ -29,6 +30,7 @@ from mindport.serve.protocol import APIError, ChatCompletionRequest, CompletionR
 from mindport.serve.text import ReplyText
 from mindport.tokenizer import Tokenizer
 
+logger = logging.getLogger("mindport.serve")
 # how an engine-side end of a request that is not a normal finish is answered
 ENGINE_FAILURES = {"timeout": (408, "the request timed out"), "error": (500, "generation failed"),
                    "cancelled": (503, "the server is shutting down")}
@@ -142,6 +144,11 @@ class Server:
         return Generation(self, request.model, prompt_ids, params, request.stop or [])
 
 
+def _internal(err: Exception) -> APIError:
+    logger.exception("internal error", exc_info=err)
+    return APIError(500, f"internal error: {type(err).__name__}: {err}")
+
+
 def _chunk(kind: str, request_id: str, created: int, model: str, choices: list[dict], usage: dict | None,
            include_usage: bool) -> dict:
     body = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
@@ -155,6 +162,8 @@ async def _events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
             yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
     except APIError as err:
         yield f"data: {json.dumps(err.body(), ensure_ascii=False)}\n\n"
+    except Exception as err:  # a bug: reported in the stream, and the server lives on
+        yield f"data: {json.dumps(_internal(err).body(), ensure_ascii=False)}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -225,7 +234,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, err: Exception):  # a bug: answered, and the server lives on
-        return JSONResponse(APIError(500, f"internal error: {type(err).__name__}: {err}").body(), status_code=500)
+        return JSONResponse(_internal(err).body(), status_code=500)
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():

@@ -1,7 +1,8 @@
 """Token events to reply text: incremental detokenization, stop ids skipped, stop strings cut.
 
 A reply's text is ``decode(prompt + reply ids)`` after ``decode(prompt)``
-(:class:`mindport.tokenizer.StreamDecoder`, as ``mindport generate`` prints it). A stop string ends
+(:class:`mindport.tokenizer.StreamDecoder`, as ``mindport generate`` prints it); ids beyond the
+tokenizer's vocabulary (a model vocabulary padded past it) have no text. A stop string ends
 the reply before it: the text that could still become the start of a stop string is held back until
 the next token settles it, so no piece of a stop string is ever sent.
 """
@@ -47,9 +48,9 @@ class ReplyText:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop_ids: Sequence[int],
                  stop_strings: Sequence[str]):
         self.decoder = StreamDecoder(tokenizer, prompt_ids)
+        self.vocab_size = tokenizer.vocab_size
         self.stop_ids = set(stop_ids)
         self.stop_strings = StopStrings(stop_strings)
-        self.tokens = 0  # reply tokens consumed, up to a stop string
 
     @property
     def stopped(self) -> bool:
@@ -57,9 +58,8 @@ class ReplyText:
         return self.stop_strings.stopped
 
     def push(self, token: int) -> str:
-        if self.stopped or token in self.stop_ids:
-            return ""
-        self.tokens += 1
+        if self.stopped or token in self.stop_ids or token >= self.vocab_size:
+            return ""  # a model vocabulary padded beyond the tokenizer's: those ids have no text
         return self.stop_strings.push(self.decoder.push(token))
 
     def flush(self) -> str:

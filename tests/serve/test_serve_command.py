@@ -43,3 +43,16 @@ def test_stop_strings_hold_back_only_what_may_begin_a_stop(pieces, stops, expect
 def test_text_held_back_is_released_when_the_reply_ends():
     cutter = StopStrings(["END"])
     assert (cutter.push("the EN"), cutter.flush()) == ("the ", "EN")
+
+
+def test_ids_past_the_tokenizers_vocabulary_have_no_text(tmp_path):
+    """A model vocabulary padded past the tokenizer's may generate such ids: they add no text."""
+    from mindport.serve.text import ReplyText
+    from mindport.tokenizer import Tokenizer
+    from testkit.tokenizers import sentencepiece
+
+    tok = Tokenizer.load(sentencepiece(str(tmp_path)))  # its decode refuses unknown ids
+    ids = tok.encode("the quick fox", add_special_tokens=False)
+    reply = ReplyText(tok, [], stop_ids=[], stop_strings=[])
+    pieces = [reply.push(i) for i in (ids[0], tok.vocab_size + 3, *ids[1:])]
+    assert "".join(pieces) + reply.flush() == "the quick fox" and pieces[1] == ""
