@@ -96,8 +96,9 @@ def run(args) -> int:
         rank = init_parallel(ParallelConfig(model_parallel=args.model_parallel)).global_rank
     models = _load_models(args, adapters, base_name)
     engine = Engine(models, max_batch=args.max_batch, max_queue=args.max_queue, max_len=max_len)
-    if rank:
-        engine.run_follower()  # steps with rank 0 until it shuts down
+    if rank:  # steps with rank 0 until it shuts down; a SIGTERM is rank 0's to handle (it drains first)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        engine.run_follower()
         return 0
     import uvicorn
 
