@@ -87,9 +87,9 @@ class Generation:
                 elif event.finish_reason is not None:
                     self.finish_reason = event.finish_reason
                     status, message = ENGINE_FAILURES.get(event.finish_reason, (500, "generation failed"))
-                    raise APIError(status, f"{message}" + (f": {event.error}" if event.error else ""))
+                    raise APIError(status, message + (f": {event.error}" if event.error else ""))
         finally:
-            if self.finish_reason in (None, "stop"):  # the client went away, or a stop string ended it
+            if self.finish_reason is None or self.reply.stopped:  # the client went away, or a stop string
                 self.server.engine.cancel(self.request_id)
             metrics.finished.labels(self.finish_reason or "disconnected").inc()
 
