@@ -11,7 +11,7 @@ Design (B = max_batch, L = max_len, n = running requests of a model):
   request frees its row at once: the last row is copied into it (one row per layer, once per
   request). Rows [n, b) compute padding that writes nothing.
 - A newcomer is prefilled alone at a step boundary, in row 0 (whose request first moves to row n),
-  its prompt right-padded to a power of two so that few graphs compile. Newcomers are admitted
+  its prompt right-padded to a power of two (>= 8) so that few graphs compile. Newcomers are admitted
   before each decode step while rows are free, so prefill interleaves with decoding.
 - Every row has its own length: its write position, causal mask and RoPE tables (TeleChat2's
   dynamic NTK depends on the row's own total length) are its own, so a request's tokens do not
@@ -83,6 +83,7 @@ class _Request:
 # plan operations broadcast to the tensor-parallel followers
 _SHUTDOWN, _STEP, _MOVE = 0, 1, 2
 _HEADER = 4  # operation, model index, rows b, width S
+MIN_PREFILL = 8  # prompts are right-padded to a power of two >= this: few prefill graphs compile
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -112,7 +113,6 @@ class Engine:
         first = self.models[self.names[0]]
         self._comm = collectives(first.groups.tp)
         self._plan_size = _HEADER + max(self.max_len, max_batch) + 3 * max_batch
-        self._decoders: dict[str, CompiledDecoder] = {}
         self._running: dict[str, list[_Request]] = {name: [] for name in self.names}
         self._waiting: list[_Request] = []
         self._live: dict[int, _Request] = {}  # every request not finished yet, by id
@@ -308,7 +308,7 @@ class Engine:
             else:
                 rows.append(request)
         p = len(request.prompt)
-        width = min(1 << (p - 1).bit_length(), self.max_len)
+        width = min(max(1 << (p - 1).bit_length(), MIN_PREFILL), self.max_len)
         ids = np.zeros((1, width), np.int64)
         ids[0, :p] = request.prompt
         logits = self._run(_STEP, request.model, ids, np.array([0]), np.array([p]))
@@ -350,9 +350,12 @@ class Engine:
 
     # ------------------------------------------------------------------ compiled calls (all ranks)
     def _decoder(self, name: str) -> CompiledDecoder:
-        if name not in self._decoders:
-            self._decoders[name] = CompiledDecoder(self.models[name], self.max_batch, self.max_len)
-        return self._decoders[name]
+        """Model ``name``'s decoder, shared through ``model.compiled_decoders`` with other engines and
+        generate() calls of the same (rows, length): a model serves one of them at a time."""
+        model, key = self.models[name], (self.max_batch, self.max_len)
+        if key not in model.compiled_decoders:
+            model.compiled_decoders[key] = CompiledDecoder(model, self.max_batch, self.max_len)
+        return model.compiled_decoders[key]
 
     def _plan(self, operation: int, model: int, ids: np.ndarray, starts=(), lengths=(), active: int = 0) -> np.ndarray:
         plan = np.zeros(self._plan_size, np.int64)

@@ -29,7 +29,7 @@ class Collector:
                 self.tokens.setdefault(event.request_id, []).append(event.token)
             if event.finish_reason is not None:
                 self.final[event.request_id] = event
-                self.done.notify_all()
+            self.done.notify_all()
 
     def submit(self, engine, model, prompt, timeout=None, on_event=None, **params) -> int:
         with self.done:
@@ -84,17 +84,18 @@ def dense(tmp_path_factory):
     """A TeleChat2 tiny model equal to a transformers Llama (the oracle), and its running engine."""
     llama = llama_tiny(num_kv_heads=2, seed=4)
     hf_config, tensors = telechat_from_llama(llama, training_seqlen=64)
-    model = AutoModelForCausalLM.from_pretrained(save_hf_dir(str(tmp_path_factory.mktemp("dense")), hf_config, tensors))
+    directory = save_hf_dir(str(tmp_path_factory.mktemp("dense")), hf_config, tensors)
+    model = AutoModelForCausalLM.from_pretrained(directory)
     engine = Engine({"base": model}, max_batch=8, max_len=48)
     engine.start()
-    yield llama, model, engine
+    yield llama, model, engine, directory
     engine.shutdown()
 
 
 def test_greedy_dense_is_independent_of_batching_and_equals_transformers(dense):
     import torch
 
-    llama, model, engine = dense
+    llama, model, engine, _ = dense
     prompt, max_tokens = [5, 17, 99, 4, 250, 31, 8], 12
     target = (prompt, dict(max_tokens=max_tokens, **GREEDY))
     others = workload(0)
@@ -124,3 +125,96 @@ def test_moe_greedy_is_independent_of_batching(tmp_path):
     for (other_prompt, params), tokens in zip(others[:3], other_tokens):
         assert tokens == run_alone(engine, "moe", other_prompt, **params)
     engine.shutdown()
+
+
+def test_sampling_is_per_request_seeded_and_independent_of_batching(dense):
+    _, model, engine, _ = dense
+    prompt, params = [9, 8, 7, 6], dict(max_tokens=10, temperature=0.9, top_p=0.8, seed=11)
+    among, _ = run_mixed(engine, "base", (prompt, params), workload(2, count=6))
+    assert among == run_alone(engine, "base", prompt, **params)
+    ours = model.generate([prompt], max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.8, seed=11,
+                          eos_token_id=[])
+    assert among == list(ours[0, len(prompt):])
+    assert among != run_alone(engine, "base", prompt, **dict(params, seed=12))
+
+
+def test_cancel_timeout_stop_queue_full_and_shutdown(dense):
+    _, model, _, _ = dense
+    first = model.generate([[6, 7]], max_new_tokens=1, eos_token_id=[])[0, -1]  # before the engine's thread
+    expected = list(model.generate([[1, 2]], max_new_tokens=3, eos_token_id=[])[0, 2:])  # runs graphs
+    engine = Engine({"base": model}, max_batch=1, max_queue=1, max_len=48)
+    collector = Collector()
+    long = collector.submit(engine, "base", [1, 2, 3], max_tokens=40, **GREEDY)
+    with pytest.raises(QueueFull, match="max_queue = 1"):
+        engine.submit("base", [4], SamplingParams(max_tokens=2), collector)
+    engine.start()
+    with collector.done:
+        collector.done.wait_for(lambda: len(collector.tokens.get(long, [])) >= 2, 120)
+    late = collector.submit(engine, "base", [4, 5], timeout=0.05, max_tokens=2)  # the only row is taken
+    with collector.done:
+        collector.done.wait_for(lambda: late in collector.final, 120)
+    assert collector.final[late].finish_reason == "timeout" and late not in collector.tokens
+    engine.cancel(long)
+    stopped = collector.submit(engine, "base", [6, 7], max_tokens=5, stop_token_ids=frozenset({int(first)}),
+                               **GREEDY)
+    collector.wait()
+    assert collector.final[long].finish_reason == "cancelled"
+    assert 2 <= collector.final[long].completion_tokens < 40
+    assert collector.final[stopped].finish_reason == "stop" and collector.tokens[stopped] == [first]
+    assert collector.final[stopped].prompt_tokens == 2 and collector.final[stopped].completion_tokens == 1
+
+    def broken(event):
+        collector(event)
+        raise RuntimeError("a callback bug")
+
+    collector.submit(engine, "base", [1], on_event=broken, max_tokens=2)
+    collector.wait()
+    assert run_alone(engine, "base", [1, 2], max_tokens=3, **GREEDY) == expected
+    engine.shutdown()
+    assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+    with pytest.raises(QueueFull, match="shutting down"):
+        engine.submit("base", [1], SamplingParams(max_tokens=2), collector)
+
+
+@pytest.mark.parametrize("model, prompt, params, message", [
+    ("nope", [1], {}, r"model 'nope': unknown: expected one of \['base'\]"),
+    ("base", [], {}, "prompt: empty"),
+    ("base", [1, 256], {}, r"prompt: token id 256 outside the vocabulary \[0, 256\)"),
+    ("base", [1] * 40, dict(max_tokens=9), r"prompt \(40\) \+ max_tokens exceeds the context of 48 tokens"),
+    ("base", [1], dict(max_tokens=0), "max_tokens = 0: expected an integer >= 1"),
+    ("base", [1], dict(temperature=-1.0), "temperature = -1.0: expected a finite number >= 0"),
+    ("base", [1], dict(top_p=0.0), "top_p = 0.0: expected 0 < top_p <= 1"),
+])
+def test_bad_requests_are_one_line_value_errors(dense, model, prompt, params, message):
+    engine = dense[2]
+    with pytest.raises(ValueError, match=message):
+        engine.submit(model, prompt, SamplingParams(**{"max_tokens": 2, **params}), lambda event: None)
+
+
+def test_base_and_lora_adapter_by_name(dense, tmp_path):
+    from mindspore import Tensor
+
+    from mindport.config import LoraConfig
+    from mindport.models.lora import apply_lora, save_adapter
+
+    _, base, _, directory = dense
+    tuned = AutoModelForCausalLM.from_pretrained(directory)
+    apply_lora(tuned, LoraConfig(lora_rank=4, lora_alpha=8.0, target_modules=["query", "dense"]))
+    rng = np.random.default_rng(0)
+    for _, p in tuned.parameters_and_names():  # B starts at zero: make the adapter matter
+        if p.requires_grad:
+            p.set_data(Tensor(p.asnumpy() + 0.3 * rng.standard_normal(p.shape).astype(np.float32)))
+    save_adapter(tuned, str(tmp_path / "adapter"))
+    tuned = AutoModelForCausalLM.from_pretrained(directory, adapter=str(tmp_path / "adapter"))
+    engine = Engine({"base": base, "tuned": tuned}, max_batch=8, max_len=48)
+    engine.start()
+    collector = Collector()
+    prompts = [[3, 4, 5], [60, 61, 62], [7, 8, 9]]  # one length: generate() compiles one decoder per model
+    ids = {(name, k): collector.submit(engine, name, prompt, max_tokens=8, **GREEDY)
+           for k, prompt in enumerate(prompts) for name in ("tuned", "base")}
+    collector.wait()
+    engine.shutdown()
+    for (name, k), rid in ids.items():
+        alone = (tuned if name == "tuned" else base).generate([prompts[k]], max_new_tokens=8, eos_token_id=[])
+        assert collector.tokens[rid] == list(alone[0, len(prompts[k]):]), (name, k)
+    assert any(collector.tokens[ids["tuned", k]] != collector.tokens[ids["base", k]] for k in range(3))
