@@ -72,10 +72,11 @@ def run_mixed(engine, model, target, others) -> tuple[list[int], list[list[int]]
     return collector.tokens[ids[-1]], [collector.tokens[ids[k]] for k in range(len(others))]
 
 
-def workload(seed: int, count: int = 16):
-    """``count`` greedy requests of different prompt lengths and lengths (each leaves at another step)."""
+def workload(seed: int, count: int = 16, longest: int = 16):
+    """``count`` greedy requests of different prompt lengths (<= ``longest``: few prefill graphs) and
+    lengths (each leaves at another step)."""
     rng = np.random.default_rng(seed)
-    return [(list(map(int, rng.integers(3, 256, int(rng.integers(1, 20))))),
+    return [(list(map(int, rng.integers(3, 256, int(rng.integers(1, longest + 1))))),
              dict(max_tokens=int(rng.integers(2, 14)), **GREEDY)) for _ in range(count)]
 
 
@@ -118,7 +119,7 @@ def test_moe_greedy_is_independent_of_batching(tmp_path):
     engine.start()
     prompt = [7, 3, 200, 41, 9]
     target = (prompt, dict(max_tokens=10, **GREEDY))
-    others = workload(1, count=8)
+    others = workload(1, count=8, longest=8)
     among, other_tokens = run_mixed(engine, "moe", target, others)
     assert among == run_alone(engine, "moe", prompt, **target[1])
     assert among == list(model.generate([prompt], max_new_tokens=10, eos_token_id=[])[0, len(prompt):])
