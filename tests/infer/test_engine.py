@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -145,17 +146,25 @@ def test_cancel_timeout_stop_queue_full_and_shutdown(dense):
     expected = list(model.generate([[1, 2]], max_new_tokens=3, eos_token_id=[])[0, 2:])  # runs graphs
     engine = Engine({"base": model}, max_batch=1, max_queue=1, max_len=48)
     collector = Collector()
-    long = collector.submit(engine, "base", [1, 2, 3], max_tokens=40, **GREEDY)
+    ids = {}
+
+    def late_event(event):  # on the engine's thread: cancel the long request once this one timed out
+        collector(event)
+        engine.cancel(ids["long"])
+
+    def long_event(event):  # on its second token, a request arrives that cannot get the only row
+        collector(event)
+        if len(collector.tokens[event.request_id]) == 2 and event.token is not None:
+            ids["late"] = collector.submit(engine, "base", [4, 5], timeout=0.05, on_event=late_event, max_tokens=2)
+            time.sleep(0.1)  # the late request's deadline passes before the next step boundary
+
+    ids["long"] = collector.submit(engine, "base", [1, 2, 3], on_event=long_event, max_tokens=40, **GREEDY)
     with pytest.raises(QueueFull, match="max_queue = 1"):
         engine.submit("base", [4], SamplingParams(max_tokens=2), collector)
     engine.start()
-    with collector.done:
-        collector.done.wait_for(lambda: len(collector.tokens.get(long, [])) >= 2, 120)
-    late = collector.submit(engine, "base", [4, 5], timeout=0.05, max_tokens=2)  # the only row is taken
-    with collector.done:
-        collector.done.wait_for(lambda: late in collector.final, 120)
+    collector.wait()
+    long, late = ids["long"], ids["late"]
     assert collector.final[late].finish_reason == "timeout" and late not in collector.tokens
-    engine.cancel(long)
     stopped = collector.submit(engine, "base", [6, 7], max_tokens=5, stop_token_ids=frozenset({int(first)}),
                                **GREEDY)
     collector.wait()
@@ -185,11 +194,33 @@ def test_cancel_timeout_stop_queue_full_and_shutdown(dense):
     ("base", [1], dict(max_tokens=0), "max_tokens = 0: expected an integer >= 1"),
     ("base", [1], dict(temperature=-1.0), "temperature = -1.0: expected a finite number >= 0"),
     ("base", [1], dict(top_p=0.0), "top_p = 0.0: expected 0 < top_p <= 1"),
+    ("base", [1], dict(seed=-3), "seed = -3: expected None or an integer >= 0"),
 ])
 def test_bad_requests_are_one_line_value_errors(dense, model, prompt, params, message):
     engine = dense[2]
     with pytest.raises(ValueError, match=message):
         engine.submit(model, prompt, SamplingParams(**{"max_tokens": 2, **params}), lambda event: None)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(dense, monkeypatch):
+    engine = dense[2]
+    healthy = engine._run
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost\nsecond line")
+        return healthy(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_run", fail_once)
+    collector = Collector()
+    broken = collector.submit(engine, "base", [1, 2], max_tokens=3, **GREEDY)
+    collector.wait()
+    assert collector.final[broken].finish_reason == "error"
+    assert collector.final[broken].error == "RuntimeError: device lost"
+    assert len(run_alone(engine, "base", [1, 2], max_tokens=3, **GREEDY)) == 3
+    assert engine.stats()["running"] == 0
 
 
 def test_base_and_lora_adapter_by_name(dense, tmp_path):
