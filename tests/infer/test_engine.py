@@ -85,7 +85,7 @@ def workload(seed: int, count: int = 16, longest: int = 16):
 def dense(tmp_path_factory):
     """A TeleChat2 tiny model equal to a transformers Llama (the oracle), and its running engine."""
     llama = llama_tiny(num_kv_heads=2, seed=4)
-    hf_config, tensors = telechat_from_llama(llama, training_seqlen=64)
+    hf_config, tensors = telechat_from_llama(llama, training_seqlen=24)  # longer rows switch to NTK RoPE
     directory = save_hf_dir(str(tmp_path_factory.mktemp("dense")), hf_config, tensors)
     model = AutoModelForCausalLM.from_pretrained(directory)
     engine = Engine({"base": model}, max_batch=8, max_len=48)
@@ -110,7 +110,30 @@ def test_greedy_dense_is_independent_of_batching_and_equals_transformers(dense):
     assert among == alone == ours == theirs
     for (other_prompt, params), tokens in zip(others, other_tokens):
         assert tokens == run_alone(engine, "base", other_prompt, **params)
+    longest = max(range(len(others)), key=lambda k: len(others[k][0]) + others[k][1]["max_tokens"])
+    other_prompt, params = others[longest]
+    assert len(other_prompt) + params["max_tokens"] > 24 + 1, "a row decodes past training_seqlen (dynamic NTK)"
+    alone = model.generate([other_prompt], max_new_tokens=params["max_tokens"], eos_token_id=[])
+    assert other_tokens[longest] == list(alone[0, len(other_prompt):])
     assert engine.stats()["running"] == 0
+
+
+def test_row_inputs_equal_prepare_of_each_row_alone(dense):
+    """Each row's RoPE tables (TeleChat2's NTK from its own total length) and causal mask, host side."""
+    from mindport.infer.decoder import CompiledDecoder
+    from mindport.transformer.attention import MASK_VALUE
+
+    model = dense[1]
+    decoder = CompiledDecoder(model, 4, 48)
+    ids = np.random.default_rng(3).integers(3, 256, (3, 8))
+    starts, lengths = np.array([0, 20, 37]), np.array([8, 1, 3])  # totals 8, 21, 40: NTK alpha 1, 1, 3
+    _, cos, sin, mask, _ = (t.asnumpy() if t is not None else None for t in decoder.row_inputs(ids, starts, lengths))
+    for i, (start, real) in enumerate(zip(starts, lengths)):
+        _, ref_cos, ref_sin, ref_mask, _ = model.prepare(ids[i:i + 1, :real], past_len=int(start))
+        assert np.array_equal(cos[i, :, :real], ref_cos.asnumpy()[0])
+        assert np.array_equal(sin[i, :, :real], ref_sin.asnumpy()[0])
+        assert np.array_equal(mask[i, :, :real, :start + real], ref_mask.asnumpy()[0])
+        assert (mask[i, :, :real, start + real:] == MASK_VALUE).all()
 
 
 def test_moe_greedy_is_independent_of_batching(tmp_path):
