@@ -48,9 +48,12 @@ class CompiledDecoder(nn.Cell):
 
     def move(self, src: Tensor, dst: Tensor) -> Tensor:
         """Copy cache row ``src`` (1,) into row ``dst`` (1,), every layer's K and V."""
+        heads = self.caches[0].num_kv_heads
+        src_rows = src * heads + ops.arange(heads, dtype=src.dtype)  # (Nkv,) flat cache rows
+        dst_rows = dst * heads + ops.arange(heads, dtype=dst.dtype)
         for cache in self.caches:
-            ops.scatter_update(cache.k, dst, ops.gather(cache.k, src, 0))
-            ops.scatter_update(cache.v, dst, ops.gather(cache.v, src, 0))
+            ops.scatter_update(cache.k, dst_rows, ops.gather(cache.k, src_rows, 0))
+            ops.scatter_update(cache.v, dst_rows, ops.gather(cache.v, src_rows, 0))
         return dst
 
     def rope_table(self, total_len: int) -> tuple[np.ndarray, np.ndarray]:
