@@ -9,7 +9,7 @@ Design (B = max_batch, L = max_len, n = running requests of a model):
   would have to come from a Parameter, which MindSpore 2.10 on CPU was seen reading out of order:
   :class:`~mindport.transformer.kv_cache.StaticLayerCache`). A finished, cancelled or timed-out
   request frees its row at once: the last row is copied into it (one row per layer, once per
-  request). Rows [n, b) compute padding that writes nothing.
+  request). Rows [n, b) compute padding, written only into their own free rows.
 - A newcomer is prefilled alone at a step boundary, in row 0 (whose request first moves to row n),
   its prompt right-padded to a power of two (>= 8) so that few graphs compile. Newcomers are admitted
   before each decode step while rows are free, so prefill interleaves with decoding.
