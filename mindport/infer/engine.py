@@ -112,6 +112,10 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         limit = min(m.config.max_position_embeddings for m in self.models.values())
         self.max_len = max_len or limit
+        if self.max_len < 2 or (self.max_len > limit and any(m.config.rope_scaling == "none"
+                                                             for m in self.models.values())):
+            raise ValueError(f"max_len = {self.max_len}: expected 2 <= max_len <= max_position_embeddings = {limit} "
+                             f"(only TeleChat2's dynamic NTK RoPE extends past it)")
         if any(m.groups.sequence_parallel for m in self.models.values()):
             raise ValueError("use_seq_parallel: serving decodes one token per step; run it with "
                              "use_seq_parallel: False (tensor parallelism alone)")

@@ -225,6 +225,16 @@ def test_bad_requests_are_one_line_value_errors(dense, model, prompt, params, me
         engine.submit(model, prompt, SamplingParams(**{"max_tokens": 2, **params}), lambda event: None)
 
 
+def test_engine_settings_are_checked(tmp_path):
+    _, directory = hf_moe("mixtral", tmp_path)  # plain RoPE: max_position_embeddings 64 is a hard limit
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with pytest.raises(ValueError, match="max_len = 65: expected 2 <= max_len <= max_position_embeddings = 64"):
+        Engine({"moe": model}, max_len=65)
+    with pytest.raises(ValueError, match="max_batch = 0, max_queue = 4: expected max_batch >= 1"):
+        Engine({"moe": model}, max_batch=0, max_queue=4)
+    assert Engine({"moe": model}).max_len == 64
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(dense, monkeypatch):
     engine = dense[2]
     healthy = engine._run
