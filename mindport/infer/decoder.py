@@ -1,7 +1,7 @@
 """Compiled decoding: a model plus static per-layer caches, one ``ms.jit`` step per call.
 
 A cache holds ``slots`` rows of ``max_len`` positions. A step computes the first b <= slots rows,
-each writing where its ``write`` row says (its own length), so rows of different lengths
+each writing from where its ``write`` row says (its own length), so rows of different lengths
 (continuous batching: :mod:`mindport.infer.engine`) and a plain batch
 (:func:`mindport.infer.generate.generate`: one write row shared by all) share one mechanism.
 One graph is compiled per input shape (b, S).
@@ -21,9 +21,9 @@ from mindport.transformer.rope import logn_scale, ntk_scaling, rope_tables
 class CompiledDecoder(nn.Cell):
     """A model plus static caches; ``step`` is one compiled forward (prefill or one token per row).
 
-    The cache is written at the positions where ``write`` ((1 or slots), 1, L, 1) is 1; ``mask``
-    (b, 1, S, L) hides positions not written yet, so stale values from an earlier sequence are never
-    read.
+    Row i's S new positions are written from the first 1 of its ``write`` row ((1 or slots), 1, L, 1;
+    a single row applies to all); ``mask`` (b, 1, S, L) hides positions not written yet, so stale
+    values from an earlier sequence are never read.
     """
 
     def __init__(self, model, batch: int, max_len: int):
