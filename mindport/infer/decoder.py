@@ -1,7 +1,7 @@
 """Compiled decoding: a model plus static per-layer caches, one ``ms.jit`` step per call.
 
 A cache holds ``slots`` rows of ``max_len`` positions. A step computes the first b <= slots rows,
-each writing where its ``write`` row says (its own length), so rows of different lengths
+each writing from where its ``write`` row says (its own length), so rows of different lengths
 (continuous batching: :mod:`mindport.infer.engine`) and a plain batch
 (:func:`mindport.infer.generate.generate`: one write row shared by all) share one mechanism.
 One graph is compiled per input shape (b, S).
@@ -15,15 +15,15 @@ from mindspore import Tensor, nn, ops
 from mindport.transformer.attention import MASK_VALUE
 from mindport.transformer.kv_cache import StaticLayerCache
 from mindport.transformer.layers import dtype_of
-from mindport.transformer.rope import logn_scale, rope_tables
+from mindport.transformer.rope import logn_scale, ntk_scaling, rope_tables
 
 
 class CompiledDecoder(nn.Cell):
     """A model plus static caches; ``step`` is one compiled forward (prefill or one token per row).
 
-    The cache is written at the positions where ``write`` ((1 or slots), 1, L, 1) is 1; ``mask``
-    (b, 1, S, L) hides positions not written yet, so stale values from an earlier sequence are never
-    read.
+    Row i's S new positions are written from the first 1 of its ``write`` row ((1 or slots), 1, L, 1;
+    a single row applies to all); ``mask`` (b, 1, S, L) hides positions not written yet, so stale
+    values from an earlier sequence are never read.
     """
 
     def __init__(self, model, batch: int, max_len: int):
@@ -34,6 +34,7 @@ class CompiledDecoder(nn.Cell):
         self.slots, self.max_len = batch, max_len
         self.caches = nn.CellList([StaticLayerCache(batch, config.num_kv_heads // model.groups.tp.size, max_len,
                                                     config.head_dim, dtype) for _ in range(len(model.layer_ids))])
+        self._rope_tables: dict = {}
         self.step = ms.jit(self.construct)
         self.move_row = ms.jit(self.move)
 
@@ -47,10 +48,24 @@ class CompiledDecoder(nn.Cell):
 
     def move(self, src: Tensor, dst: Tensor) -> Tensor:
         """Copy cache row ``src`` (1,) into row ``dst`` (1,), every layer's K and V."""
+        heads = self.caches[0].num_kv_heads
+        src_rows = src * heads + ops.arange(heads, dtype=src.dtype)  # (Nkv,) flat cache rows
+        dst_rows = dst * heads + ops.arange(heads, dtype=dst.dtype)
         for cache in self.caches:
-            ops.scatter_update(cache.k, dst, ops.gather(cache.k, src, 0))
-            ops.scatter_update(cache.v, dst, ops.gather(cache.v, src, 0))
+            ops.scatter_update(cache.k, dst_rows, ops.gather(cache.k, src_rows, 0))
+            ops.scatter_update(cache.v, dst_rows, ops.gather(cache.v, src_rows, 0))
         return dst
+
+    def rope_table(self, total_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (max_len, D) for sequences of ``total_len`` tokens, computed once per distinct
+        scaling (plain RoPE: one table; TeleChat2's NTK: one per (alpha, mscale))."""
+        config = self.model.config
+        key = None
+        if config.rope_scaling == "telechat_ntk":
+            key = ntk_scaling(total_len, config.training_seqlen, config.base_seqlen)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = rope_tables(config, total_len, self.max_len)
+        return self._rope_tables[key]
 
     def row_inputs(self, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
         """Step inputs for rows holding independent sequences: row i's tokens ``ids[i]`` (b, S) sit at
@@ -62,8 +77,8 @@ class CompiledDecoder(nn.Cell):
         cos, sin = np.empty((b, 1, s, config.head_dim), np.float32), np.empty((b, 1, s, config.head_dim), np.float32)
         positions = starts[:, None] + np.arange(s)[None]  # (b, S)
         for i in range(b):
-            table_cos, table_sin = rope_tables(config, int(starts[i] + lengths[i]), int(starts[i]) + s)
-            cos[i, 0], sin[i, 0] = table_cos[starts[i]:], table_sin[starts[i]:]
+            table_cos, table_sin = self.rope_table(int(starts[i] + lengths[i]))
+            cos[i, 0], sin[i, 0] = table_cos[starts[i]:starts[i] + s], table_sin[starts[i]:starts[i] + s]
         keys = np.arange(self.max_len)
         mask = np.where(keys[None, None] <= positions[:, :, None], 0.0, MASK_VALUE).astype(np.float32)[:, None]
         q_scale = Tensor(logn_scale(config, positions)[:, None, :, None]) if config.use_logn_attn else None

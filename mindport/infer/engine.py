@@ -9,9 +9,9 @@ Design (B = max_batch, L = max_len, n = running requests of a model):
   would have to come from a Parameter, which MindSpore 2.10 on CPU was seen reading out of order:
   :class:`~mindport.transformer.kv_cache.StaticLayerCache`). A finished, cancelled or timed-out
   request frees its row at once: the last row is copied into it (one row per layer, once per
-  request). Rows [n, b) compute padding that writes nothing.
+  request). Rows [n, b) compute padding, written only into their own free rows.
 - A newcomer is prefilled alone at a step boundary, in row 0 (whose request first moves to row n),
-  its prompt right-padded to a power of two so that few graphs compile. Newcomers are admitted
+  its prompt right-padded to a power of two (>= 8) so that few graphs compile. Newcomers are admitted
   before each decode step while rows are free, so prefill interleaves with decoding.
 - Every row has its own length: its write position, causal mask and RoPE tables (TeleChat2's
   dynamic NTK depends on the row's own total length) are its own, so a request's tokens do not
@@ -83,6 +83,7 @@ class _Request:
 # plan operations broadcast to the tensor-parallel followers
 _SHUTDOWN, _STEP, _MOVE = 0, 1, 2
 _HEADER = 4  # operation, model index, rows b, width S
+MIN_PREFILL = 8  # prompts are right-padded to a power of two >= this: few prefill graphs compile
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -92,7 +93,13 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class Engine:
-    """Continuous-batching scheduler over ``models`` (name -> CausalLM); see the module docstring."""
+    """Continuous-batching scheduler over ``models`` (name -> CausalLM); see the module docstring.
+
+    ``submit``/``cancel``/``stats``/``shutdown`` may be called from any thread; callbacks run on the
+    engine's thread and must be cheap. MindSpore runs one graph at a time per process ("Nested
+    execution during JIT execution" otherwise): while the engine runs, its models are used through
+    it only.
+    """
 
     def __init__(self, models: dict, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
         if not models:
@@ -105,6 +112,10 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         limit = min(m.config.max_position_embeddings for m in self.models.values())
         self.max_len = max_len or limit
+        if self.max_len < 2 or (self.max_len > limit and any(m.config.rope_scaling == "none"
+                                                             for m in self.models.values())):
+            raise ValueError(f"max_len = {self.max_len}: expected 2 <= max_len <= max_position_embeddings = {limit} "
+                             f"(only TeleChat2's dynamic NTK RoPE extends past it)")
         if any(m.groups.sequence_parallel for m in self.models.values()):
             raise ValueError("use_seq_parallel: serving decodes one token per step; run it with "
                              "use_seq_parallel: False (tensor parallelism alone)")
@@ -112,7 +123,6 @@ class Engine:
         first = self.models[self.names[0]]
         self._comm = collectives(first.groups.tp)
         self._plan_size = _HEADER + max(self.max_len, max_batch) + 3 * max_batch
-        self._decoders: dict[str, CompiledDecoder] = {}
         self._running: dict[str, list[_Request]] = {name: [] for name in self.names}
         self._waiting: list[_Request] = []
         self._live: dict[int, _Request] = {}  # every request not finished yet, by id
@@ -121,6 +131,7 @@ class Engine:
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._followers_stopped = False
         self._counts = {"requests": 0, "completed": 0, "generated_tokens": 0, "prompt_tokens": 0}
 
     # ------------------------------------------------------------------ public interface
@@ -172,25 +183,23 @@ class Engine:
                 for request in self._live.values():
                     request.cancelled = True
             self._lock.notify_all()
-        end = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
         with self._lock:
             while self._thread is not None and self._live:
-                if not self._lock.wait(max(end - time.monotonic(), 0.0)) and time.monotonic() >= end:
+                if time.monotonic() >= deadline:  # the loop finishes them at its next boundary
                     for request in self._live.values():
                         request.cancelled = True
-                    end = float("inf")
+                self._lock.wait(min(max(deadline - time.monotonic(), 0.0), 1.0) or 1.0)
             self._stop = True
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         else:
-            self._finish_all_waiting()
-        if self._comm.group.size > 1 and not self._stopped_followers:
+            self._cancel_all()
+        if self._comm.group.size > 1 and not self._followers_stopped:
             self._broadcast(self._plan(_SHUTDOWN, 0, np.zeros((0, 1), np.int64)))
-            self._stopped_followers = True
-
-    _stopped_followers = False
+            self._followers_stopped = True
 
     def run_follower(self) -> None:
         """Ranks != 0 under tensor parallelism: run rank 0's steps until it shuts down."""
@@ -210,7 +219,7 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"prompt: token id {bad[0]} outside the vocabulary [0, {vocab})")
-        if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
+        if not isinstance(params.max_tokens, (int, np.integer)) or params.max_tokens < 1:
             raise ValueError(f"max_tokens = {params.max_tokens}: expected an integer >= 1")
         if len(prompt_ids) + params.max_tokens > self.max_len:
             raise ValueError(f"max_tokens = {params.max_tokens}: prompt ({len(prompt_ids)}) + max_tokens exceeds "
@@ -219,6 +228,8 @@ class Engine:
             raise ValueError(f"temperature = {params.temperature}: expected a finite number >= 0 (0: greedy)")
         if not 0 < params.top_p <= 1:
             raise ValueError(f"top_p = {params.top_p}: expected 0 < top_p <= 1")
+        if params.seed is not None and not (isinstance(params.seed, (int, np.integer)) and params.seed >= 0):
+            raise ValueError(f"seed = {params.seed}: expected None or an integer >= 0")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout = {timeout}: expected a positive number of seconds")
 
@@ -230,18 +241,27 @@ class Engine:
                     self._lock.wait()
                 if self._stop:
                     break
-                finished = self._drop_cancelled_and_expired()
-                admitted = self._admit()
-            self._emit(finished)
-            for request in admitted:
-                self._run_guarded([request], lambda r=request: self._prefill(r))
-            for name in self.names:
-                rows = self._running[name]
-                if rows:
-                    self._run_guarded(list(rows), lambda name=name: self._decode(name))
+            try:
+                self._iterate()
+            except Exception as exc:  # the loop survives; the requests it held fail
+                self._fail_all(exc)
             with self._lock:
-                self._lock.notify_all()  # shutdown() waits for the queue to drain
-        self._finish_all_waiting()
+                self._lock.notify_all()  # shutdown() waits for the requests to finish
+        self._cancel_all()
+
+    def _iterate(self) -> None:
+        """One step boundary: drop cancelled / timed-out requests, prefill newcomers while rows are
+        free, then one decode step per model with running requests."""
+        with self._lock:
+            finished = self._drop_cancelled_and_expired()
+            admitted = self._admit()
+        self._emit(finished)
+        for request in admitted:
+            self._run_guarded([request], lambda r=request: self._prefill(r))
+        for name in self.names:
+            rows = self._running[name]
+            if rows:
+                self._run_guarded(list(rows), lambda name=name: self._decode(name))
 
     def _drop_cancelled_and_expired(self) -> list[tuple[_Request, TokenEvent]]:
         """Under the lock: finish cancelled / timed-out requests and free their rows."""
@@ -274,10 +294,23 @@ class Engine:
         self._counts["completed"] += 1
         return request, TokenEvent(request.id, None, reason, len(request.prompt), len(request.tokens), error)
 
-    def _finish_all_waiting(self) -> None:
+    def _cancel_all(self) -> None:
         with self._lock:
             events = [self._finish(r, "cancelled") for r in list(self._live.values())]
         self._emit(events)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Finish every request with "error", rows dropped without moving (their caches are rewritten
+        by the next prefill)."""
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        with self._lock:
+            failed = list(self._live.values())
+            self._live.clear()
+            self._waiting.clear()
+            for rows in self._running.values():
+                rows.clear()
+            self._counts["completed"] += len(failed)
+        self._emit([(r, TokenEvent(r.id, None, "error", len(r.prompt), len(r.tokens), message)) for r in failed])
 
     def _run_guarded(self, requests: list[_Request], work: Callable[[], list]) -> None:
         """Run ``work`` (a prefill or decode returning events); a failure finishes ``requests`` with "error"."""
@@ -308,7 +341,7 @@ class Engine:
             else:
                 rows.append(request)
         p = len(request.prompt)
-        width = min(1 << (p - 1).bit_length(), self.max_len)
+        width = min(max(1 << (p - 1).bit_length(), MIN_PREFILL), self.max_len)
         ids = np.zeros((1, width), np.int64)
         ids[0, :p] = request.prompt
         logits = self._run(_STEP, request.model, ids, np.array([0]), np.array([p]))
@@ -350,9 +383,12 @@ class Engine:
 
     # ------------------------------------------------------------------ compiled calls (all ranks)
     def _decoder(self, name: str) -> CompiledDecoder:
-        if name not in self._decoders:
-            self._decoders[name] = CompiledDecoder(self.models[name], self.max_batch, self.max_len)
-        return self._decoders[name]
+        """Model ``name``'s decoder, shared through ``model.compiled_decoders`` with other engines and
+        generate() calls of the same (rows, length): a model serves one of them at a time."""
+        model, key = self.models[name], (self.max_batch, self.max_len)
+        if key not in model.compiled_decoders:
+            model.compiled_decoders[key] = CompiledDecoder(model, self.max_batch, self.max_len)
+        return model.compiled_decoders[key]
 
     def _plan(self, operation: int, model: int, ids: np.ndarray, starts=(), lengths=(), active: int = 0) -> np.ndarray:
         plan = np.zeros(self._plan_size, np.int64)
