@@ -15,6 +15,9 @@ for folder, namespace in MAPPED.items():
     packages.append(namespace)
     packages += [f"{namespace}.{p}" for p in find_packages(folder)]
 
+# `mindport lm-eval`: lm-evaluation-harness, pinned with the datasets/pyarrow that keep numpy < 2 (MindSpore 2.10)
+EVAL = ["lm-eval>=0.4.13,<0.5", "datasets>=3.2,<3.3", "pyarrow>=18.1,<19"]
+
 setup(
     name="mindport",
     version="0.1.0",
@@ -33,6 +36,7 @@ setup(
         "sentencepiece>=0.2",
         "tqdm>=4.66",
     ],
-    extras_require={"test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "peft>=0.17"]},
+    extras_require={"eval": EVAL,
+                    "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "peft>=0.17", "accelerate", *EVAL]},
     entry_points={"console_scripts": ["mindport = mindport.cli:main"]},
 )
