@@ -1,0 +1,2 @@
+"""The model cards' benchmarks from local files: readers of the released layouts, few-shot prompts,
+scoring (log-likelihoods and greedy generation) and the accuracy report."""
