@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-WINDOW = 256  # max_position_embeddings of the tiny model
+from testkit.benchmarks import WINDOW
 
 
 @pytest.fixture(scope="session")

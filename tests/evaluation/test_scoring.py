@@ -4,18 +4,7 @@ greedy generation cut at stop strings (transformers' generate)."""
 import numpy as np
 import pytest
 
-from evaluation.conftest import WINDOW
-
-
-def torch_loglikelihood(llama, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-    import torch
-
-    whole = (context + continuation)[-(WINDOW + 1):]
-    with torch.no_grad():
-        logits = llama(torch.tensor([whole[:-1]])).logits[0, -len(continuation):].double()
-    logp = torch.log_softmax(logits, -1)
-    target = torch.tensor(continuation)
-    return float(logp[torch.arange(len(continuation)), target].sum()), bool((logits.argmax(-1) == target).all())
+from testkit.benchmarks import WINDOW, torch_loglikelihood
 
 
 @pytest.fixture(scope="module")
