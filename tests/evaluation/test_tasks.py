@@ -119,3 +119,38 @@ def test_gsm8k_strict_match_extraction():
     assert gsm8k_extract("#### -5\n#### 6") == "-5"
     assert gsm8k_extract("The answer is 7") is None
     assert gsm8k_number("1,000") == gsm8k_number("1000.") == "1000"
+
+
+@pytest.mark.slow
+def test_tensor_and_data_parallel_scores_equal_one_process(tiny_eval_model, tmp_path):
+    """One msrun launch of 4 ranks, TP2 x DP2: every rank returns the single-process log-likelihoods, accuracy,
+    generations and rolling log-likelihoods (requests and prompts split unevenly over the dp ranks)."""
+    import os
+    import subprocess
+    import sys
+
+    from testkit import launch
+
+    worker = os.path.join(os.path.dirname(__file__), "eval_worker.py")
+    benchmarks.write_choice_benchmark("mmlu", str(tmp_path / "data" / "mmlu"), ("anatomy", "virology"))
+    rng = np.random.default_rng(2)
+    benchmarks.write_jsonl(str(tmp_path / "data" / "gsm8k" / "train.jsonl"), benchmarks.gsm8k_docs(rng, 1))
+    benchmarks.write_jsonl(str(tmp_path / "data" / "gsm8k" / "test.jsonl"), benchmarks.gsm8k_docs(rng, 3))
+    model_dir, data = tiny_eval_model[0], str(tmp_path / "data")
+    subprocess.run([sys.executable, worker, model_dir, data, str(tmp_path / "single")], check=True, capture_output=True)
+    with open(tmp_path / "single" / "rank0.json") as f:
+        expected = json.load(f)
+    launch.msrun(worker, [model_dir, data, str(tmp_path / "tp2dp2"), json.dumps({"model_parallel": 2,
+                                                                                 "data_parallel": 2})],
+                 4, str(tmp_path / "log"))
+    ranks = []
+    for rank in range(4):
+        with open(tmp_path / "tp2dp2" / f"rank{rank}.json") as f:
+            ranks.append(json.load(f))
+    assert all(r == ranks[0] for r in ranks[1:])  # every rank holds the same, gathered results
+    got = ranks[0]
+    assert got["mmlu"]["overall"] == expected["mmlu"]["overall"]
+    np.testing.assert_allclose([l for s in got["mmlu"]["samples"] for l in s["loglikelihoods"]],
+                               [l for s in expected["mmlu"]["samples"] for l in s["loglikelihoods"]], rtol=1e-5)
+    assert got["gsm8k"] == expected["gsm8k"]
+    np.testing.assert_allclose(got["rolling"], expected["rolling"], rtol=1e-5)
