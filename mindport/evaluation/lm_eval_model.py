@@ -2,17 +2,17 @@
 
 Requests become token ids as lm-eval's ``hf`` backend makes them: its ``TemplateLM`` moves the
 context's trailing spaces to the continuation, encodes context + continuation whole and cuts it at
-the context's length, and conditions an empty context on the prefix token (BOS, else EOS);
-``tok_encode`` adds the tokenizer's special tokens unless the text already starts with the prefix
-token's text. :mod:`mindport.evaluation.scoring` turns the ids into numbers, the one mechanism
-``mindport eval`` uses too. Generation is greedy, stops at the request's ``until`` strings and at EOS,
-and gives at most ``max_gen_toks`` tokens (256 when the task sets none, as the ``hf`` backend).
+the context's length, and conditions an empty context on the prefix token (BOS, else EOS); contexts,
+generation prompts and rolling texts get the tokenizer's special tokens (e.g. BOS) unless they already
+start with the prefix token's text. :mod:`mindport.evaluation.scoring` turns the ids into numbers, the
+one mechanism ``mindport eval`` uses too. Generation is greedy, stops at the request's ``until`` strings
+and at EOS, and gives at most ``max_gen_toks`` tokens (256 when the task sets none, as the ``hf`` backend).
 
 Importing this module registers the class under the name ``mindport`` (lm-eval 0.4 has no plugin
 entry point; ``mindport lm-eval`` imports it before handing its arguments to lm-eval's CLI).
 ``--model_args``: ``pretrained=DIR`` (HF or mindport model directory, or a training checkpoint),
 ``adapter=DIR`` (LoRA), ``tokenizer=DIR`` (default: the model's), ``batch_size=N``, ``dtype=``,
-``add_bos_token=`` and ``prefix_token_id=`` (as the ``hf`` backend's).
+``add_bos_token=False`` (encode without the tokenizer's special tokens) and ``prefix_token_id=N``.
 """
 from __future__ import annotations
 
@@ -92,15 +92,15 @@ class MindportLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.tokenizer.source.replace("/", "__")
 
+    def adds_special_tokens(self, string: str) -> bool:
+        """The hf backend's rule: the tokenizer's special tokens (e.g. BOS), unless ``add_bos_token=False``
+        or the text already starts with the prefix token's text."""
+        return self.add_bos_token is not False and not string.startswith(self.prefix_text)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """The hf backend's rule: the tokenizer's special tokens (``add_bos_token`` overrides), none for
-        a text that already starts with the prefix token's text."""
         if add_special_tokens is None:
-            add_special_tokens = self.add_bos_token is not False and not string.startswith(self.prefix_text)
-        ids = self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
-            ids.insert(0, self.bos_token_id)
-        return ids
+            add_special_tokens = self.adds_special_tokens(string)
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) text or None, context ids, continuation ids)."""
@@ -121,15 +121,17 @@ class MindportLM(TemplateLM):
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations, batched among the requests that ask for the same ``max_gen_toks``."""
+        """Greedy continuations, batched among the requests with the same ``max_gen_toks`` and special-token rule."""
         eos_text = self.tokenizer.decode([self.eot_token_id], skip_special=False)
-        settings = [self._greedy_settings(gen_kwargs, eos_text) for _, gen_kwargs in (r.args for r in requests)]
+        prompts = [request.args[0] for request in requests]
+        settings = [self._greedy_settings(request.args[1], eos_text) for request in requests]
+        batches = [(max_new, self.adds_special_tokens(prompt)) for prompt, (_, max_new) in zip(prompts, settings)]
         results: list[str | None] = [None] * len(requests)
-        for max_new_tokens in sorted({max_new for _, max_new in settings}):
-            chosen = [i for i, (_, max_new) in enumerate(settings) if max_new == max_new_tokens]
-            texts = scoring.generate_until(self.model, self.tokenizer, [requests[i].args[0] for i in chosen],
+        for max_new_tokens, add_special_tokens in sorted(set(batches)):
+            chosen = [i for i, key in enumerate(batches) if key == (max_new_tokens, add_special_tokens)]
+            texts = scoring.generate_until(self.model, self.tokenizer, [prompts[i] for i in chosen],
                                            [settings[i][0] for i in chosen], max_new_tokens, self.batch_size,
-                                           progress=not disable_tqdm)
+                                           progress=not disable_tqdm, add_special_tokens=add_special_tokens)
             for i, text in zip(chosen, texts):
                 results[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -148,8 +150,9 @@ class MindportLM(TemplateLM):
         kwargs.pop("temperature", None)
         for key, value in kwargs.items():
             if key not in GREEDY_NO_OPS:
-                raise ValueError(f"lm-eval generation_kwargs: {key}={value!r} is not supported by the mindport backend "
-                                 f"(it decodes greedily with until and max_gen_toks; {', '.join(GREEDY_NO_OPS)} are ignored)")
+                raise ValueError(f"lm-eval generation_kwargs: {key}={value!r} is not supported by the mindport "
+                                 f"backend (greedy decoding with until and max_gen_toks; "
+                                 f"{', '.join(GREEDY_NO_OPS)} are ignored)")
         return until, max_new_tokens
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -163,12 +163,13 @@ def rolling_loglikelihoods(model, sequences: Sequence[Sequence[int]], batch_size
 
 
 def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[Sequence[str]], max_new_tokens: int,
-                   batch_size: int = 8, progress: bool = False) -> list[str]:
+                   batch_size: int = 8, progress: bool = False, add_special_tokens: bool = False) -> list[str]:
     """Greedy continuations, cut at the first stop string of each prompt's `until` list (stop strings excluded).
 
-    As lm-eval's hf backend: prompts are encoded without special tokens and cut from the left to
-    ``W - max_new_tokens`` tokens; generation also ends at the tokenizer's EOS. Rows are left-padded to a
-    power-of-two width, so the compiled decoder is reused across batches."""
+    Prompts are encoded with the tokenizer's special tokens only with ``add_special_tokens`` (lm-eval's
+    hf backend adds them, e.g. BOS) and, as that backend does, cut from the left to ``W - max_new_tokens``
+    tokens; generation also ends at the tokenizer's EOS. Rows are left-padded to a power-of-two width, so
+    the compiled decoder is reused across batches."""
     require_tensor_and_data_parallel_only(model.groups, "evaluation")
     if len(until) != len(prompts):
         raise ValueError(f"until: {len(until)} stop lists: expected one per prompt ({len(prompts)})")
@@ -178,7 +179,7 @@ def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[Seq
                          f"max_position_embeddings = {window}")
     if batch_size <= 0:
         raise ValueError(f"batch_size = {batch_size}: expected a positive integer")
-    encoded = [ids[-(window - max_new_tokens):] for ids in tokenizer.encode_batch(list(prompts), False)]
+    encoded = [ids[-(window - max_new_tokens):] for ids in tokenizer.encode_batch(list(prompts), add_special_tokens)]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i}: no tokens: expected a non-empty prompt")
