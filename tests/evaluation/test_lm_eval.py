@@ -132,14 +132,14 @@ def test_sampling_is_refused_in_one_line(gen_kwargs, bad):
                                        "</s>") == (["\n\n", "</s>"], 5)
 
 
-def test_bad_model_args_fail_in_one_line(workspace, capsys):
-    from mindport.cli import main
+@pytest.mark.parametrize("extra, bad", [({"beams": 3}, "lm-eval model_args: beams=3: not an argument"),
+                                        ({"batch_size": "auto"}, "lm-eval model_args: batch_size='auto': expected")])
+def test_bad_model_args_fail_in_one_line(extra, bad):
+    from mindport.evaluation.lm_eval_model import MindportLM
 
-    model_dir, task_dir, _ = workspace
-    assert main(["lm-eval", "--model_args", f"pretrained={model_dir},beams=3", "--tasks", "mp_choice",
-                 "--include_path", task_dir]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after lm-eval's own INFO log lines
-    assert last.startswith("mindport: error: lm-eval model_args: beams=3: not an argument")
+    with pytest.raises(ValueError, match=f"^{bad}") as err:  # before any model is read
+        MindportLM.create_from_arg_obj({"pretrained": "/nonexistent", **extra}, {"batch_size": 1, "device": "cuda:0"})
+    assert "\n" not in str(err.value)
 
 
 def test_missing_lm_eval_names_the_extra(monkeypatch, capsys):
