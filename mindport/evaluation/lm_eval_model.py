@@ -156,6 +156,16 @@ class MindportLM(TemplateLM):
         return until, max_new_tokens
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text of ``chat_history`` through the tokenizer's chat template (the family's by default)."""
-        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
+        """``--apply_chat_template``: the prompt text of ``chat_history`` through the tokenizer's chat template
+        (the family's when the tokenizer has none), as the hf backend renders it: a template that fails
+        on a system message is rendered without the system messages."""
+        from mindport.tokenizer import TokenizerError
+
+        if not add_generation_prompt:
+            raise ValueError("lm-eval: a task with gen_prefix continues the assistant's message "
+                             "(continue_final_message), which the mindport backend's chat templates do not support")
+        try:
+            return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=True, tokenize=False)
+        except TokenizerError:
+            no_system = [message for message in chat_history if message["role"] != "system"]
+            return self.tokenizer.apply_chat_template(no_system, add_generation_prompt=True, tokenize=False)

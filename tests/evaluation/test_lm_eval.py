@@ -132,6 +132,31 @@ def test_sampling_is_refused_in_one_line(gen_kwargs, bad):
                                        "</s>") == (["\n\n", "</s>"], 5)
 
 
+def test_chat_template_prompt_equals_transformers(workspace, tmp_path):
+    """--apply_chat_template: the prompt text equals transformers' (the hf backend's), the tokenizer given apart."""
+    from transformers import AutoTokenizer
+
+    from mindport.evaluation.lm_eval_model import MindportLM
+    from mindport.tokenizer import Tokenizer
+    from testkit.tokenizers import CHATML_GENERATION, with_chat_template
+
+    tokenizer_dir = with_chat_template(metaspace_bos(str(tmp_path / "tok")), CHATML_GENERATION,
+                                       ("<|im_start|>", "<|im_end|>"))
+    lm = MindportLM.create_from_arg_string(f"pretrained={workspace[0]},tokenizer={tokenizer_dir}")
+    history = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Which animal?"},
+               {"role": "assistant", "content": "fox"}, {"role": "user", "content": "最快的动物是"}]
+    expected = AutoTokenizer.from_pretrained(tokenizer_dir).apply_chat_template(
+        history, tokenize=False, add_generation_prompt=True, continue_final_message=False)
+    assert lm.apply_chat_template(history) == expected
+    assert lm.chat_template(True) == CHATML_GENERATION
+
+    no_system = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + \
+        CHATML_GENERATION  # as the hf backend, such a template renders the history without its system messages
+    lm.tokenizer = Tokenizer.load(with_chat_template(metaspace_bos(str(tmp_path / "tok2")), no_system,
+                                                     ("<|im_start|>", "<|im_end|>")))
+    assert lm.apply_chat_template(history) == expected.replace("<|im_start|>system\nAnswer briefly.<|im_end|>\n", "")
+
+
 @pytest.mark.parametrize("extra, bad", [({"beams": 3}, "lm-eval model_args: beams=3: not an argument"),
                                         ({"batch_size": "auto"}, "lm-eval model_args: batch_size='auto': expected")])
 def test_bad_model_args_fail_in_one_line(extra, bad):
