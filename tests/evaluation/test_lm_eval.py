@@ -16,10 +16,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("lm_eval")
-
-from testkit.hf_models import hf_moe  # noqa: E402
-from testkit.tokenizers import metaspace_bos  # noqa: E402
+from testkit.hf_models import hf_moe
+from testkit.tokenizers import metaspace_bos
 
 CHOICE = [{"question": q, "choices": c, "label": label} for q, c, label in [  # text the tokenizer never saw
     ("Which animal is quick?", ["fox", "dog", "cat"], 0),
