@@ -42,7 +42,7 @@ class MindportLM(TemplateLM):
     """A mindport causal LM behind lm-eval's ``loglikelihood``, ``loglikelihood_rolling`` and
     ``generate_until`` (batched through :mod:`mindport.evaluation.scoring`)."""
 
-    def __init__(self, pretrained: str, adapter: str | None = None, tokenizer: str | None = None,
+    def __init__(self, pretrained: str | None = None, adapter: str | None = None, tokenizer: str | None = None,
                  batch_size: int | str = 8, dtype: str | None = None, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, device: str | None = None, **unknown):
         """``device``: lm-eval's CLI always passes one (default ``cuda:0``); MindSpore's device target decides."""
@@ -54,6 +54,9 @@ class MindportLM(TemplateLM):
             raise ValueError(f"lm-eval model_args: {', '.join(f'{k}={v!r}' for k, v in unknown.items())}: not an "
                              "argument of the mindport model (pretrained, adapter, tokenizer, batch_size, dtype, "
                              "add_bos_token, prefix_token_id)")
+        if not pretrained:
+            raise ValueError("lm-eval model_args: no pretrained=DIR: expected the model directory (HF or mindport "
+                             "format, or a training checkpoint)")
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype, adapter=adapter)
         self.tokenizer = Tokenizer.load(tokenizer or pretrained, family=self.model.config.family)

@@ -155,13 +155,15 @@ def test_chat_template_prompt_equals_transformers(workspace, tmp_path):
     assert lm.apply_chat_template(history) == expected.replace("<|im_start|>system\nAnswer briefly.<|im_end|>\n", "")
 
 
-@pytest.mark.parametrize("extra, bad", [({"beams": 3}, "lm-eval model_args: beams=3: not an argument"),
-                                        ({"batch_size": "auto"}, "lm-eval model_args: batch_size='auto': expected")])
-def test_bad_model_args_fail_in_one_line(extra, bad):
+@pytest.mark.parametrize("model_args, bad", [
+    ({"pretrained": "/nonexistent", "beams": 3}, "lm-eval model_args: beams=3: not an argument"),
+    ({"pretrained": "/nonexistent", "batch_size": "auto"}, "lm-eval model_args: batch_size='auto': expected"),
+    ({}, "lm-eval model_args: no pretrained=DIR: expected")])
+def test_bad_model_args_fail_in_one_line(model_args, bad):
     from mindport.evaluation.lm_eval_model import MindportLM
 
     with pytest.raises(ValueError, match=f"^{bad}") as err:  # before any model is read
-        MindportLM.create_from_arg_obj({"pretrained": "/nonexistent", **extra}, {"batch_size": 1, "device": "cuda:0"})
+        MindportLM.create_from_arg_obj(model_args, {"batch_size": 1, "device": "cuda:0"})
     assert "\n" not in str(err.value)
 
 
