@@ -9,8 +9,9 @@ A log-likelihood request (context, continuation) runs as lm-eval's hf backend ru
 tokens are predicted by the last ``len(continuation)`` positions. Rows are left-padded (the attention
 mask hides the padding and RoPE positions count real tokens, so a row scores as it would alone), which
 puts every continuation at the right edge: only the last C positions' logits are gathered to the full
-vocabulary, (B, C, V) instead of (B, S, V). Requests are sorted by length; S and C are rounded up to
-powers of two and short batches are filled with empty rows, so compiled shapes repeat.
+vocabulary and normalised, (B, C, V) instead of (B, S, V) (the head itself still runs over all S
+positions, (B, S, V/tp)). Requests are sorted by length; S and C are rounded up to powers of two and
+short batches are filled with empty rows, so compiled shapes repeat.
 
 Under tensor parallelism every rank runs every batch and returns the same list. Under data
 parallelism rank r of the dp group takes requests r, r + dp, ... of the sorted order and the results
@@ -38,7 +39,7 @@ def _bucket(n: int, cap: int, least: int = 1) -> int:
 
 
 def _progress_bar(total: int, enabled: bool, unit: str):
-    """A tqdm bar on stderr on global rank 0 when ``enabled``, else a no-op with the same ``update``."""
+    """A tqdm bar on stderr when ``enabled`` (callers enable it on global rank 0 only), else a silent one."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False)
@@ -72,6 +73,8 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     require_tensor_and_data_parallel_only(model.groups, "evaluation")
     if batch_size <= 0:
         raise ValueError(f"batch_size = {batch_size}: expected a positive integer")
+    if not requests:
+        return []
     window = model.config.max_position_embeddings
     rows = []  # (input ids, continuation ids)
     for i, (context, continuation) in enumerate(requests):
@@ -179,6 +182,8 @@ def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[Seq
                          f"max_position_embeddings = {window}")
     if batch_size <= 0:
         raise ValueError(f"batch_size = {batch_size}: expected a positive integer")
+    if not prompts:
+        return []
     encoded = [ids[-(window - max_new_tokens):] for ids in tokenizer.encode_batch(list(prompts), add_special_tokens)]
     for i, ids in enumerate(encoded):
         if not ids:

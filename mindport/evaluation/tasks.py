@@ -81,11 +81,21 @@ class TaskResult:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _read_csv(path: str, fields: tuple[str, ...], header: bool) -> list[dict[str, str]]:
-    """Rows of ``path`` as {field: value}: by the header's column names, or (no header) by position."""
+def _text_lines(path: str):
+    """The open file ``path`` (UTF-8, a BOM dropped); a missing file or other encoding fails in one line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            f.read()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: byte {err.start}: not UTF-8 text (expected the released UTF-8 files)") from None
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _read_csv(path: str, fields: tuple[str, ...], header: bool) -> list[dict]:
+    """Rows of ``path`` as {field: value, "_line": n}: by the header's column names, or (no header) by position."""
+    with _text_lines(path) as f:
         reader = csv.reader(f)
         if header:
             names = next(reader, [])
@@ -103,7 +113,7 @@ def _read_csv(path: str, fields: tuple[str, ...], header: bool) -> list[dict[str
             if len(values) < max(columns) + 1:
                 raise DataError(f"{path}: line {reader.line_num}: {len(values)} fields: expected "
                                 f"{max(columns) + 1} ({','.join(fields)})")
-            rows.append({name: values[c] for name, c in zip(fields, columns)} | {"_line": str(reader.line_num)})
+            rows.append({name: values[c] for name, c in zip(fields, columns)} | {"_line": reader.line_num})
     if not rows:
         raise DataError(f"{path}: no rows: expected one question per row")
     return rows
@@ -111,10 +121,8 @@ def _read_csv(path: str, fields: tuple[str, ...], header: bool) -> list[dict[str
 
 def _read_jsonl(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[dict]:
     """Objects of a JSON-lines file, each checked to have ``fields`` of their types."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
     docs = []
-    with open(path, encoding="utf-8") as f:
+    with _text_lines(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

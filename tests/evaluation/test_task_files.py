@@ -71,7 +71,14 @@ def _gsm8k_not_json(root):
     return f"{root}/test.jsonl", ["line 2", "not JSON"]
 
 
-CASES = {"ceval": _ceval_bad_answer, "cmmlu": _cmmlu_bad_header, "mmlu": _mmlu_short_row,
+def _cmmlu_not_utf8(root):
+    benchmarks.write_choice_benchmark("cmmlu", root, ("agronomy",))
+    with open(f"{root}/test/agronomy.csv", "wb") as f:
+        f.write(",Question,A,B,C,D,Answer\n0,".encode() + "问题".encode("gbk") + b",a,b,c,d,A\n")
+    return f"{root}/test/agronomy.csv", ["not UTF-8 text"]
+
+
+CASES = {"ceval": _ceval_bad_answer, "cmmlu": _cmmlu_bad_header, "cmmlu_gbk": _cmmlu_not_utf8, "mmlu": _mmlu_short_row,
          "mmlu_shots": _mmlu_too_few_shots, "hellaswag": _hellaswag_bad_label, "gsm8k": _gsm8k_no_final_answer,
          "gsm8k_json": _gsm8k_not_json}
 
