@@ -17,6 +17,9 @@ for folder, namespace in MAPPED.items():
     packages.append(namespace)
     packages += [f"{namespace}.{p}" for p in find_packages(folder)]
 
+# `mindport lm-eval`: lm-evaluation-harness, pinned with the datasets/pyarrow that keep numpy < 2 (MindSpore 2.10)
+EVAL = ["lm-eval>=0.4.13,<0.5", "datasets>=3.2,<3.3", "pyarrow>=18.1,<19"]
+
 setup(
     name="mindport",
     version="0.1.0",
@@ -38,9 +41,11 @@ setup(
     ],
     extras_require={
         "serve": SERVE,
-        # openai: the real client against `mindport serve`; selenium drives the system's chromium (chat page test)
+        "eval": EVAL,
+        # openai: the real client against `mindport serve`; selenium drives the system's chromium (chat page test);
+        # accelerate: lm-eval's hf backend, the oracle of the mindport backend
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "peft>=0.17", "openai>=1.40", "selenium>=4.11",
-                 *SERVE],
+                 "accelerate", *SERVE, *EVAL],
     },
     entry_points={"console_scripts": ["mindport = mindport.cli:main"]},
 )

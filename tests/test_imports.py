@@ -29,6 +29,7 @@ LAYERS = [
     ("tokenizers, chat templates (default templates come from the families), vocabulary extension",
      ["mindport.chat_template", "mindport.tokenizer", "mindport.vocab"]),
     ("training", ["mindport.train"]),
+    ("evaluation: benchmark readers, few-shot prompts, scoring, reports", ["mindport.evaluation"]),
     ("layout planner: cost model over the memory report", ["mindport.plan"]),
     ("conversion tool", ["mindport.ckpt_tools"]),
     ("serving: the OpenAI-compatible HTTP server over the inference engine", ["mindport.serve"]),

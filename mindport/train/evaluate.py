@@ -31,14 +31,19 @@ class EvalResult:
     tokens: int  # supervised tokens predicted (seq_length - 1 per sample for pretraining data)
 
 
+def require_tensor_and_data_parallel_only(groups, what: str) -> None:
+    """Evaluation runs tensor and data parallelism: refuse pipeline stages and context parallelism."""
+    for key, group in (("pipeline_stage", groups.pp), ("context_parallel", groups.cp)):
+        if group.size > 1:
+            raise ConfigError(f"parallel_config: key '{key}' = {group.size}: {what} runs tensor and data "
+                              f"parallelism only (merge a pipeline checkpoint with `mindport convert merge`)")
+
+
 def evaluate(model, dataset: PackedDataset, batch_size: int = 4, max_samples: int | None = None) -> EvalResult:
     """Samples in file order, ``batch_size`` per data-parallel rank and step; packed rows with their
     segment masks."""
     groups = model.groups
-    for key, group in (("pipeline_stage", groups.pp), ("context_parallel", groups.cp)):
-        if group.size > 1:
-            raise ConfigError(f"parallel_config: key '{key}' = {group.size}: `mindport eval` runs tensor and data "
-                              f"parallelism only (merge a pipeline checkpoint with `mindport convert merge`)")
+    require_tensor_and_data_parallel_only(groups, "`mindport eval`")
     n = len(dataset) if not max_samples else min(max_samples, len(dataset))
     if dataset.index["vocab_size"] > model.config.vocab_size:
         raise ValueError(f"{dataset.directory}: tokenizer vocabulary {dataset.index['vocab_size']} exceeds the "
