@@ -3,9 +3,12 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
+    from mindport.commands.generate import add_quantize_argument
+
     p = sub.add_parser("eval", help="mean loss and perplexity of a model on a prepared data directory")
     p.add_argument("--load", required=True, help="model directory (checkpoint, mindport or HF format)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format or a LoRA training checkpoint)")
+    add_quantize_argument(p)
     p.add_argument("--data", required=True, help="directory written by `mindport data prepare`")
     p.add_argument("--batch-size", type=int, default=4, help="rows per step (per data-parallel rank)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
@@ -18,6 +21,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from mindport.models.auto import AutoModelForCausalLM
+    from mindport.models.quantize import quantize_weights
     from mindport.train.data import PackedDataset
     from mindport.train.evaluate import evaluate
 
@@ -31,6 +35,8 @@ def run(args) -> int:
     dataset = PackedDataset(args.data)
     groups = init_parallel(ParallelConfig(data_parallel=args.data_parallel, model_parallel=args.model_parallel))
     model = AutoModelForCausalLM.from_pretrained(args.load, adapter=args.adapter)
+    if args.quantize:
+        quantize_weights(model, args.quantize)
     result = evaluate(model, dataset, args.batch_size, args.max_samples)
     if groups.global_rank:
         return 0  # rank 0 reports

@@ -32,15 +32,13 @@ import numpy as np
 from mindspore import Parameter, Tensor
 
 from mindport.config import ConfigError
+from mindport.constants import QUANTIZATIONS
 from mindport.models.lora import trained_weights, weight_deltas
 from mindport.parallel.comm import collectives
 from mindport.parallel.layers import Linear
 from mindport.parallel.sharding import rule_for
 from mindport.transformer.moe import Experts
 
-QUANTIZATIONS = ("int8",)
-QUANTIZE_HELP = ("weight-only int8 (per-output-channel scales) for every attention, MLP and expert projection, "
-                 "dequantized at matmul time: a quarter of their memory")
 INT8_MAX = 127
 _PROJECTION_RULES = ("column", "row")
 _EXPERT_STACKS = ("gate_proj", "up_proj", "down_proj")
