@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def add_model_arguments(p) -> None:
-    """The model to load: ``--load``, ``--adapter``, ``--tokenizer``, ``--dtype``, ``--quantize`` (:func:`load_model`)."""
+    """The model to load (:func:`load_model`): --load, --adapter, --tokenizer, --dtype, --quantize."""
     p.add_argument("--load", required=True, help="model directory (checkpoint, mindport or HF format)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format or a LoRA training checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model directory)")
