@@ -6,9 +6,12 @@ from mindport.evaluation import TASKS
 
 
 def add_parser(sub) -> None:
+    from mindport.commands.generate import add_quantize_argument
+
     p = sub.add_parser("eval", help="loss and perplexity on prepared data, or accuracy on a benchmark (--task)")
     p.add_argument("--load", required=True, help="model directory (checkpoint, mindport or HF format)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format or a LoRA training checkpoint)")
+    add_quantize_argument(p)
     p.add_argument("--data", required=True,
                    help="directory written by `mindport data prepare`, or with --task the benchmark's files")
     p.add_argument("--task", choices=TASKS, default=None,
@@ -30,6 +33,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from mindport.models.auto import AutoModelForCausalLM
+    from mindport.models.quantize import quantize_weights
 
     from mindport.config import ParallelConfig
     from mindport.parallel.state import init_parallel
@@ -46,6 +50,8 @@ def run(args) -> int:
     dataset = PackedDataset(args.data)
     groups = init_parallel(ParallelConfig(data_parallel=args.data_parallel, model_parallel=args.model_parallel))
     model = AutoModelForCausalLM.from_pretrained(args.load, adapter=args.adapter)
+    if args.quantize:
+        quantize_weights(model, args.quantize)
     result = evaluate(model, dataset, args.batch_size, args.max_samples)
     if groups.global_rank:
         return 0  # rank 0 reports
@@ -65,6 +71,7 @@ def run_task(args) -> int:
     from mindport.evaluation.report import format_table, write_json
     from mindport.evaluation.tasks import read_task, score_task
     from mindport.models.auto import AutoModelForCausalLM
+    from mindport.models.quantize import quantize_weights
     from mindport.parallel.state import init_parallel
     from mindport.tokenizer import Tokenizer
 
@@ -76,13 +83,15 @@ def run_task(args) -> int:
     tokenizer = Tokenizer.load(args.tokenizer or args.load)
     groups = init_parallel(ParallelConfig(data_parallel=args.data_parallel, model_parallel=args.model_parallel))
     model = AutoModelForCausalLM.from_pretrained(args.load, adapter=args.adapter)
+    if args.quantize:
+        quantize_weights(model, args.quantize)
     result = score_task(model, tokenizer, items, args.batch_size, args.max_new_tokens, progress=sys.stderr.isatty())
     if groups.global_rank:
         return 0  # rank 0 reports
     print(format_table(args.task, result))
     if args.json:
         settings = {"task": args.task, "data": os.path.abspath(args.data), "shots": args.shots, "limit": args.limit,
-                    "model": os.path.abspath(args.load), "adapter": args.adapter and os.path.abspath(args.adapter),
+                    "model": os.path.abspath(args.load), "adapter": args.adapter and os.path.abspath(args.adapter), "quantize": args.quantize,
                     "batch_size": args.batch_size, "model_parallel": args.model_parallel,
                     "data_parallel": args.data_parallel,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -24,13 +24,14 @@ def run(args) -> int:
     from mindport.config import ConfigError
     from mindport.train.config import load_yaml
     from mindport.parallel.state import init_parallel
-    from mindport.train.run import train
+    from mindport.train.run import open_dataset, train
 
     run_config = load_yaml(args.config, args.overrides)
     if run_config.run_mode == "predict":
         raise ConfigError(f"{args.config}: key 'run_mode' = 'predict': expected 'train' or 'finetune' (a serving "
                           f"config: decode with `mindport generate` or scripts/run_infer.sh, size it with "
                           f"`mindport plan --config {args.config}`)")
+    open_dataset(run_config, run_config.parallel.context_parallel)  # bad data fails before the ranks join
     init_parallel(run_config.parallel, run_config.model)  # under msrun: every rank, before any work
     result = train(run_config, resume=args.resume, stop_after=args.stop_after,
                    progress=False if args.no_progress else None, overwrite=args.overwrite)

@@ -70,6 +70,7 @@ class CausalLM(nn.Cell):
             self.loss_fn = CausalLMLoss(groups, vocab_rows(config, groups)[2])
         self.source_dir: str | None = None  # from_pretrained's directory: save_pretrained carries its files
         self.lora = None  # its LoraConfig once mindport.models.lora.apply_lora attached adapters
+        self.quantization = None  # "int8" once mindport.models.quantize.quantize_weights quantized it
         self.compiled_decoders: dict = {}  # (batch, max_len) -> infer.decoder.CompiledDecoder, filled by generate
 
     def on_other_stage(self, name: str) -> bool:
@@ -261,6 +262,9 @@ class CausalLM(nn.Cell):
                               f"adapter directory; `mindport lora export` for a training checkpoint), then "
                               f"`mindport lora merge --base BASE --adapter DIR --dst {out_dir}` for a merged model")
 
+        if self.quantization is not None:
+            raise ConfigError(f"{out_dir}: this model's weights are quantized ({self.quantization}) for inference; "
+                              f"save the model before quantize_weights (or the directory it was loaded from)")
         export_hf(self, family(self.config.family), out_dir, overwrite, dtype, max_shard_bytes or DEFAULT_SHARD_BYTES)
 
     def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):

@@ -150,6 +150,9 @@ def init_parallel(config: ParallelConfig, model: ModelConfig | None = None) -> P
                               f"context_parallel x model_parallel), but this process was not started by a launcher: "
                               f"run it under msrun (scripts/msrun_launcher.sh \"CMD\" {config.world_size})")
 
+        launched = os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE")
+        if launched:  # before joining: a rank failing after init() leaves the others waiting ~30 s for its heartbeat
+            check_layout(config, int(launched), model)
         init()
         world, rank = get_group_size(), get_rank()
         create = ensure_group

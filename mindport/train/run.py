@@ -131,6 +131,20 @@ def _base_model(run: RunConfig):
     return model
 
 
+def open_dataset(run: RunConfig, context_parallel: int) -> PackedDataset | Mixture:
+    """The run's data (one prepared directory or a mixture), checked against the model's vocabulary, the
+    sequence length and ``context_parallel``; the command line checks it before the ranks join."""
+    cfg = run.train
+    if not cfg.data_dir and not cfg.data_dirs:
+        raise ConfigError("train_dataset.data_dir: not set (point it at a `mindport data prepare` output, "
+                          "e.g. --set train_dataset.data_dir=DIR, or give a mixture in train_dataset.data_dirs)")
+    dataset = PackedDataset(cfg.data_dir) if cfg.data_dir else Mixture(cfg.data_dirs)
+    dataset.check(cfg.seq_length, run.model.vocab_size)
+    if dataset.has_segments and context_parallel > 1:
+        raise ConfigError(f"{cfg.data_dir or 'train_dataset.data_dirs'}: {CONTEXT_PARALLEL_SEGMENTS}")
+    return dataset
+
+
 def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, model=None,
           progress: bool | None = None, echo=print, overwrite: bool = False) -> TrainResult:
     """Train ``run`` under the registered process groups (:func:`mindport.parallel.state.init_parallel`);
@@ -140,11 +154,9 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
     from mindport.parallel.state import current
 
     cfg = run.train
-    if not cfg.data_dir and not cfg.data_dirs:
-        raise ConfigError("train_dataset.data_dir: not set (point it at a `mindport data prepare` output, "
-                          "e.g. --set train_dataset.data_dir=DIR, or give a mixture in train_dataset.data_dirs)")
     start_time = time.perf_counter()
     groups = model.groups if model is not None else current()
+    dataset = open_dataset(run, groups.cp.size)
     lead = groups.global_rank == 0
     if not lead:
         echo, progress = (lambda *_: None), False
@@ -153,10 +165,6 @@ def train(run: RunConfig, resume: bool = False, stop_after: int | None = None, m
              lambda: lead and run_dir.open(resume, overwrite, echo))
     with run_dir, StopRequest(echo) as stop:
         seed_everything(cfg.seed)
-        dataset = PackedDataset(cfg.data_dir) if cfg.data_dir else Mixture(cfg.data_dirs)
-        dataset.check(cfg.seq_length, run.model.vocab_size)
-        if dataset.has_segments and groups.cp.size > 1:
-            raise ConfigError(f"{cfg.data_dir or 'train_dataset.data_dirs'}: {CONTEXT_PARALLEL_SEGMENTS}")
         tokenizer = None
         if dataset.tokenizer_dir:
             from mindport.tokenizer import Tokenizer

@@ -88,6 +88,9 @@ class Trainer:
         self.base_config = model.config
         self.groups = groups = model.groups
         groups.config.check_training(model.config)  # layouts the trainer cannot run fail before any work
+        if model.quantization is not None:
+            raise ConfigError(f"model: its weights are quantized ({model.quantization}) for inference only: train the "
+                              f"model as loaded, without quantize_weights")
         self.level = config.amp_level
         self.masters: dict = {}
         if self.level != "O0":

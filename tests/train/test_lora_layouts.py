@@ -34,6 +34,9 @@ LAYOUTS = {
     "cp2_ring": (DENSE, {"context_parallel": 2, "context_parallel_algo": "ring"}, 4),
 }
 
+# dp2_zero also saves step 2: test_lora_resume_under_zero_continues_the_run resumes a copy of its run from there
+SAVES = {"dp2_zero": {"save_steps": 1}}
+
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
@@ -100,7 +103,7 @@ def layout_runs(data_dir, bases, tmp_path_factory):
         if name not in cache:
             (preset, targets, params), parallel, batch = LAYOUTS[name]
             root = tmp_path_factory.mktemp(name)
-            config = write_yaml(root, data_dir, bases(preset), targets, params, batch, parallel)
+            config = write_yaml(root, data_dir, bases(preset), targets, params, batch, parallel, **SAVES.get(name, {}))
             launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress"], world_of(parallel),
                          str(root / "log"))
             cache[name] = root
@@ -153,15 +156,18 @@ def test_lora_layout_trains_like_one_process(name, references, bases, layout_run
 
 @pytest.mark.slow
 def test_lora_resume_under_zero_continues_the_run(layout_runs, bases, data_dir, tmp_path):
-    """DP2 + ZeRO (each rank a slice of the adapters' optimizer state): stop after 2 steps, resume for
-    the 3rd: bit for bit the uninterrupted run's losses and grad norms."""
+    """DP2 + ZeRO (each rank a slice of the adapters' optimizer state): the DP2 run's checkpoint of step 2
+    (a copy of the run without its last checkpoint), resumed for the 3rd step: bit for bit the
+    uninterrupted run's losses and grad norms."""
+    import shutil
+
     from mindport import cli
 
     straight = read_metrics(layout_runs("dp2_zero") / "out")
     (preset, targets, params), parallel, batch = LAYOUTS["dp2_zero"]
-    config = write_yaml(tmp_path, data_dir, bases(preset), targets, params, batch, parallel, save_steps=1)
-    launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress", "--stop-after", "2"], 2,
-                 str(tmp_path / "log1"))
+    shutil.copytree(layout_runs("dp2_zero") / "out", tmp_path / "out")
+    shutil.rmtree(tmp_path / "out" / "checkpoints" / f"step_{STEPS:08d}")
+    config = write_yaml(tmp_path, data_dir, bases(preset), targets, params, batch, parallel, **SAVES["dp2_zero"])
     launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress", "--resume"], 2, str(tmp_path / "log2"))
     got = read_metrics(tmp_path / "out")
     for key in ("loss", "grad_norm"):

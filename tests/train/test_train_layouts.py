@@ -41,6 +41,8 @@ LAYOUTS = {
     "sft_pp2_acc2": (DENSE, {"pipeline_stage": 2, "micro_batch_num": 2}, 2, ACC2, "sft"),
     "sft_dp2_ep2_moe": (MOE, {"data_parallel": 2, "expert_parallel": 2}, 2, (), "sft"),
 }
+# dp2_zero also saves step 2: test_resume_under_zero_continues_the_run resumes a copy of its run from there
+SAVES = {"dp2_zero": {"save_steps": 1}}
 # fp32 layouts agree to rounding; under O2 (fp16 weights and activations) a different split of the
 # same sums rounds differently in fp16
 RTOL = {(): 1e-5, ACC2: 1e-5, O2_ACC2: 2e-3}  # of the per-step loss and grad norm
@@ -123,7 +125,8 @@ def layout_runs(data_dirs, tmp_path_factory):
         if name not in cache:
             model, parallel, batch, runner, data = LAYOUTS[name]
             root = tmp_path_factory.mktemp(name)
-            cfg = write_yaml(root / "run.yaml", data_dirs[data], root / "out", batch, parallel, model, **dict(runner))
+            cfg = write_yaml(root / "run.yaml", data_dirs[data], root / "out", batch, parallel, model,
+                             **dict(runner), **SAVES.get(name, {}))
             world = int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage",
                                                                "context_parallel")]))
             msrun_mindport(["train", "--config", cfg, "--no-progress"], world, root / "log")
@@ -216,12 +219,16 @@ def test_eval_under_msrun_with_tensor_and_data_parallelism(reference, layout_run
 
 @pytest.mark.slow
 def test_resume_under_zero_continues_the_run(layout_runs, data_dir, tmp_path):
-    """DP2 with sharded optimizer state: stop after 2 steps, resume for the 3rd: bit for bit the
-    losses and grad norms of the uninterrupted DP2 run."""
+    """DP2 with sharded optimizer state: the DP2 run's checkpoint of step 2 (a copy of the run without its
+    last checkpoint), resumed for the 3rd step: bit for bit the losses and grad norms of the uninterrupted
+    run."""
+    import shutil
+
     straight = read_metrics(layout_runs("dp2_zero"))
     _, parallel, batch, _, _ = LAYOUTS["dp2_zero"]
-    cfg = write_yaml(tmp_path / "run.yaml", data_dir, tmp_path / "out", batch, parallel, save_steps=1)
-    msrun_mindport(["train", "--config", cfg, "--no-progress", "--stop-after", "2"], 2, tmp_path / "log1")
+    shutil.copytree(layout_runs("dp2_zero"), tmp_path / "out")
+    shutil.rmtree(tmp_path / "out" / "checkpoints" / f"step_{STEPS:08d}")
+    cfg = write_yaml(tmp_path / "run.yaml", data_dir, tmp_path / "out", batch, parallel, **SAVES["dp2_zero"])
     log = msrun_mindport(["train", "--config", cfg, "--no-progress", "--resume"], 2, tmp_path / "log2")
     assert "resume: continuing from" in log and "(step 2, 8 samples consumed)" in log
     state = os.listdir(tmp_path / "out" / "checkpoints" / f"step_{STEPS:08d}" / "train_state")
