@@ -10,7 +10,8 @@ the rate of a streaming dot-product loop (BENCHMARKS.md, decoding speed).
 
 Backends (chosen by :mod:`mindport.dispatch`): ``reference`` (``MatMul(transpose_b=True)``, the
 ground truth, and the choice on Ascend), ``cpu`` (the C++ loop via ``ops.Custom`` for float32 x of
-1 <= M <= ``MAX_ROWS`` rows, the reference otherwise: the static shape decides while a graph compiles).
+M <= ``cpu.FASTER_ROWS`` rows, where it beats MatMul, the reference otherwise: the static shape decides
+while a graph compiles).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from . import reference  # registers the "reference" backend
 from . import cpu  # registers the "cpu" backend
 
 SKINNY_MATMUL = "skinny_matmul"
-MAX_ROWS = cpu.MAX_ROWS
 
 # The table dispatch holds, spelled out so that a jit graph can index it with a constant.
 _IMPLS = {"reference": reference.skinny_matmul, "cpu": cpu.skinny_matmul}
@@ -38,4 +38,4 @@ def skinny_matmul(x, weight):
     return _IMPLS[_backend(SKINNY_MATMUL)](x, weight)
 
 
-__all__ = ["skinny_matmul", "SKINNY_MATMUL", "MAX_ROWS"]
+__all__ = ["skinny_matmul", "SKINNY_MATMUL"]
