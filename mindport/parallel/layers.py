@@ -17,6 +17,7 @@ from mindspore.common.initializer import Normal, Zero, initializer
 
 from mindport.config import ModelConfig
 from mindport.dtypes import dtype_of
+from mindport.ops.skinny_matmul import skinny_matmul
 from mindport.parallel.comm import (CopyToGroup, GatherFromGroup, GatherToAll, ReduceFromGroup,
                                     ReduceScatterToGroup, collectives)
 from mindport.parallel.sharding import vocab_block
@@ -63,7 +64,7 @@ class Linear(nn.Cell):
         param_dtype, self.compute_dtype = _dtypes(config)
         self.weight = Parameter(initializer(Normal(config.initializer_range), (out_features, in_features), param_dtype))
         self.bias = Parameter(initializer(Zero(), (out_features,), param_dtype)) if bias else None
-        self.matmul = ops.MatMul(transpose_b=True)
+        self.matmul = skinny_matmul  # x W^T: MatMul, or a weight-streaming C++ loop for a decode step's few rows
         self.lora_A = self.lora_B = None
         self.lora_scaling, self.lora_dropout = 0.0, 0.0
 
