@@ -91,7 +91,8 @@ def run_task(args) -> int:
     print(format_table(args.task, result))
     if args.json:
         settings = {"task": args.task, "data": os.path.abspath(args.data), "shots": args.shots, "limit": args.limit,
-                    "model": os.path.abspath(args.load), "adapter": args.adapter and os.path.abspath(args.adapter), "quantize": args.quantize,
+                    "model": os.path.abspath(args.load), "adapter": args.adapter and os.path.abspath(args.adapter),
+                    "quantize": args.quantize,
                     "batch_size": args.batch_size, "model_parallel": args.model_parallel,
                     "data_parallel": args.data_parallel,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

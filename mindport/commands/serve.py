@@ -8,6 +8,8 @@ SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 
 
 def add_parser(sub) -> None:
+    from mindport.commands.generate import add_quantize_argument
+
     p = sub.add_parser("serve", help="serve a model over OpenAI's HTTP API, with a chat page at /",
                        description="OpenAI-compatible server (/v1/models, /v1/chat/completions, /v1/completions, "
                                    "/health, /metrics) with continuous batching; the chat page is at /.")
@@ -26,6 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="per-request time limit in seconds")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="parameter and compute dtype (default float32; bfloat16 needs Ascend)")
+    add_quantize_argument(p)
     p.add_argument("--model-parallel", type=int, default=1, metavar="N",
                    help="tensor parallel over N processes (launch with msrun); rank 0 serves HTTP")
     p.set_defaults(func=run)
@@ -66,12 +69,17 @@ def _importable(name: str) -> bool:
 
 
 def _load_models(args, adapters: dict[str, str], base_name: str) -> dict:
-    """The engine's models by name: the base, and the base with each adapter attached."""
+    """The engine's models by name: the base, and the base with each adapter attached (merged first when
+    ``--quantize`` is set), each quantized as ``--quantize`` says."""
     from mindport.models.auto import AutoModelForCausalLM
+    from mindport.models.quantize import quantize_weights
 
     models = {base_name: AutoModelForCausalLM.from_pretrained(args.load, dtype=args.dtype)}
     for name, directory in adapters.items():
         models[name] = AutoModelForCausalLM.from_pretrained(args.load, dtype=args.dtype, adapter=directory)
+    if args.quantize:
+        for model in models.values():
+            quantize_weights(model, args.quantize)
     return models
 
 
