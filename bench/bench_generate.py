@@ -97,13 +97,18 @@ def run_side(args) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark model's shape (default: the 58.5M TeleChat2-shaped model), read by :func:`model_config`."""
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--ffn", type=int, default=1408)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_shape_arguments(p)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--batches", default="1,8")

@@ -11,14 +11,12 @@ import argparse
 import os
 
 import numpy as np
-from bench_generate import model_config, time_ours
-
-# bench_generate.py's default shapes: V 32000, H 512, 8 layers, 8 heads, F 1408
-SHAPE = dict(vocab=32000, hidden=512, layers=8, heads=8, ffn=1408)
+from bench_generate import add_shape_arguments, model_config, time_ours
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    add_shape_arguments(p)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--batches", default="1,8")
@@ -31,7 +29,7 @@ def main() -> None:
     from mindport import AutoModelForCausalLM
     from mindport.models.quantize import quantize_weights, quantized_bytes
 
-    config = model_config(argparse.Namespace(moe=args.moe, **SHAPE))
+    config = model_config(args)
     print(f"load_average_1min: {os.getloadavg()[0]:.2f}")
     print(f"parameters_millions: {config.num_parameters() / 1e6:.1f}")
     ms.set_seed(0)
@@ -47,7 +45,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     headline = None
     for batch in [int(b) for b in args.batches.split(",")]:
-        prompt = rng.integers(3, SHAPE["vocab"], (batch, args.prompt))
+        prompt = rng.integers(3, args.vocab, (batch, args.prompt))
         for model in (fp32, int8):  # the first call of a shape compiles
             time_ours(model, prompt, args.new)
         best = {"fp32": float("inf"), "int8": float("inf")}

@@ -22,7 +22,7 @@ import time
 import urllib.request
 
 import numpy as np
-from bench_generate import model_config
+from bench_generate import add_shape_arguments, model_config
 
 QUESTIONS = ["What does the for statement do?", "Explain the with statement.", "How are exceptions raised?",
              "What is a generator?", "Describe name binding.", "What does import do?", "When is del useful?",
@@ -103,11 +103,7 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=1408)
+    add_shape_arguments(p)
     p.add_argument("--requests", type=int, default=32, help="concurrent requests")
     p.add_argument("--new", type=int, default=64, help="max_tokens of each reply")
     p.add_argument("--max-len", type=int, default=256, help="the server's context per request")
