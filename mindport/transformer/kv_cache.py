@@ -79,7 +79,10 @@ class StaticLayerCache(nn.Cell):
         each row's ``write`` -> the b rows' caches (b, Nkv, max_len, D)."""
         b, n, s, d = k.shape
         length = self.max_len
-        starts = ops.argmax((self.write * 1)[:b].reshape(b, length), -1).astype(ms.int32)  # (b,)
+        write = self.write * 1
+        if b < self.num_slots:  # a static condition: a full batch slices nothing
+            write = write[:b]
+        starts = ops.argmax(write.reshape(b, length), -1).astype(ms.int32)  # (b,)
         rows = ops.arange(b * n, dtype=ms.int32).reshape(b, n, 1)  # row r, head h -> r * Nkv + h
         positions = starts.reshape(b, 1, 1) + ops.arange(s, dtype=ms.int32).reshape(1, 1, s)
         index = ops.stack((ops.broadcast_to(rows, (b, n, s)), ops.broadcast_to(positions, (b, n, s))), -1)
