@@ -287,43 +287,52 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Text deltas of ids arriving one at a time; the deltas concatenate to ``decode(prompt + ids)``
-    minus ``decode(prompt)``, so a reply keeps the space a Metaspace/sentencepiece tokenizer puts in
-    its first token ("Hello world" + "▁On" -> " On").
+    """Text deltas of ids arriving one at a time; for valid UTF-8 the deltas concatenate to
+    ``decode(prompt + ids)`` minus ``decode(prompt)``, so a reply keeps the space a
+    Metaspace/sentencepiece tokenizer puts in its first token ("Hello world" + "▁On" -> " On").
 
-    Each ``push`` decodes the whole sequence and emits what follows the text already emitted; a
-    decode ending in U+FFFD (a character whose UTF-8 bytes are split over tokens) is held back until
-    the character completes or ``flush`` is called.
+    Each ``push`` decodes a window of the ids: the tokens already emitted since the previous delta
+    (context for spaces and for bytes that join into one character) and the new ones, and emits the
+    text the new ones add. A decode ending in U+FFFD (a character whose UTF-8 bytes are split over
+    tokens) is held back until the character completes or ``flush`` is called. Text once emitted is
+    never taken back: bytes that never form a character come out as U+FFFD, as ``decode`` shows them,
+    and the stream goes on.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
         self.tok = tokenizer
         self.ids = [int(i) for i in prompt_ids]
         self.prompt_text = tokenizer.decode(self.ids)
-        self._emitted = self.prompt_text  # the prompt's text counts as emitted
+        self._start = max(len(self.ids) - 6, 0)  # the window: a few prompt tokens give the first reply token context
+        self._read = len(self.ids)  # ids before this are emitted
+        self._emitted: list[str] = []
 
     def push(self, token: int) -> str:
         self.ids.append(int(token))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._advance(text)
+        return self._advance(final=False)
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
-        return self._advance(self.tok.decode(self.ids))
+        return self._advance(final=True)
 
-    def _advance(self, text: str) -> str:
-        if not text.startswith(self._emitted):  # an earlier piece changed; wait until it settles
+    def _pending(self) -> str:
+        """The text the ids after ``_read`` add to the window."""
+        before = self.tok.decode(self.ids[self._start:self._read])
+        text = self.tok.decode(self.ids[self._start:])
+        return text[len(before):] if len(text) > len(before) else ""
+
+    def _advance(self, final: bool) -> str:
+        delta = self._pending()
+        if not delta or (delta.endswith("\ufffd") and not final):
             return ""
-        delta, self._emitted = text[len(self._emitted):], text
+        self._start, self._read = self._read, len(self.ids)
+        self._emitted.append(delta)
         return delta
 
     @property
     def reply(self) -> str:
-        """The text after the prompt: ``decode(prompt + ids)`` without ``decode(prompt)``."""
-        text = self.tok.decode(self.ids)
-        return text[len(self.prompt_text):] if text.startswith(self.prompt_text) else text
+        """The reply's text: what was emitted and what is still held back."""
+        return "".join(self._emitted) + self._pending()
 
 
 def paragraphs(texts: Iterable[str]) -> Iterable[str]:

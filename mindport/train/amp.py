@@ -35,6 +35,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from mindport.config import ConfigError
 from mindport.dtypes import dtype_of
+from mindport.ops.skinny_matmul import skinny_matmul
 from mindport.parallel.sharding import is_norm
 
 
@@ -60,10 +61,10 @@ def apply_o1(model, dtype: str = "float16") -> int:
     """Swap every Linear's MatMul for :class:`LowPrecisionMatMul`; returns how many were swapped."""
     linears = _linears(model)
     for cell in linears:
-        matmul = getattr(cell, "matmul", None)
-        if not isinstance(matmul, ops.MatMul) or not matmul.transpose_b:
-            raise ConfigError("amp_level 'O1': mindport.transformer.layers.Linear no longer computes through a "
-                              "`matmul = ops.MatMul(transpose_b=True)` attribute; update mindport/train/amp.py")
+        matmul = getattr(cell, "matmul", None)  # x W^T: skinny_matmul (MatMul at training shapes)
+        if matmul is not skinny_matmul:
+            raise ConfigError("amp_level 'O1': mindport.parallel.layers.Linear no longer computes x W^T through "
+                              "`matmul = skinny_matmul`; update mindport/train/amp.py")
         cell.matmul = LowPrecisionMatMul(dtype_of(dtype))
     return len(linears)
 

@@ -143,6 +143,23 @@ def test_streamed_reply_concatenates_to_decode_of_the_full_ids(built):
     assert cut.prompt_text + "".join(pieces) == theirs.decode(cut.ids, skip_special_tokens=True)
 
 
+def test_stream_goes_on_past_bytes_that_never_form_a_character(built):
+    """A model may emit byte tokens that are not UTF-8 (a character's lead byte, then a word): the
+    stream writes them as U+FFFD, as decode does, and keeps writing what follows."""
+    kind, ours, theirs = built
+    prompt = ours.encode("Hello world")
+    word = ours.encode(" On the", add_special_tokens=False)
+    split = ours.encode(" 龘", add_special_tokens=False)
+    lead = [i for k, i in enumerate(split) if ours.decode(split[:k + 1]).endswith("\ufffd")][:1]
+    assert lead, "龘 should be split over byte tokens"
+    reply = word + lead + word + lead + lead + word
+    stream = StreamDecoder(ours, prompt)
+    pieces = [stream.push(i) for i in reply] + [stream.flush()]
+    full = theirs.decode(prompt + reply, skip_special_tokens=True)
+    assert stream.prompt_text + "".join(pieces) == full, kind
+    assert stream.reply == full[len(stream.prompt_text):] and stream.reply.endswith("On the")
+
+
 def test_chat_template_jinja_is_read_and_saved(tmp_path):
     """transformers 5 saves the template as chat_template.jinja; it wins over tokenizer_config.json's."""
     from transformers import AutoTokenizer
