@@ -75,11 +75,27 @@ class ContentPart(BaseModel):
     text: str
 
 
+def unicode_text(text: str) -> str:
+    """``text`` if it can be encoded (JSON's \\ud800 escapes decode to lone surrogates, which cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"character {err.start}: a lone surrogate, not valid Unicode text") from None
+    return text
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
     content: str | list[ContentPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, content):
+        for text in [content] if isinstance(content, str) else [p.text for p in content or ()]:
+            unicode_text(text)
+        return content
 
     def as_template_message(self) -> dict:
         """``{"role", "content"}`` with the text parts joined, as a chat template reads a message."""
@@ -106,8 +122,13 @@ class CompletionRequest(_Sampling):
         if isinstance(prompt, list) and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise ValueError(f"{len(prompt)} prompts: one prompt per request is supported")
-            return prompt[0]
-        return prompt
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            negative = [i for i in prompt if i < 0]
+            if negative:
+                raise ValueError(f"token id {negative[0]}: expected ids >= 0")
+            return prompt
+        return unicode_text(prompt)
 
     @property
     def token_limit(self) -> int | None:

@@ -151,6 +151,14 @@ def test_a_volley_of_bad_requests_gets_openai_errors_and_the_server_lives_on(ser
     assert status == 400 and "one prompt per request" in answer["error"]["message"]
     status, answer = request(server.url, "/v1/completions", {"model": "tiny-chat", "prompt": [10**6]})
     assert status == 400, answer  # a token id outside the vocabulary
+    status, answer = request(server.url, "/v1/completions", {"model": "tiny-chat", "prompt": [-1]})
+    assert status == 400 and "token id -1" in answer["error"]["message"], answer
+    lone_surrogate = b'"\\ud800"'  # JSON's escape of half a UTF-16 pair: no Unicode text
+    for path, field, end in (("/v1/completions", b'"prompt": ', b"}"),
+                             ("/v1/chat/completions", b'"messages": [{"role": "user", "content": ', b"}]}")):
+        body = b'{"model": "tiny-chat", ' + field + lone_surrogate + end
+        status, answer = request(server.url, path, body)
+        assert status == 400 and "lone surrogate" in answer["error"]["message"], (path, answer)
     with pytest.raises(openai.NotFoundError) as err:
         _chat(client, USER, 4, model="nope")
     assert err.value.body["code"] == "model_not_found"
