@@ -60,6 +60,18 @@ def _check(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
     if args.timeout is not None and not args.timeout > 0:
         raise ValueError(f"--timeout {args.timeout}: expected a positive number of seconds")
+    if args.port > 65535:
+        raise ValueError(f"--port {args.port}: expected a port number up to 65535")
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail in one line, before any model loads, if the server could not listen on ``host:port``."""
+    import socket
+
+    try:
+        socket.create_server((host, port)).close()  # SO_REUSEADDR, as uvicorn binds
+    except OSError as err:
+        raise ValueError(f"--host {host} --port {port}: cannot listen there: {err.strerror or err}") from None
 
 
 def _importable(name: str) -> bool:
@@ -102,6 +114,8 @@ def run(args) -> int:
         from mindport.parallel.state import init_parallel
 
         rank = init_parallel(ParallelConfig(model_parallel=args.model_parallel)).global_rank
+    if rank == 0:
+        _check_address(args.host, args.port)
     models = _load_models(args, adapters, base_name)
     engine = Engine(models, max_batch=args.max_batch, max_queue=args.max_queue, max_len=max_len)
     if rank:  # steps with rank 0 until it shuts down; a SIGTERM is rank 0's to handle (it drains first)

@@ -1,6 +1,8 @@
 """``mindport serve``'s one-line errors (before any model loads) and the stop-string cutter."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from mindport.cli import main
@@ -24,6 +26,12 @@ def test_bad_arguments_are_one_line_errors(capsys, monkeypatch, tmp_path):
     assert "expected NAME=DIR" in _error(capsys, ["serve", "--load", str(tmp_path), "--adapter", "lonely"])
     assert "no such adapter directory" in _error(capsys, ["serve", "--load", str(tmp_path), "--adapter",
                                                           f"a={tmp_path / 'none'}"])
+    assert "--port 99999: expected a port number up to 65535" in _error(
+        capsys, ["serve", "--load", str(tmp_path), "--port", "99999"])
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use fails before any model loads
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"--port {port}: cannot listen there: Address already in use"):
+            serve._check_address("127.0.0.1", port)
     monkeypatch.setattr(serve, "_importable", lambda name: name != "fastapi")
     assert _error(capsys, ["serve", "--load", str(tmp_path)]).endswith(
         "mindport serve needs fastapi: pip install 'mindport[serve]'")
