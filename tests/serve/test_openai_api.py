@@ -169,8 +169,9 @@ def test_unimplemented_openai_fields_are_refused_naming_the_field(server):
                                            f"expected "), error
 
 
-def test_default_values_of_unimplemented_fields_developer_role_and_text_parts_pass(client):
-    """What asks for nothing passes: the reply equals the plain request's; unknown fields are ignored."""
+def test_default_values_of_unimplemented_fields_developer_role_and_text_parts_pass(server, client):
+    """What asks for nothing passes: the reply equals the plain request's; unknown fields are ignored and
+    named in the server's log."""
     plain = _chat(client, [{"role": "system", "content": "Be brief."}, *USER], 8).choices[0].message.content
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": " world"}]
     defaults = _chat(client, [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}], 8,
@@ -178,6 +179,7 @@ def test_default_values_of_unimplemented_fields_developer_role_and_text_parts_pa
                      tool_choice="none", response_format={"type": "text"}, user="someone",
                      extra_body={"not_an_openai_field": 1})
     assert defaults.choices[0].message.content == plain
+    assert "fields that mindport serve does not know, ignored: not_an_openai_field, user" in server.output()
 
 
 def test_unknown_routes_and_methods_answer_openai_errors(server):
