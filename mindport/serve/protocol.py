@@ -167,7 +167,7 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
-def parse(body: bytes, model: type[BaseModel]) -> BaseModel:
+def parse(body: bytes, model: type[_Sampling]) -> _Sampling:
     """The request of ``body``, or an :class:`APIError` (400) naming the first bad field."""
     try:
         data = json.loads(body)
