@@ -13,6 +13,8 @@ import argparse
 import sys
 
 LM_EVAL_COMMANDS = ("run", "ls", "validate")  # lm-eval's subcommands; anything else is `run`'s arguments
+HELP_HEADER = ("mindport lm-eval: lm-evaluation-harness's command line, with mindport's model registered as "
+               "--model mindport (the default here when no --model is given, not hf); lm-eval's help follows.\n")
 
 
 def add_parser(sub) -> None:
@@ -45,8 +47,11 @@ def run(args) -> int:
 
     import mindport.evaluation.lm_eval_model  # noqa: F401  registers lm-eval's `mindport` model class
 
+    lm_eval_args = lm_eval_argv(args.lm_eval_args)
+    if "-h" in lm_eval_args or "--help" in lm_eval_args:
+        print(HELP_HEADER, flush=True)
     argv = sys.argv
-    sys.argv = ["mindport lm-eval", *lm_eval_argv(args.lm_eval_args)]  # lm-eval's CLI parses sys.argv
+    sys.argv = ["mindport lm-eval", *lm_eval_args]  # lm-eval's CLI parses sys.argv
     try:
         cli_evaluate()
     finally:

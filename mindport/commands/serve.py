@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting; more are answered 429")
     p.add_argument("--max-len", type=int, default=None, metavar="N",
                    help="prompt + completion tokens per request (default: the model's max_position_embeddings)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="per-request time limit in seconds")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="per-request time limit in seconds (graph compiles excluded)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="parameter and compute dtype (default float32; bfloat16 needs Ascend)")
     add_quantize_argument(p)

@@ -263,10 +263,11 @@ def gsm8k_problems(data_dir: str, shots: int, limit: int | None) -> list[Generat
     fields = {"question": str, "answer": str}
 
     def gold(path: str, doc: dict) -> str:
-        if "#### " not in doc["answer"]:
+        number = gsm8k_number(doc["answer"].split("#### ")[-1]) if "#### " in doc["answer"] else ""
+        if not re.fullmatch(r"-?[0-9.]*[0-9]", number):
             raise DataError(f"{path}: line {doc['_line']}: key 'answer' = {doc['answer'][-40:]!r}: expected a "
                             f"solution ending '#### <number>'")
-        return gsm8k_number(doc["answer"].split("#### ")[-1])
+        return number
 
     prefix = ""
     if shots:

@@ -21,6 +21,8 @@ Design (B = max_batch, L = max_len, n = running requests of a model):
   model: a LoRA adapter loaded with ``AutoModelForCausalLM.from_pretrained(base, adapter=DIR)``
   costs a full copy of the base weights plus its own B x L caches (2 x layers x B x Nkv x L x D
   values); caches are built at a name's first request.
+- A request's timeout counts its own time, not the engine's compiles: the first call of each graph
+  (a new batch bucket or prefill width) pushes the deadlines of all live requests back by its duration.
 - Sampling is per request, on the host, with :func:`mindport.infer.generate.sample_next` and the
   request's own ``numpy`` generator: a seed gives the same tokens batched or alone.
 - Tensor parallelism (msrun): rank 0 schedules; before every compiled call it broadcasts a fixed-size
@@ -132,6 +134,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._followers_stopped = False
+        self._compiled: set[tuple[int, ...]] = set()  # plan headers (operation, model, b, S) called once
         self._counts = {"requests": 0, "completed": 0, "generated_tokens": 0, "prompt_tokens": 0}
 
     # ------------------------------------------------------------------ public interface
@@ -407,11 +410,25 @@ class Engine:
     def _run(self, operation: int, name: str, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
              active: int = 1) -> np.ndarray:
         """Broadcast the plan (tensor parallelism) and execute it; logits (b, S, V) as numpy."""
-        plan = self._plan(operation, self.names.index(name), ids, starts, lengths, active)
-        return self._execute(self._broadcast(plan))
+        return self._call(self._plan(operation, self.names.index(name), ids, starts, lengths, active))
 
     def _move(self, name: str, src: int, dst: int) -> None:
-        self._execute(self._broadcast(self._plan(_MOVE, self.names.index(name), np.array([[src, dst]]))))
+        self._call(self._plan(_MOVE, self.names.index(name), np.array([[src, dst]])))
+
+    def _call(self, plan: np.ndarray):
+        """Broadcast ``plan`` and execute it; a graph's first call (its compile) is not counted against
+        the live requests' deadlines."""
+        graph = tuple(int(x) for x in plan[:_HEADER])
+        started = time.monotonic()
+        out = self._execute(self._broadcast(plan))
+        if graph not in self._compiled:
+            self._compiled.add(graph)
+            compile_time = time.monotonic() - started
+            with self._lock:
+                for request in self._live.values():
+                    if request.deadline is not None:
+                        request.deadline += compile_time
+        return out
 
     def _execute(self, plan: np.ndarray):
         operation, model, b, s = (int(x) for x in plan[:_HEADER])

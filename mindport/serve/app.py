@@ -6,9 +6,11 @@ answers server-sent events in OpenAI's chunk format, ending with ``data: [DONE]`
 
 A request is submitted to the engine, whose thread hands each :class:`TokenEvent` to the asyncio loop
 (``call_soon_threadsafe``); the request's coroutine turns the events into text (:mod:`.text`). A
-request whose client goes away, or whose reply reached a stop string, is cancelled on the engine, so
-its slot is freed at the next step. Every bad request is answered with OpenAI's error JSON
-(:mod:`.protocol`): 400 for bad input, 404 for an unknown model, 429 when the queue is full.
+request whose client goes away (streamed or not), or whose reply reached a stop string, is cancelled
+on the engine, so its slot is freed at the next step. Every bad request is answered with OpenAI's
+error JSON (:mod:`.protocol`): 400 for bad input, 404 for an unknown model or route, 405 for a wrong
+method, 429 when the queue is full, 500 for a failure (the server lives on); every answer is counted
+in ``/metrics`` by endpoint and status (499, nginx's "client closed request": a client that left).
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ import logging
 import time
 import uuid
 from importlib import resources
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from mindport.infer.engine import Engine, QueueFull, SamplingParams, TokenEvent
 from mindport.serve.metrics import Metrics
@@ -31,6 +34,8 @@ from mindport.serve.text import ReplyText
 from mindport.tokenizer import Tokenizer
 
 logger = logging.getLogger("mindport.serve")
+T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client disconnected before the answer
 # how an engine-side end of a request that is not a normal finish is answered
 ENGINE_FAILURES = {"timeout": (408, "the request timed out"), "error": (500, "generation failed"),
                    "cancelled": (503, "the server is shutting down")}
@@ -196,22 +201,58 @@ async def _completion_chunks(generation: Generation, request: CompletionRequest)
         yield _chunk("text_completion", rid, created, request.model, [], generation.usage(), True)
 
 
-class _StatusCounter:
-    """ASGI middleware counting the responses of ``/v1/`` routes by HTTP status."""
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or, if the client disconnects first, ``work`` cancelled (a generation's cancel
+    frees its engine slot) and an :class:`APIError` ``CLIENT_CLOSED`` (nobody reads it: it is counted)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:  # the body was read: the next message is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        task.cancel()  # a no-op once it is done
+    if not task.done():  # the client left first
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise APIError(CLIENT_CLOSED, "the client disconnected")
+    return task.result()
+
+
+class _AnswerCounter:
+    """ASGI middleware counting every answer by endpoint (the route's path, "other" for none) and HTTP
+    status; an exception no handler caught is answered here with a 500 in OpenAI's error JSON."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        status = None
 
         async def counting_send(message):
+            nonlocal status
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(str(message["status"])).inc()
+                status = message["status"]
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception as err:  # a bug: answered, and the server lives on
+            if status is not None:  # the answer had begun: nothing else can be sent
+                raise
+            status = 500
+            await JSONResponse(_internal(err).body(), status_code=500)(scope, receive, send)
+        finally:
+            if status is not None:
+                routes = {route.path for route in scope["app"].routes}
+                endpoint = scope["path"] if scope["path"] in routes else "other"
+                self.metrics.requests.labels(endpoint, str(status)).inc()
 
 
 def build_app(server: Server) -> FastAPI:
@@ -224,7 +265,7 @@ def build_app(server: Server) -> FastAPI:
         await asyncio.to_thread(server.engine.shutdown, drain=True)
 
     app = FastAPI(title="mindport", lifespan=lifespan)
-    app.add_middleware(_StatusCounter, metrics=server.metrics)
+    app.add_middleware(_AnswerCounter, metrics=server.metrics)
     tok = server.tokenizer
     page = resources.files("mindport.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -232,9 +273,13 @@ def build_app(server: Server) -> FastAPI:
     async def api_error(request: Request, err: APIError):
         return JSONResponse(err.body(), status_code=err.status)
 
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, err: Exception):  # a bug: answered, and the server lives on
-        return JSONResponse(_internal(err).body(), status_code=500)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):  # no such route (404), wrong method (405)
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        if err.status_code == 405:
+            message += f" (allowed: {err.headers['Allow']})"
+        return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code,
+                            headers=err.headers)
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
@@ -264,7 +309,7 @@ def build_app(server: Server) -> FastAPI:
         generation = server.start(body, ids, stop_ids)
         if body.stream:
             return StreamingResponse(_events(_chat_chunks(generation, body)), media_type="text/event-stream")
-        text = await generation.text()
+        text = await _unless_disconnected(request, generation.text())
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": generation.finish_reason}
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -280,7 +325,7 @@ def build_app(server: Server) -> FastAPI:
         generation = server.start(body, ids, tok.stop_ids(chat=False))
         if body.stream:
             return StreamingResponse(_events(_completion_chunks(generation, body)), media_type="text/event-stream")
-        text = await generation.text()
+        text = await _unless_disconnected(request, generation.text())
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": generation.finish_reason}
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "choices": [choice], "usage": generation.usage()}

@@ -1,6 +1,6 @@
 """The server's Prometheus metrics (text format at ``GET /metrics``), in a registry of its own.
 
-Counters: requests by HTTP status, finished requests by finish_reason, prompt and generated tokens.
+Counters: answers by endpoint and HTTP status (errors included), finished requests by finish_reason, prompt and generated tokens.
 Gauges read at scrape time: requests running and waiting (the engine's ``stats()``) and generated
 tokens per second over the last ``window`` seconds. Histograms: time to first token and time per
 output token (the gap between consecutive tokens of a request).
@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.
 class Metrics:
     def __init__(self, engine_stats: Callable[[], dict], window: float = 10.0):
         self.registry = CollectorRegistry()
-        self.requests = Counter("mindport_requests", "HTTP requests to /v1 by response status", ["status"],
+        self.requests = Counter("mindport_requests", "HTTP answers by endpoint and status", ["endpoint", "status"],
                                 registry=self.registry)
         self.finished = Counter("mindport_requests_finished", "Generation requests by finish_reason",
                                 ["finish_reason"], registry=self.registry)

@@ -2,23 +2,31 @@
 
 Every bad request becomes an :class:`APIError`, answered as
 ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status, as OpenAI answers.
-Fields of OpenAI's API that mindport does not implement are ignored, as OpenAI ignores unknown ones.
+A field of OpenAI's API that mindport does not implement (``UNSUPPORTED``: log probabilities,
+penalties, tools, ...) is refused unless its value asks for nothing, so that no request silently gets
+other semantics than it asked for; fields OpenAI does not define are ignored and named in a warning
+in the server's log, as vLLM does.
 """
 from __future__ import annotations
 
 import json
-from typing import Literal
+import logging
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+Role = Literal["system", "user", "assistant"]
+ROLES = get_args(Role)
+TEXT_PARTS = 'a string or a list of text parts [{"type": "text", "text": ...}]'
+logger = logging.getLogger("mindport.serve")
 
 
 class APIError(Exception):
     """An error answered as OpenAI's error JSON with HTTP ``status``."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "timeout_error",
-             429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+             408: "timeout_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -37,6 +45,13 @@ class _Sampling(BaseModel):
     """The fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="ignore")
+    # OpenAI's fields that mindport does not implement: name -> (values that ask for nothing, what is supported)
+    UNSUPPORTED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
+        "n": ((None, 1), "1 (one choice per request)"),
+        "presence_penalty": ((None, 0), "0 (no penalties)"),
+        "frequency_penalty": ((None, 0), "0 (no penalties)"),
+        "logit_bias": ((None, {}), "{} (no logit bias)"),
+    }
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -44,16 +59,8 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
-    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n = 1 is supported")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -68,13 +75,6 @@ class _Sampling(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text"]
-    text: str
-
-
 def unicode_text(text: str) -> str:
     """``text`` if it can be encoded (JSON's \\ud800 escapes decode to lone surrogates, which cannot)."""
     try:
@@ -85,25 +85,51 @@ def unicode_text(text: str) -> str:
 
 
 class ChatMessage(BaseModel):
+    """A message as a chat template reads it: OpenAI's text content parts are joined into ``content``."""
+
     model_config = ConfigDict(extra="ignore")
 
-    role: str
-    content: str | list[ContentPart] | None = None
+    role: Role
+    content: str
 
-    @field_validator("content")
+    @field_validator("role", mode="before")
     @classmethod
-    def _unicode(cls, content):
-        for text in [content] if isinstance(content, str) else [p.text for p in content or ()]:
-            unicode_text(text)
-        return content
+    def _known_role(cls, role):
+        if role == "developer":  # OpenAI's newer name for the system message
+            return "system"
+        if role not in ROLES:
+            raise ValueError("expected system, user or assistant (developer is read as system; tool messages "
+                             "answer tool calls, which mindport serve does not make)")
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, content):
+        if isinstance(content, list):
+            for i, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"part {i} is {f'of type {json.dumps(kind)}' if kind else 'not a content part'}: "
+                                     f"expected {TEXT_PARTS} (this model reads text only)")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"part {i}: 'text' missing or not a string: expected {TEXT_PARTS}")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ValueError(f"expected {TEXT_PARTS}")
+        return unicode_text(content)
 
     def as_template_message(self) -> dict:
-        """``{"role", "content"}`` with the text parts joined, as a chat template reads a message."""
-        text = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text or ""}
+        return {"role": self.role, "content": self.content}
 
 
 class ChatCompletionRequest(_Sampling):
+    UNSUPPORTED = {**_Sampling.UNSUPPORTED,
+                   "logprobs": ((None, False), "false (no log probabilities)"),
+                   "top_logprobs": ((None, 0), "0 (no log probabilities)"),
+                   "response_format": ((None, {"type": "text"}), '{"type": "text"} (no JSON mode)'),
+                   **{name: ((None, []), "[] (no tool calls)") for name in ("tools", "functions")},
+                   **{name: ((None, "none"), '"none" (no tool calls)') for name in ("tool_choice", "function_call")}}
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
 
@@ -113,6 +139,12 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
+    UNSUPPORTED = {**_Sampling.UNSUPPORTED,
+                   "logprobs": ((None,), "null (no log probabilities)"),
+                   "echo": ((None, False), "false (the prompt is not repeated)"),
+                   "best_of": ((None, 1), "1 (one sample per request)"),
+                   "suffix": ((None, ""), '"" (no insertion)')}
+
     prompt: str | list[int] | list[str] = Field(min_length=1)
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
@@ -135,7 +167,7 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
-def parse(body: bytes, model: type[BaseModel]) -> BaseModel:
+def parse(body: bytes, model: type[_Sampling]) -> _Sampling:
     """The request of ``body``, or an :class:`APIError` (400) naming the first bad field."""
     try:
         data = json.loads(body)
@@ -143,6 +175,13 @@ def parse(body: bytes, model: type[BaseModel]) -> BaseModel:
         raise APIError(400, f"request body: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body: a JSON {type(data).__name__}: expected an object")
+    for name, (accepted, supported) in model.UNSUPPORTED.items():
+        if name in data and data[name] not in accepted:
+            raise APIError(400, f"'{name}' = {json.dumps(data[name])[:80]}: not supported by mindport serve: "
+                                f"expected {supported} or no '{name}'", param=name, code="unsupported_value")
+    ignored = sorted(set(data) - set(model.model_fields) - set(model.UNSUPPORTED))
+    if ignored:
+        logger.warning("request fields that mindport serve does not know, ignored: %s", ", ".join(ignored))
     try:
         return model.model_validate(data)
     except ValidationError as err:

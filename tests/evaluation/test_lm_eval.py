@@ -177,6 +177,17 @@ def test_missing_lm_eval_names_the_extra(monkeypatch, capsys):
     assert err.count("\n") == 1 and 'pip install "mindport[eval]"' in err
 
 
+def test_help_says_it_is_mindport_lm_eval_then_prints_lm_evals_help(capsys):
+    from mindport.cli import main
+    from mindport.commands.lm_eval import HELP_HEADER
+
+    with pytest.raises(SystemExit) as exited:  # lm-eval's argparse exits after its help
+        main(["lm-eval", "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0 and out.startswith(HELP_HEADER) and "--model mindport" in HELP_HEADER
+    assert "--model_args" in out[len(HELP_HEADER):]  # lm-eval's own help, verbatim
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--tasks", "x"], ["run", "--model", "mindport", "--tasks", "x"]),
     (["run", "--model", "hf", "--tasks", "x"], ["run", "--model", "hf", "--tasks", "x"]),

@@ -64,6 +64,15 @@ def _gsm8k_no_final_answer(root):
     return f"{root}/test.jsonl", ["line 3", "key 'answer' = 'forty two'", "'#### <number>'"]
 
 
+def _gsm8k_answer_not_a_number(root):
+    import numpy as np
+
+    docs = benchmarks.gsm8k_docs(np.random.default_rng(0), 3)
+    docs[1]["answer"] = "She has some.\n#### abc"
+    benchmarks.write_jsonl(f"{root}/test.jsonl", docs)
+    return f"{root}/test.jsonl", ["line 2", "key 'answer' = 'She has some.\\n#### abc'", "'#### <number>'"]
+
+
 def _gsm8k_not_json(root):
     os.makedirs(root)
     with open(f"{root}/test.jsonl", "w") as f:
@@ -80,7 +89,7 @@ def _cmmlu_not_utf8(root):
 
 CASES = {"ceval": _ceval_bad_answer, "cmmlu": _cmmlu_bad_header, "cmmlu_gbk": _cmmlu_not_utf8, "mmlu": _mmlu_short_row,
          "mmlu_shots": _mmlu_too_few_shots, "hellaswag": _hellaswag_bad_label, "gsm8k": _gsm8k_no_final_answer,
-         "gsm8k_json": _gsm8k_not_json}
+         "gsm8k_nan": _gsm8k_answer_not_a_number, "gsm8k_json": _gsm8k_not_json}
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,5 +1,5 @@
 """``mindport serve`` through the real ``openai`` client: chat, streaming, completions, adapters, stop
-strings, concurrency, bad requests, a full queue, disconnects and metrics.
+strings, concurrency, bad requests and unimplemented fields, a full queue, disconnects and metrics.
 
 Greedy replies are checked against the model's own ``generate`` on transformers' prompt ids, decoded
 by transformers' tokenizer.
@@ -13,7 +13,7 @@ import time
 import openai
 import pytest
 
-from testkit.serving import open_stream, request
+from testkit.serving import answers, metrics, open_stream, request
 
 USER = [{"role": "user", "content": "Hello world"}]
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"},
@@ -122,7 +122,16 @@ BAD_CHAT = {  # name -> (body, status, words in the message)
     "messages not a list": ({"model": "tiny-chat", "messages": "hi"}, 400, "'messages'"),
     "message without role": ({"model": "tiny-chat", "messages": [{"content": "hi"}]}, 400, "'messages.0.role'"),
     "unknown model": ({"model": "gpt-4", "messages": USER}, 404, "model 'gpt-4'"),
-    "n = 2": ({"model": "tiny-chat", "messages": USER, "n": 2}, 400, "n = 1"),
+    "n = 2": ({"model": "tiny-chat", "messages": USER, "n": 2}, 400, "'n' = 2: not supported by mindport serve"),
+    "unknown role": ({"model": "tiny-chat", "messages": [{"role": "robot", "content": "hi"}]}, 400,
+                     "'messages.0.role' = \"robot\": expected system, user or assistant"),
+    "tool message": ({"model": "tiny-chat", "messages": [*USER, {"role": "tool", "content": "42"}]}, 400,
+                     "'messages.1.role' = \"tool\""),
+    "null content": ({"model": "tiny-chat", "messages": [{"role": "user", "content": None}]}, 400,
+                     "'messages.0.content' = null: expected a string or a list of text parts"),
+    "image part": ({"model": "tiny-chat", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400,
+        'part 1 is of type "image_url": expected a string or a list of text parts'),
     "negative temperature": ({"model": "tiny-chat", "messages": USER, "temperature": -1}, 400, "'temperature'"),
     "absurd temperature": ({"model": "tiny-chat", "messages": USER, "temperature": 1e9}, 400, "'temperature'"),
     "top_p 0": ({"model": "tiny-chat", "messages": USER, "top_p": 0}, 400, "'top_p'"),
@@ -135,6 +144,51 @@ BAD_CHAT = {  # name -> (body, status, words in the message)
     "five stop strings": ({"model": "tiny-chat", "messages": USER, "stop": list("abcde")}, 400, "'stop'"),
     "string max_tokens": ({"model": "tiny-chat", "messages": USER, "max_tokens": "many"}, 400, "'max_tokens'"),
 }
+
+
+UNSUPPORTED = [  # (path, field, a value asking for something mindport does not do)
+    ("/v1/chat/completions", "logprobs", True), ("/v1/chat/completions", "top_logprobs", 2),
+    ("/v1/chat/completions", "presence_penalty", 0.5), ("/v1/chat/completions", "frequency_penalty", -1),
+    ("/v1/chat/completions", "logit_bias", {"5": 100}),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "required"), ("/v1/chat/completions", "functions", [{"name": "f"}]),
+    ("/v1/chat/completions", "function_call", "auto"),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/completions", "logprobs", 0), ("/v1/completions", "echo", True), ("/v1/completions", "best_of", 3),
+    ("/v1/completions", "suffix", "end"), ("/v1/completions", "n", 2),
+]
+
+
+def test_unimplemented_openai_fields_are_refused_naming_the_field(server):
+    for path, field, value in UNSUPPORTED:
+        body = {"model": "tiny-chat", "messages": USER, "prompt": "Hi", field: value}
+        status, answer = request(server.url, path, body)
+        error = answer["error"]
+        assert (status, error["param"], error["code"]) == (400, field, "unsupported_value"), (path, answer)
+        assert error["message"].startswith(f"'{field}' = {json.dumps(value)}: not supported by mindport serve: "
+                                           f"expected "), error
+
+
+def test_default_values_of_unimplemented_fields_developer_role_and_text_parts_pass(server, client):
+    """What asks for nothing passes: the reply equals the plain request's; unknown fields are ignored and
+    named in the server's log."""
+    plain = _chat(client, [{"role": "system", "content": "Be brief."}, *USER], 8).choices[0].message.content
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": " world"}]
+    defaults = _chat(client, [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}], 8,
+                     n=1, logprobs=False, presence_penalty=0, frequency_penalty=0, logit_bias={}, tools=[],
+                     tool_choice="none", response_format={"type": "text"}, user="someone",
+                     extra_body={"not_an_openai_field": 1})
+    assert defaults.choices[0].message.content == plain
+    assert "fields that mindport serve does not know, ignored: not_an_openai_field, user" in server.output()
+
+
+def test_unknown_routes_and_methods_answer_openai_errors(server):
+    status, answer = request(server.url, "/v1/nope", {"model": "tiny-chat"})
+    assert status == 404 and answer["error"]["message"] == "POST /v1/nope: Not Found", answer
+    status, answer = request(server.url, "/v1/chat/completions")  # a GET
+    assert status == 405 and answer["error"]["message"] == "GET /v1/chat/completions: Method Not Allowed " \
+        "(allowed: POST)", answer
+    assert answer["error"]["type"] == "invalid_request_error"
 
 
 def test_a_volley_of_bad_requests_gets_openai_errors_and_the_server_lives_on(server, client):
@@ -180,6 +234,7 @@ def test_full_queue_answers_429_and_disconnected_streams_free_their_slots(server
         streams.append(connection)
     assert refused is not None and refused[0] == 429, "the queue never filled"
     assert refused[1]["error"]["type"] == "rate_limit_error"
+    assert answers(server.url, "/v1/completions", 429) >= 1
     assert len(streams) >= 8  # --max-queue 8: at least that many were accepted
     for connection in streams:  # every client goes away mid-stream
         connection.close()
@@ -191,16 +246,33 @@ def test_full_queue_answers_429_and_disconnected_streams_free_their_slots(server
     assert generated < 150 * len(streams) / 2, generated  # the requests were cancelled, not run to their end
 
 
-def test_metrics_are_prometheus_text(server, client):
-    from prometheus_client.parser import text_string_to_metric_families
+def test_a_client_leaving_a_request_that_is_not_streamed_cancels_it(server):
+    import http.client
 
+    generated_before = request(server.url, "/health")[1]["generated_tokens"]
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/completions", json.dumps({"model": "tiny-chat", "prompt": "Hi", "max_tokens": 150,
+                                                               "temperature": 0}), {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while request(server.url, "/health")[1]["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    connection.close()  # the client goes away without reading its answer
+    while (stats := request(server.url, "/health")[1])["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats["generated_tokens"] - generated_before < 150, stats  # cancelled, not run to its end
+    assert metrics(server.url)[("mindport_requests_finished_total", (("finish_reason", "disconnected"),))] >= 1
+    assert answers(server.url, "/v1/completions", 499) >= 1
+
+
+def test_metrics_are_prometheus_text_and_count_every_answer(server, client):
     _chat(client, USER, 6)
     request(server.url, "/v1/chat/completions", {"model": "tiny-chat"})
-    status, text = request(server.url, "/metrics")
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
-    assert samples[("mindport_requests_total", (("status", "200"),))] >= 1
-    assert samples[("mindport_requests_total", (("status", "400"),))] >= 1
+    request(server.url, "/v1/chat/completions")
+    request(server.url, "/nowhere")
+    for endpoint, status in (("/v1/chat/completions", 200), ("/v1/chat/completions", 400),
+                             ("/v1/chat/completions", 405), ("other", 404), ("/health", 200)):
+        assert answers(server.url, endpoint, status) >= 1, (endpoint, status)
+    samples = metrics(server.url)
     assert samples[("mindport_time_to_first_token_seconds_count", ())] >= 1
     assert samples[("mindport_time_per_output_token_seconds_count", ())] >= 5
     assert samples[("mindport_generation_tokens_total", ())] >= 6

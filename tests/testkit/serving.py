@@ -107,6 +107,21 @@ def request(url: str, path: str, body: bytes | dict | None = None, timeout: floa
         return status, text
 
 
+def metrics(url: str) -> dict:
+    """``GET /metrics`` as {(sample name, sorted label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = request(url, "/metrics")
+    assert status == 200, text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def answers(url: str, endpoint: str, status: int) -> float:
+    """How many answers of ``status`` to ``endpoint`` ``/metrics`` counts."""
+    return metrics(url).get(("mindport_requests_total", (("endpoint", endpoint), ("status", str(status)))), 0)
+
+
 def open_stream(url: str, path: str, body: dict):
     """A POST left open after its response headers: ``(connection, response)``; close the connection to leave."""
     import http.client
