@@ -173,12 +173,21 @@ class CausalLM(nn.Cell):
         mask = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]
         return cos, sin, mask, positions
 
+    @staticmethod
+    def token_mask(attention_mask=None, segment_ids=None) -> Tensor | None:
+        """(B, S) float32, 0 at padding and 1 elsewhere, for the router statistics (transformers'
+        ``load_balancing_loss_func`` with an attention mask): padding is where ``attention_mask`` (B, S)
+        is 0 or ``segment_ids`` (B, S) is 0. None when neither is given (no padding)."""
+        given = segment_ids if segment_ids is not None else attention_mask
+        return None if given is None else Tensor((as_array(given) != 0).astype(np.float32))
+
     # ------------------------------------------------------------------ tensor side
     def forward(self, input_ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale=None,
-                caches=None) -> tuple[Tensor, Tensor, Tensor]:
+                caches=None, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (B, S, V/tp: this rank's vocabulary shard), the weighted router loss and the
         expert load of this rank's tokens (L, E + 1): per MoE layer, the routing slots of each expert
         (dropped ones included) and, last, the slots dropped over capacity (dense models: 0, 0).
+        ``token_mask`` (B, S) (:meth:`token_mask`): the tokens the router loss counts (None: all).
 
         On a pipeline stage other than the last, returns this stage's hidden states instead of
         logits; on a stage other than the first, ``input_ids`` is the previous stage's output.
@@ -186,7 +195,7 @@ class CausalLM(nn.Cell):
         x = self.embed(input_ids) if self.is_first else input_ids
         stats = []
         for k, layer in enumerate(self.layers.values()):
-            x, layer_stats = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[k])
+            x, layer_stats = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[k], token_mask)
             if layer_stats is not None:
                 stats.append(layer_stats)
         router_loss, load = self.router_loss(stats), self.expert_load(stats)
@@ -243,7 +252,8 @@ class CausalLM(nn.Cell):
     def construct(self, input_ids, labels=None, attention_mask=None, segment_ids=None):
         check_token_ids(input_ids, labels, self.config.vocab_size)
         ids, cos, sin, mask, q_scale = self.prepare(input_ids, attention_mask, segment_ids=segment_ids)
-        logits, router_loss, _ = self.forward(ids, cos, sin, mask, q_scale)
+        logits, router_loss, _ = self.forward(ids, cos, sin, mask, q_scale,
+                                              token_mask=self.token_mask(attention_mask, segment_ids))
         if labels is None:
             return self.full_logits(logits)
         return self.loss(logits, router_loss, as_tensor(labels))
