@@ -75,7 +75,7 @@ def test_aux_loss_skips_padding_as_transformers_with_an_attention_mask(tmp_path,
     assert abs(theirs - float(load_balancing_loss_func(out.router_logits, experts, 2))) > 1e-3  # padding matters
     ours = AutoModelForCausalLM.from_pretrained(directory)
     total = float(ours(ids, labels=labels, attention_mask=attention_mask).asnumpy())  # CE + coef * aux
-    assert abs(total - float(out.loss)) <= 1e-4
+    assert abs(total - float(out.loss)) <= 5e-6  # counting the padding (old code): 1.7e-5 (qwen), 5.4e-5 off
     coef = ours.config.router_aux_loss_coef
     for inputs in ({"attention_mask": attention_mask}, {"segment_ids": attention_mask}):
         _, router_loss, _ = ours.forward(*ours.prepare(ids, **inputs), token_mask=ours.token_mask(**inputs))
