@@ -198,7 +198,7 @@ class CausalLM(nn.Cell):
             x, layer_stats = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[k], token_mask)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        router_loss, load = self.router_loss(stats), self.expert_load(stats)
+        router_loss, load = self.router_loss(stats, token_mask), self.expert_load(stats)
         if not self.is_last:
             return x, router_loss, load
         return self.lm_head(self.final_norm(x)), router_loss, load
@@ -210,30 +210,32 @@ class CausalLM(nn.Cell):
             return ops.zeros((), ms.float32)
         return ops.stack([ops.cat([s[TOKENS], s[DROPPED].astype(ms.float32).reshape(1)]) for s in stats])
 
-    def router_loss(self, stats: list[tuple]) -> Tensor:
+    def router_loss(self, stats: list[tuple], token_mask: Tensor | None = None) -> Tensor:
         """Switch/Mixtral load balancing over all MoE layers' routing slots pooled
         (E * sum(mean f * mean P)), plus the router z-loss, weighted by their coefficients.
 
-        With R data/context-parallel ranks, each holding an equal share of the tokens, rank r
-        differentiates E * sum(f * P_r) / R. With ``router_aux_loss_scope`` "global_batch" (default),
-        f is f_global (the routed fractions, not differentiable) averaged over the ranks: summed over
-        ranks this is the loss of the whole batch, and so are the summed gradients. With "micro_batch"
-        f is the rank's own f_r: the mean over ranks of each rank's loss of its own tokens.
+        With R data/context-parallel ranks, rank r differentiates E * sum(f * P_r) * n_r / N, n_r its
+        counted tokens (``token_mask``: all but padding; without one every rank counts 1) of the N of
+        all ranks. With ``router_aux_loss_scope`` "global_batch" (default), f is f_global (the routed
+        fractions, not differentiable) averaged over the ranks weighted by n_r: summed over ranks this
+        is the loss of the whole batch, and so are the summed gradients. With "micro_batch" f is the
+        rank's own f_r and n_r = 1: the mean over ranks of each rank's loss of its own tokens.
         """
         if not stats:
             return ops.zeros((), ms.float32)
         f = ops.stack([s[FRACTION] for s in stats]).mean(0)
         p = ops.stack([s[PROBABILITY] for s in stats]).mean(0)
         z = ops.stack([s[Z_LOSS] for s in stats]).mean()
-        ranks = 1
         global_batch = self.config.router_aux_loss_scope == "global_batch"
+        counted = token_mask.sum() if token_mask is not None and global_batch else ops.ones((), ms.float32)
+        share = ops.ones((), ms.float32)  # this rank's share of the counted tokens
         for comm in self.data_comms:
+            total = ops.maximum(comm.all_reduce(ops.stop_gradient(counted)), 1.0)
             if global_batch:
-                f = comm.all_reduce(ops.stop_gradient(f)) / comm.group.size
-            ranks *= comm.group.size
-        p, z = p / ranks, z / ranks
-        balance = self.config.num_experts * (f * p).sum()
-        return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z
+                f = comm.all_reduce(ops.stop_gradient(f * counted)) / total
+            share, counted = share * counted / total, total
+        balance = self.config.num_experts * (f * p * share).sum()
+        return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z * share
 
     def loss(self, logits: Tensor, router_loss: Tensor, labels: Tensor) -> Tensor:
         return self.loss_fn(logits, labels) + router_loss
