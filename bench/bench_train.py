@@ -344,7 +344,8 @@ def print_breakdown(sides: dict, flops: dict[str, float]) -> None:
                 continue
             print(f"{side}_{piece}_ms: {seconds * 1e3:.1f}")
             if flops.get(piece):
-                print(f"{side}_{piece}_fraction_of_{framework}_matmul: {flops[piece] / seconds / sides[side]['peak']:.3f}")
+                fraction = flops[piece] / seconds / sides[side]["peak"]
+                print(f"{side}_{piece}_fraction_of_{framework}_matmul: {fraction:.3f}")
     for side in SIDES:
         total = sum(sides[side]["pieces"][piece] for piece in TOP_PIECES)
         print(f"{side}_pieces_sum_ms: {total * 1e3:.1f}")
