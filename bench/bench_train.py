@@ -204,7 +204,7 @@ def breakdown_ours(trainer, batch: int, seq: int, repeats: int) -> dict[str, flo
         return ((x + (out[0] if config.is_moe else out)) * dy).sum()  # MoE: its output, not its statistics
 
     out = {"attention": layers * fwd_bwd(attention, [layer.attn_norm, layer.attn], x),
-           MLP: layers * fwd_bwd(mlp, [layer.mlp_norm, layer.mlp], x), "router_stats": 0.0}
+           MLP: layers * fwd_bwd(mlp, [layer.mlp_norm, layer.mlp], x)}
     if config.is_moe:
         moe, k = layer.mlp, config.moe_top_k
         dispatcher = moe.token_dispatcher
@@ -291,7 +291,6 @@ def breakdown_theirs(model, opt, config, batch: int, seq: int, repeats: int) -> 
     out = {"attention": layers * fwd_bwd(lambda x: ((x + layer.self_attn(
         layer.input_layernorm(x), position_embeddings=position, attention_mask=mask)[0]) * dy).sum(), x)}
     out[MLP] = layers * fwd_bwd(lambda x: ((x + layer.mlp(layer.post_attention_layernorm(x))) * dy).sum(), x)
-    out["router_stats"] = 0.0
     if config.is_moe:
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -347,7 +346,7 @@ def print_breakdown(sides: dict, flops: dict[str, float]) -> None:
                 fraction = flops[piece] / seconds / sides[side]["peak"]
                 print(f"{side}_{piece}_fraction_of_{framework}_matmul: {fraction:.3f}")
     for side in SIDES:
-        total = sum(sides[side]["pieces"][piece] for piece in TOP_PIECES)
+        total = sum(sides[side]["pieces"].get(piece, 0.0) for piece in TOP_PIECES)  # dense: no router_stats
         print(f"{side}_pieces_sum_ms: {total * 1e3:.1f}")
         print(f"{side}_step_ms: {sides[side]['step'] * 1e3:.1f}")
         print(f"{side}_step_minus_pieces_ms: {(sides[side]['step'] - total) * 1e3:.1f}")
