@@ -16,6 +16,13 @@ instead (ours: mindport's pet_config; theirs: peft's ``get_peft_model`` on the L
 also reports its process's peak resident memory, and the headline becomes theirs / ours step time.
 Compare with a run without ``--lora`` for LoRA against full fine-tuning.
 
+``--breakdown`` (issue 18) also times the pieces of one step on each side, each compiled on ours
+(``ms.jit`` of the same cells) and eager on theirs, best of ``--repeats``: forward + backward of the
+attention blocks, of the MoE (or MLP) layers and, for MoE, of their experts' matmuls, routing, combine
+and router statistics; embedding + final norm + head + loss; gradient clipping; the optimizer update.
+Each piece gets its matmul FLOPs and its fraction of the side's matmul rate, and the pieces' sum is
+printed beside the measured step, so nothing is hidden.
+
 Lines are ``name: value``; the last one is the headline. The machine may be shared: run it
 twice and keep the quieter result.
 """
@@ -27,7 +34,7 @@ import os
 import time
 
 import numpy as np
-from _timing import SIDES, each_side_in_own_process
+from _timing import SIDES, best_time, each_side_in_own_process
 
 os.environ.setdefault("GLOG_v", "3")
 
@@ -72,8 +79,8 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_ours(config, batch: int, seq: int, warmup: int, steps: int, level: str, lora: int) -> tuple[float, float]:
-    """(seconds per step, compile + warm-up seconds)."""
+def bench_ours(config, batch: int, seq: int, warmup: int, steps: int, level: str, lora: int):
+    """(seconds per step, compile + warm-up seconds, the trainer)."""
     import mindspore as ms
 
     from mindport import AutoModelForCausalLM
@@ -97,10 +104,11 @@ def bench_ours(config, batch: int, seq: int, warmup: int, steps: int, level: str
     start = time.perf_counter()
     for k in range(warmup, warmup + steps):
         trainer.train_step([Batch(data[k], data[k])])
-    return (time.perf_counter() - start) / steps, warm
+    return (time.perf_counter() - start) / steps, warm, trainer
 
 
-def bench_theirs(config, batch: int, seq: int, warmup: int, steps: int, lora: int) -> float:
+def bench_theirs(config, batch: int, seq: int, warmup: int, steps: int, lora: int):
+    """(seconds per step, the model, its optimizer)."""
     import torch
     import transformers
 
@@ -137,18 +145,211 @@ def bench_theirs(config, batch: int, seq: int, warmup: int, steps: int, lora: in
     start = time.perf_counter()
     for k in range(warmup, warmup + steps):
         step(data[k])
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, model, opt
+
+
+def piece_flops(config, batch: int, seq: int) -> dict[str, float]:
+    """Matmul FLOPs of one step's pieces (forward + backward: 6 per weight and token, plus the
+    attention scores and values), summing to ``train_flops_per_token`` x tokens."""
+    tokens, h, layers = batch * seq, config.hidden_size, config.num_layers
+    attn_weights = h * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
+    flops = {"attention": tokens * layers * (6.0 * attn_weights + 12.0 * config.num_heads * config.head_dim * seq),
+             "embedding_head_loss": 6.0 * tokens * h * config.vocab_size}
+    flops[MLP] = flops_per_token(config, seq) * tokens - flops["attention"] - flops["embedding_head_loss"]
+    if config.is_moe:
+        flops["moe_experts"] = 6.0 * tokens * layers * config.moe_top_k * 3 * h * config.moe_intermediate_size
+        flops["moe_routing"] = 6.0 * tokens * layers * h * config.num_experts
+    return flops
+
+
+MLP = "mlp_layers"  # MoE layers (their output; router statistics apart) or dense MLPs
+TOP_PIECES = ("attention", MLP, "router_stats", "embedding_head_loss", "grad_clip", "optimizer")  # sum to a step
+SUB_PIECES = ("moe_experts", "moe_routing", "moe_combine")  # parts of mlp_layers
+
+
+def breakdown_ours(trainer, batch: int, seq: int, repeats: int) -> dict[str, float]:
+    """Seconds per step of each piece of our step, each an ``ms.jit`` graph of the model's own cells
+    (forward + backward through ``value_and_grad`` against a random output gradient; per-layer pieces
+    timed on layer 0, times the layers)."""
+    import mindspore as ms
+    from mindspore import Tensor, ops
+
+    from mindport.parallel.grad_sync import sum_of_squares
+    from mindport.train.trainer import next_token_targets
+    from mindport.transformer.moe import load_balancing, z_loss
+
+    model, config = trainer.model, trainer.model.config
+    rng = np.random.default_rng(1)
+
+    def normal(*shape):
+        return Tensor(rng.standard_normal(shape, dtype=np.float32))
+
+    def fwd_bwd(loss_fn, cells, *args, inputs=0) -> float:
+        params = [p for c in cells for p in c.trainable_params()] or None
+        step = ms.jit(ms.value_and_grad(loss_fn, inputs, params))
+        return best_time(lambda: step(*args)[0].asnumpy(), repeats)
+
+    ids = rng.integers(0, config.vocab_size, (batch, seq)).astype(np.int32)
+    _, cos, sin, mask, _ = model.prepare(ids)
+    layer, layers = model.layers[str(model.layer_ids[0])], len(model.layer_ids)
+    h, t = config.hidden_size, batch * seq
+    x, dy = normal(batch, seq, h), normal(batch, seq, h)
+
+    # MindSpore compiles a function from its source: named functions, not multi-line lambdas
+    def attention(x):
+        return ((x + layer.attn(layer.attn_norm(x), cos, sin, mask)) * dy).sum()
+
+    def mlp(x):
+        out = layer.mlp(layer.mlp_norm(x))
+        return ((x + (out[0] if config.is_moe else out)) * dy).sum()  # MoE: its output, not its statistics
+
+    out = {"attention": layers * fwd_bwd(attention, [layer.attn_norm, layer.attn], x),
+           MLP: layers * fwd_bwd(mlp, [layer.mlp_norm, layer.mlp], x)}
+    if config.is_moe:
+        moe, k = layer.mlp, config.moe_top_k
+        dispatcher = moe.token_dispatcher
+        tokens, d_rows, d_weights, d_tokens = normal(t, h), normal(t * k, h), normal(t, k), normal(t, h)
+
+        def routing(tokens):
+            rows, _, plan = dispatcher.dispatch(tokens, moe.router(tokens).astype(ms.float32))
+            return (rows * d_rows).sum() + (plan[0] * d_weights).sum()
+
+        def router_logits(tokens):
+            return moe.router(tokens).astype(ms.float32)
+
+        logits = ms.jit(router_logits)(tokens)
+        rows, counts, (weights, experts, slot_rows, _) = ms.jit(dispatcher.dispatch)(tokens, logits)
+
+        def expert_matmuls(rows, counts):
+            return (moe.experts(rows, counts) * d_rows).sum()
+
+        def combine(rows, weights):
+            return (dispatcher.unpermute_combine(rows, slot_rows, weights) * d_tokens).sum()
+
+        def router_stats(logits):
+            fraction, probability = load_balancing(logits, experts, config.num_experts)
+            return config.num_experts * (fraction * probability).sum() + z_loss(logits)
+
+        out["moe_routing"] = layers * fwd_bwd(routing, [moe.router], tokens)
+        out["moe_experts"] = layers * fwd_bwd(expert_matmuls, [moe.experts], rows, counts)
+        out["moe_combine"] = layers * fwd_bwd(combine, [], rows, weights, inputs=(0, 1))
+        out["router_stats"] = layers * fwd_bwd(router_stats, [], logits)
+    targets = Tensor(next_token_targets(ids))
+
+    def embedding_head_loss(x, ids):
+        logits = model.lm_head(model.final_norm(x))
+        return model.loss_fn.from_targets(logits, targets) + (model.embed(ids) * dy).sum()
+
+    out["embedding_head_loss"] = fwd_bwd(embedding_head_loss, [model.embed, model.final_norm, model.lm_head], x,
+                                         Tensor(ids))
+    grads = tuple(normal(*p.shape) for p in trainer.params)
+    clip = float(trainer.config.grad_clip)
+
+    @ms.jit
+    def grad_clip(grads):
+        norm = trainer.grad_norm(ops.stack([sum_of_squares(g) for g in grads]))
+        coef = clip / ops.maximum(norm, clip)
+        return norm, tuple(g * coef for g in grads)
+
+    out["grad_clip"] = best_time(lambda: grad_clip(grads)[0].asnumpy(), repeats)
+    optimizer = trainer.optimizer
+
+    @ms.jit
+    def update(grads, lr):  # the parameters are written in place; the step count is the output
+        return ops.depend(optimizer.step + 0.0, optimizer.update(grads, lr))
+
+    lr = Tensor(1e-4, ms.float32)
+    out["optimizer"] = best_time(lambda: update(grads, lr).asnumpy(), repeats)
+    return out
+
+
+def breakdown_theirs(model, opt, config, batch: int, seq: int, repeats: int) -> dict[str, float]:
+    """Seconds per step of each piece of transformers' step in eager torch (forward + backward against
+    a random output gradient; per-layer pieces timed on layer 0, times the layers). The experts'
+    loop applies the routing weights and scatters back itself: no separate combine."""
+    import torch
+
+
+    inner, trained = model.model, [p for p in model.parameters() if p.requires_grad]
+    layer, layers = inner.layers[0], len(inner.layers)
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda module, args, kwargs: captured.update(kwargs), with_kwargs=True)
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, config.vocab_size, (batch, seq)))
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    position, mask = captured["position_embeddings"], captured.get("attention_mask")
+    h, t = config.hidden_size, batch * seq
+    x, dy = torch.randn(batch, seq, h, requires_grad=True), torch.randn(batch, seq, h)
+
+    def fwd_bwd(loss_fn, *args) -> float:
+        def run():
+            model.zero_grad(set_to_none=True)
+            loss_fn(*args).backward()
+        return best_time(run, repeats)
+
+    out = {"attention": layers * fwd_bwd(lambda x: ((x + layer.self_attn(
+        layer.input_layernorm(x), position_embeddings=position, attention_mask=mask)[0]) * dy).sum(), x)}
+    out[MLP] = layers * fwd_bwd(lambda x: ((x + layer.mlp(layer.post_attention_layernorm(x))) * dy).sum(), x)
+    if config.is_moe:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        moe, k = layer.mlp, config.moe_top_k
+        tokens, d_weights, d_tokens = torch.randn(t, h, requires_grad=True), torch.randn(t, k), torch.randn(t, h)
+        out["moe_routing"] = layers * fwd_bwd(lambda x: (moe.gate(x)[1] * d_weights).sum(), tokens)
+        with torch.no_grad():
+            _, weights, experts = moe.gate(tokens)
+        weights.requires_grad_(True)
+        out["moe_experts"] = layers * fwd_bwd(lambda x, w: (moe.experts(x, experts, w) * d_tokens).sum(),
+                                              tokens, weights)
+        logits = tuple(torch.randn(t, config.num_experts, requires_grad=True) for _ in range(layers))
+        out["router_stats"] = fwd_bwd(lambda: load_balancing_loss_func(logits, config.num_experts, k))
+    labels = ids
+    out["embedding_head_loss"] = fwd_bwd(lambda x: model.loss_function(
+        model.lm_head(inner.norm(x)), labels, config.vocab_size) + (inner.embed_tokens(ids) * dy).sum(), x)
+    for p in trained:
+        p.grad = torch.randn_like(p)
+    out["grad_clip"] = best_time(lambda: torch.nn.utils.clip_grad_norm_(trained, 1.0), repeats)
+    out["optimizer"] = best_time(opt.step, repeats)
+    return out
 
 
 def run_side(args, config) -> dict:
     """This process's side of the comparison: its framework's matmul rate and step time."""
     if args.side == "ours":
         peak = ms_matmul_rate()
-        step, warm = bench_ours(config, args.batch, args.seq, args.warmup, args.steps, args.amp, args.lora)
-        return {"peak": peak, "step": step, "warm": warm, "rss": peak_rss()}
+        step, warm, trainer = bench_ours(config, args.batch, args.seq, args.warmup, args.steps, args.amp, args.lora)
+        result = {"peak": peak, "step": step, "warm": warm, "rss": peak_rss()}
+        if args.breakdown:
+            result["pieces"] = breakdown_ours(trainer, args.batch, args.seq, args.repeats)
+        return result
     peak = torch_matmul_rate()
-    step = bench_theirs(config, args.batch, args.seq, args.warmup, args.steps, args.lora)
-    return {"peak": peak, "step": step, "rss": peak_rss()}
+    step, model, opt = bench_theirs(config, args.batch, args.seq, args.warmup, args.steps, args.lora)
+    result = {"peak": peak, "step": step, "rss": peak_rss()}
+    if args.breakdown:
+        result["pieces"] = breakdown_theirs(model, opt, config, args.batch, args.seq, args.repeats)
+    return result
+
+
+def print_breakdown(sides: dict, flops: dict[str, float]) -> None:
+    """Per piece: its GFLOP, then each side's milliseconds per step and fraction of its matmul rate;
+    then each side's sum of the top pieces against its measured step."""
+    for piece in TOP_PIECES[:2] + SUB_PIECES + TOP_PIECES[2:]:
+        if piece in flops:
+            print(f"{piece}_gflop: {flops[piece] / 1e9:.2f}")
+        for side, framework in (("ours", "mindspore"), ("theirs", "torch")):
+            seconds = sides[side]["pieces"].get(piece)
+            if seconds is None:
+                continue
+            print(f"{side}_{piece}_ms: {seconds * 1e3:.1f}")
+            if flops.get(piece):
+                fraction = flops[piece] / seconds / sides[side]["peak"]
+                print(f"{side}_{piece}_fraction_of_{framework}_matmul: {fraction:.3f}")
+    for side in SIDES:
+        total = sum(sides[side]["pieces"].get(piece, 0.0) for piece in TOP_PIECES)  # dense: no router_stats
+        print(f"{side}_pieces_sum_ms: {total * 1e3:.1f}")
+        print(f"{side}_step_ms: {sides[side]['step'] * 1e3:.1f}")
+        print(f"{side}_step_minus_pieces_ms: {(sides[side]['step'] - total) * 1e3:.1f}")
 
 
 def main() -> None:
@@ -160,6 +361,8 @@ def main() -> None:
     p.add_argument("--amp", default="O0", choices=("O0", "O1"), help="our precision level (theirs: fp32)")
     p.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank on every linear layer (0: full)")
     p.add_argument("--moe", action="store_true", help="Mixtral (H 512, 4 layers, 8 experts top-2, width 704)")
+    p.add_argument("--breakdown", action="store_true", help="also time the pieces of a step on each side")
+    p.add_argument("--repeats", type=int, default=5, help="--breakdown: best of this many runs per piece")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in a child process
     args = p.parse_args()
 
@@ -202,6 +405,8 @@ def main() -> None:
         print(f"{side}_gflops: {rate / 1e9:.1f}")
         print(f"{side}_fraction_of_{framework}_matmul: {fractions[side]:.3f}")
         print(f"{side}_peak_rss_mib: {r['rss'] / 2**20:.0f}")
+    if args.breakdown:
+        print_breakdown(sides, piece_flops(config, args.batch, args.seq))
     if args.lora:  # the FLOP count above is full fine-tuning's (frozen weights get no weight gradients)
         print(f"lora_rank: {args.lora}")
         print(f"lora_theirs_over_ours_step_time: {sides['theirs']['step'] / sides['ours']['step']:.3f}")

@@ -173,12 +173,21 @@ class CausalLM(nn.Cell):
         mask = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]
         return cos, sin, mask, positions
 
+    @staticmethod
+    def token_mask(attention_mask=None, segment_ids=None) -> Tensor | None:
+        """(B, S) float32, 0 at padding and 1 elsewhere, for the router statistics (transformers'
+        ``load_balancing_loss_func`` with an attention mask): padding is where ``attention_mask`` (B, S)
+        is 0 or ``segment_ids`` (B, S) is 0. None when neither is given (no padding)."""
+        given = segment_ids if segment_ids is not None else attention_mask
+        return None if given is None else Tensor((as_array(given) != 0).astype(np.float32))
+
     # ------------------------------------------------------------------ tensor side
     def forward(self, input_ids: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale=None,
-                caches=None) -> tuple[Tensor, Tensor, Tensor]:
+                caches=None, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (B, S, V/tp: this rank's vocabulary shard), the weighted router loss and the
         expert load of this rank's tokens (L, E + 1): per MoE layer, the routing slots of each expert
         (dropped ones included) and, last, the slots dropped over capacity (dense models: 0, 0).
+        ``token_mask`` (B, S) (:meth:`token_mask`): the tokens the router loss counts (None: all).
 
         On a pipeline stage other than the last, returns this stage's hidden states instead of
         logits; on a stage other than the first, ``input_ids`` is the previous stage's output.
@@ -186,10 +195,10 @@ class CausalLM(nn.Cell):
         x = self.embed(input_ids) if self.is_first else input_ids
         stats = []
         for k, layer in enumerate(self.layers.values()):
-            x, layer_stats = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[k])
+            x, layer_stats = layer(x, cos, sin, mask, q_scale, None if caches is None else caches[k], token_mask)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        router_loss, load = self.router_loss(stats), self.expert_load(stats)
+        router_loss, load = self.router_loss(stats, token_mask), self.expert_load(stats)
         if not self.is_last:
             return x, router_loss, load
         return self.lm_head(self.final_norm(x)), router_loss, load
@@ -201,30 +210,32 @@ class CausalLM(nn.Cell):
             return ops.zeros((), ms.float32)
         return ops.stack([ops.cat([s[TOKENS], s[DROPPED].astype(ms.float32).reshape(1)]) for s in stats])
 
-    def router_loss(self, stats: list[tuple]) -> Tensor:
+    def router_loss(self, stats: list[tuple], token_mask: Tensor | None = None) -> Tensor:
         """Switch/Mixtral load balancing over all MoE layers' routing slots pooled
         (E * sum(mean f * mean P)), plus the router z-loss, weighted by their coefficients.
 
-        With R data/context-parallel ranks, each holding an equal share of the tokens, rank r
-        differentiates E * sum(f * P_r) / R. With ``router_aux_loss_scope`` "global_batch" (default),
-        f is f_global (the routed fractions, not differentiable) averaged over the ranks: summed over
-        ranks this is the loss of the whole batch, and so are the summed gradients. With "micro_batch"
-        f is the rank's own f_r: the mean over ranks of each rank's loss of its own tokens.
+        With R data/context-parallel ranks, rank r differentiates E * sum(f * P_r) * n_r / N, n_r its
+        counted tokens (``token_mask``: all but padding; without one every rank counts 1) of the N of
+        all ranks. With ``router_aux_loss_scope`` "global_batch" (default), f is f_global (the routed
+        fractions, not differentiable) averaged over the ranks weighted by n_r: summed over ranks this
+        is the loss of the whole batch, and so are the summed gradients. With "micro_batch" f is the
+        rank's own f_r and n_r = 1: the mean over ranks of each rank's loss of its own tokens.
         """
         if not stats:
             return ops.zeros((), ms.float32)
         f = ops.stack([s[FRACTION] for s in stats]).mean(0)
         p = ops.stack([s[PROBABILITY] for s in stats]).mean(0)
         z = ops.stack([s[Z_LOSS] for s in stats]).mean()
-        ranks = 1
         global_batch = self.config.router_aux_loss_scope == "global_batch"
+        counted = token_mask.sum() if token_mask is not None and global_batch else ops.ones((), ms.float32)
+        share = ops.ones((), ms.float32)  # this rank's share of the counted tokens
         for comm in self.data_comms:
+            total = ops.maximum(comm.all_reduce(ops.stop_gradient(counted)), 1.0)
             if global_batch:
-                f = comm.all_reduce(ops.stop_gradient(f)) / comm.group.size
-            ranks *= comm.group.size
-        p, z = p / ranks, z / ranks
-        balance = self.config.num_experts * (f * p).sum()
-        return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z
+                f = comm.all_reduce(ops.stop_gradient(f * counted)) / total
+            share, counted = share * counted / total, total
+        balance = self.config.num_experts * (f * p * share).sum()
+        return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z * share
 
     def loss(self, logits: Tensor, router_loss: Tensor, labels: Tensor) -> Tensor:
         return self.loss_fn(logits, labels) + router_loss
@@ -243,7 +254,8 @@ class CausalLM(nn.Cell):
     def construct(self, input_ids, labels=None, attention_mask=None, segment_ids=None):
         check_token_ids(input_ids, labels, self.config.vocab_size)
         ids, cos, sin, mask, q_scale = self.prepare(input_ids, attention_mask, segment_ids=segment_ids)
-        logits, router_loss, _ = self.forward(ids, cos, sin, mask, q_scale)
+        logits, router_loss, _ = self.forward(ids, cos, sin, mask, q_scale,
+                                              token_mask=self.token_mask(attention_mask, segment_ids))
         if labels is None:
             return self.full_logits(logits)
         return self.loss(logits, router_loss, as_tensor(labels))

@@ -91,9 +91,11 @@ class PipelineSchedule:
             ids_t, cos, sin, mask, q_scale = model.prepare(
                 input_ids[rows], segment_ids=None if segments is None else segments[rows])
             targets = Tensor(labels[rows][:, 1:], ms.int32)
+            token_mask = None if segments is None else model.token_mask(segment_ids=segments[rows])
 
             def stage(x_in):
-                out, router_loss, _ = model.forward(ids_t if model.is_first else x_in, cos, sin, mask, q_scale)
+                out, router_loss, _ = model.forward(ids_t if model.is_first else x_in, cos, sin, mask, q_scale,
+                                                    token_mask=token_mask)
                 if model.is_last:
                     return model.loss_from_targets(out[:, :-1], router_loss, targets, count, router_weight / m)
                 return out

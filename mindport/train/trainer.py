@@ -146,15 +146,15 @@ class Trainer:
     def _build(self) -> None:
         model, scaler, clip, optimizer = self.model, self.scaler, float(self.config.grad_clip), self.optimizer
 
-        def loss_fn(ids, cos, sin, mask, targets, count, router_weight):
-            logits, router_loss, load = model.forward(ids, cos, sin, mask)
+        def loss_fn(ids, cos, sin, mask, token_mask, targets, count, router_weight):
+            logits, router_loss, load = model.forward(ids, cos, sin, mask, token_mask=token_mask)
             loss = model.loss_from_targets(logits, router_loss, targets, count, router_weight)
             return loss * scaler.scale_value.astype(loss.dtype), loss, load
 
         grad_fn = ms.value_and_grad(loss_fn, None, self.params, has_aux=True)
 
-        def micro(ids, cos, sin, mask, targets, count, router_weight):
-            (_, loss, load), grads = grad_fn(ids, cos, sin, mask, targets, count, router_weight)
+        def micro(ids, cos, sin, mask, token_mask, targets, count, router_weight):
+            (_, loss, load), grads = grad_fn(ids, cos, sin, mask, token_mask, targets, count, router_weight)
             return loss, tuple(g.astype(ms.float32) for g in grads), load
 
         def accumulate(acc, grads):
@@ -178,8 +178,8 @@ class Trainer:
                 optimizer.update(pieces, lr)
             return norm, finite
 
-        def fused(ids, cos, sin, mask, targets, count, router_weight, lr):
-            loss, grads, load = micro(ids, cos, sin, mask, targets, count, router_weight)
+        def fused(ids, cos, sin, mask, token_mask, targets, count, router_weight, lr):
+            loss, grads, load = micro(ids, cos, sin, mask, token_mask, targets, count, router_weight)
             norm, finite = apply(grads, lr)
             return loss, norm, finite, load
 
@@ -189,7 +189,8 @@ class Trainer:
 
     def _inputs(self, batch: Batch):
         """Model inputs and next-token targets of one micro-batch (this rank's zigzag share under
-        context parallelism): (ids, cos, sin, mask, targets)."""
+        context parallelism): (ids, cos, sin, mask, token_mask, targets); token_mask (B, S) marks the
+        padding of rows with segments (None without: nothing is padding)."""
         ids = np.ascontiguousarray(batch.input_ids, dtype=np.int32)
         cp = self.groups.cp
         if cp.size > 1:
@@ -209,7 +210,9 @@ class Trainer:
                                   "(it applies beyond training_seqlen, at inference)")
             self._inputs_cache = (None if batch.segment_ids is not None else ids.shape, cos, sin, mask)
         _, cos, sin, mask = self._inputs_cache
-        return Tensor(np.ascontiguousarray(local, dtype=np.int32)), cos, sin, mask, Tensor(targets, ms.int32)
+        token_mask = self.model.token_mask(segment_ids=batch.segment_ids)
+        return Tensor(np.ascontiguousarray(local, dtype=np.int32)), cos, sin, mask, token_mask, \
+            Tensor(targets, ms.int32)
 
     def supervised_count(self, micro_batches: Sequence[Batch]) -> Tensor:
         """N: the supervised targets of the whole step, over the micro-batches and data-parallel ranks

@@ -25,10 +25,11 @@ class DecoderLayer(nn.Cell):
             self.mlp = dense_mlp(config, groups)
 
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, q_scale: Tensor | None = None,
-                  cache=None):
-        """The new hidden states and this layer's router statistics (None when dense)."""
+                  cache=None, token_mask: Tensor | None = None):
+        """The new hidden states and this layer's router statistics (None when dense); ``token_mask``
+        (B, S): the tokens the router statistics count (:class:`~mindport.transformer.moe.MoE`)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, q_scale, cache)
         if self.is_moe:
-            out, stats = self.mlp(self.mlp_norm(x))
+            out, stats = self.mlp(self.mlp_norm(x), token_mask)
             return x + out, stats
         return x + self.mlp(self.mlp_norm(x)), None

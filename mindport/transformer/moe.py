@@ -54,26 +54,41 @@ class RouterStats(NamedTuple):
     probability: Tensor  # P (E,): mean router probability per expert
     z_loss: Tensor       # (): mean squared logsumexp of the router logits
     dropped: Tensor      # (): routing slots dropped over capacity
-    tokens: Tensor       # (E,): routing slots per expert (T * f), dropped ones included
+    tokens: Tensor       # (E,): routing slots per expert, dropped ones and padding included
+    # f, P and z average over the tokens that count (padding excluded: MoE's token_mask)
 
 
 FRACTION, PROBABILITY, Z_LOSS, DROPPED, TOKENS = range(len(RouterStats._fields))  # positions in the stats tuple
 
 
-def load_balancing(logits: Tensor, experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """(f, P) of logits (T, E) and chosen experts (T, k); the Switch/Mixtral loss is
-    E * sum(f * P) over pooled layers."""
+def token_mean(x: Tensor, token_mask: Tensor | None) -> Tensor:
+    """Mean of x (T, ...) over the tokens that count: ``token_mask`` (T,) is 1 for them and 0 for
+    padding (None: all count)."""
+    if token_mask is None:
+        return x.mean(0)
+    weight = token_mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return (x * weight).sum(0) / ops.maximum(weight.sum(), 1.0)
+
+
+def load_balancing(logits: Tensor, experts: Tensor, num_experts: int,
+                   token_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(f, P, slots) of logits (T, E) and chosen experts (T, k): f and P are the means over the
+    tokens that count (``token_mask`` (T,), 1 = counts, 0 = padding; None: all), as transformers'
+    ``load_balancing_loss_func`` with an attention mask; slots (E,) are every token's routing slots
+    per expert. The Switch/Mixtral loss is E * sum(f * P) over pooled layers."""
     probs = ops.softmax(logits.astype(ms.float32), -1)  # (T, E)
     one_hot = ops.one_hot(experts, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))  # (T, k, E)
-    return one_hot.mean(0).sum(0), probs.mean(0)
+    chosen = one_hot.sum(1)  # (T, E): how many of the token's k slots went to each expert
+    return token_mean(chosen, token_mask), token_mean(probs, token_mask), chosen.sum(0)
 
 
-def z_loss(logits: Tensor) -> Tensor:
-    """Mean squared logsumexp of logits (T, E)."""
+def z_loss(logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """Mean squared logsumexp of logits (T, E) over the tokens that count (``token_mask`` as in
+    :func:`load_balancing`)."""
     x = logits.astype(ms.float32)
     top = ops.stop_gradient(x.max(-1, keepdims=True))
     lse = top.squeeze(-1) + log_shifted_sum(ops.exp(x - top).sum(-1))  # logsumexp, reproducibly rounded
-    return ops.square(lse).mean()
+    return token_mean(ops.square(lse), token_mask)
 
 
 class Experts(nn.Cell):
@@ -339,8 +354,10 @@ class MoE(nn.Cell):
             return AllGatherDispatcher(config, groups)
         return AllToAllDispatcher(config, groups)
 
-    def construct(self, x: Tensor) -> tuple[Tensor, tuple]:
-        """x (B, S, H) -> (out (B, S, H), this rank's tokens' :class:`RouterStats` as a tuple)."""
+    def construct(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, tuple]:
+        """x (B, S, H) -> (out (B, S, H), this rank's tokens' :class:`RouterStats` as a tuple);
+        ``token_mask`` (B, S): 1 for tokens the balancing statistics f, P and z count, 0 for padding
+        (None: every token)."""
         x = self.entry(x)  # sequence parallel: gather the token shards
         b, s, h = x.shape
         tokens = x.reshape(b * s, h)
@@ -355,5 +372,6 @@ class MoE(nn.Cell):
             out = out + shared.astype(out.dtype)
         out = self.exit(out.reshape(b, s, h))
         stats_logits = self.tp_share(logits)
-        f, p = load_balancing(stats_logits, experts, self.num_experts)
-        return out, (f, p, z_loss(stats_logits), b * s * self.top_k - kept, ops.stop_gradient(f) * (b * s))
+        counted = None if token_mask is None else token_mask.reshape(b * s)
+        f, p, slots = load_balancing(stats_logits, experts, self.num_experts, counted)
+        return out, (f, p, z_loss(stats_logits, counted), b * s * self.top_k - kept, slots)

@@ -51,6 +51,37 @@ def test_aux_loss_matches_transformers(tmp_path, kind, experts):
     assert abs(total - float(out.loss)) <= 1e-4
 
 
+@pytest.mark.parametrize("kind, experts", [("mixtral", 4), ("qwen2_moe", 6)])
+def test_aux_loss_skips_padding_as_transformers_with_an_attention_mask(tmp_path, kind, experts):
+    """Right-padded rows: transformers' load_balancing_loss_func with the attention mask (and the loss
+    its model returns) against ours from the same attention_mask and from segment ids (padding = 0)."""
+    import importlib
+
+    import torch
+
+    load_balancing_loss_func = importlib.import_module(
+        f"transformers.models.{kind}.modeling_{kind}").load_balancing_loss_func
+    model, directory = hf_moe(kind, tmp_path, output_router_logits=True)
+    ids = np.random.default_rng(4).integers(0, 256, (2, 10))
+    attention_mask = np.ones((2, 10), np.int64)
+    attention_mask[0, 6:] = 0
+    attention_mask[1, 9:] = 0
+    labels = np.where(attention_mask == 1, ids, -100)
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids), attention_mask=torch.from_numpy(attention_mask),
+                    labels=torch.from_numpy(labels), output_router_logits=True)
+    theirs = float(load_balancing_loss_func(out.router_logits, experts, 2, torch.from_numpy(attention_mask)))
+    assert abs(theirs - float(out.aux_loss)) <= 1e-7
+    assert abs(theirs - float(load_balancing_loss_func(out.router_logits, experts, 2))) > 1e-3  # padding matters
+    ours = AutoModelForCausalLM.from_pretrained(directory)
+    total = float(ours(ids, labels=labels, attention_mask=attention_mask).asnumpy())  # CE + coef * aux
+    assert abs(total - float(out.loss)) <= 5e-6  # counting the padding (old code): 1.7e-5 (qwen), 5.4e-5 off
+    coef = ours.config.router_aux_loss_coef
+    for inputs in ({"attention_mask": attention_mask}, {"segment_ids": attention_mask}):
+        _, router_loss, _ = ours.forward(*ours.prepare(ids, **inputs), token_mask=ours.token_mask(**inputs))
+        assert abs(float(router_loss.asnumpy()) / coef - theirs) <= 1e-5, inputs
+
+
 def test_dense_xverse_matches_llama(tmp_path):
     llama = llama_tiny(num_kv_heads=4, seed=3, bias=False, eps=1e-6)
     tensors = {k: v.detach().numpy() for k, v in llama.state_dict().items()}

@@ -84,26 +84,31 @@ def test_z_loss_coefficient_weighs_switch_transformers_router_z_loss_pooled_over
 
 
 class FakeDataComm:
-    """A data-parallel group of two ranks whose other rank routed ``other_f``."""
+    """The other rank of a data-parallel group of two: ``all_reduce`` adds its contributions, in call
+    order (its counted tokens, then its fractions times them)."""
 
-    def __init__(self, other_f):
-        self.other_f, self.group = other_f, type("Group", (), {"size": 2})()
+    def __init__(self, *contributions):
+        self.contributions, self.group = list(contributions), type("Group", (), {"size": 2})()
 
-    def all_reduce(self, f):
-        return f + self.other_f
+    def all_reduce(self, x):
+        return x + ms.Tensor(self.contributions.pop(0))
 
 
-@pytest.mark.parametrize("scope", ["global_batch", "micro_batch"])
-def test_router_aux_loss_scope_sums_the_fractions_over_ranks_or_not(scope):
+@pytest.mark.parametrize("scope, padded", [("global_batch", False), ("global_batch", True), ("micro_batch", True)])
+def test_router_aux_loss_scope_sums_the_fractions_over_ranks_or_not(scope, padded):
+    """This rank counts 6 of its 8 tokens when ``padded`` (the other rank 2): the global-batch f and this
+    rank's share of the loss weigh the ranks by their counted tokens, the micro-batch scope by rank."""
     model = AutoModelForCausalLM.from_preset("mixtral-tiny", router_aux_loss_coef=1.0, router_z_loss_coef=0.0,
                                              router_aux_loss_scope=scope)
     f, p = np.array([0.5, 1.0, 0.25, 0.25], np.float32), np.array([0.1, 0.4, 0.3, 0.2], np.float32)
     other_f = np.array([1.0, 0.0, 0.5, 0.5], np.float32)
     stats = (ms.Tensor(f), ms.Tensor(p), ms.Tensor(0.0, ms.float32), ms.Tensor(0, ms.int32), ms.Tensor(f * 8))
-    model.data_comms = [FakeDataComm(ms.Tensor(other_f))]
-    used_f = (f + other_f) / 2 if scope == "global_batch" else f
-    expected = 4 * float((used_f * p).sum()) / 2  # this rank's half of the batch loss
-    assert float(model.router_loss([stats]).asnumpy()) == pytest.approx(expected, rel=1e-6)
+    token_mask = ms.Tensor(np.array([[1, 1, 1, 1, 1, 1, 0, 0]], np.float32)) if padded else None
+    mine, other = (6.0, 2.0) if padded and scope == "global_batch" else (1.0, 1.0)
+    model.data_comms = [FakeDataComm(np.float32(other), other_f * other)]
+    used_f = (mine * f + other * other_f) / (mine + other) if scope == "global_batch" else f
+    expected = 4 * float((used_f * p).sum()) * mine / (mine + other)  # this rank's share of the batch loss
+    assert float(model.router_loss([stats], token_mask).asnumpy()) == pytest.approx(expected, rel=1e-6)
 
 
 def test_router_aux_loss_scope_is_checked():

@@ -42,3 +42,23 @@ def test_moe_step_is_one_compiled_graph_equal_to_the_eager_step(case, monkeypatc
     compiled.train_step([batch])
     assert len(reads) == 5, f"host reads in one step: {reads} (expected the 4 metrics and the expert load only)"
     assert reads[-1] == (compiled.base_config.num_layers, compiled.base_config.num_experts + 1)
+
+
+def test_router_loss_of_a_packed_step_ignores_what_the_padding_holds():
+    """Padding (segment 0, labels ignored) changes neither the loss nor the gradient of a compiled step:
+    the router statistics skip it as transformers' load_balancing_loss_func skips attention_mask 0."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 256, (2, 17)).astype(np.int32)
+    segments = np.zeros((2, 17), np.int32)
+    segments[0, :9], segments[0, 9:13], segments[1, :15] = 1, 2, 1  # two sequences + padding, one + padding
+    labels = np.where(segments > 0, ids, -100).astype(np.int32)
+    other_padding = np.where(segments > 0, ids, rng.integers(0, 256, ids.shape)).astype(np.int32)
+    ms.set_seed(0)
+    model = AutoModelForCausalLM.from_preset("mixtral-tiny", vocab_size=256, router_aux_loss_coef=0.5,
+                                             router_z_loss_coef=0.1)  # large: the router terms show
+    one = Trainer(model, TrainConfig(batch_size=2, seq_length=16, train_steps=2, learning_rate=1e-30,
+                                     min_learning_rate=0.0, warmup_steps=1))  # a step moves no fp32 weight
+    steps = [one.train_step([Batch(x, labels, segments)]) for x in (ids, other_padding)]
+    assert steps[1]["loss"] == pytest.approx(steps[0]["loss"], rel=1e-6)
+    assert steps[1]["grad_norm"] == pytest.approx(steps[0]["grad_norm"], rel=1e-5)
+    assert sum(map(sum, steps[0]["expert_load"][0:1])) == 17 * 2 * 2  # the load still counts every routed slot
