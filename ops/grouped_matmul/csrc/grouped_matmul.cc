@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "aot_export.h"
@@ -96,6 +97,42 @@ __attribute__((always_inline)) inline void Tile(const float *a, int64_t am, int6
   }
 }
 
+// Transposes the W x W block r in registers (r[i][l] -> r[l][i]): log2(W) perfect shuffles.
+template <int W, int... L>
+__attribute__((always_inline)) inline void Transpose(Vec<W> *r, std::integer_sequence<int, L...>) {
+  for (int round = 1; round < W; round *= 2) {
+    Vec<W> t[W];
+#pragma GCC unroll 16
+    for (int i = 0; i < W / 2; ++i) {
+      t[2 * i] = __builtin_shufflevector(r[i], r[i + W / 2], (L % 2 ? W + L / 2 : L / 2)...);
+      t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + W / 2], (L % 2 ? W + W / 2 + L / 2 : W / 2 + L / 2)...);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) r[i] = t[i];
+  }
+}
+
+// panel[q * NR + j] = b[q + j * bn] for q < depth, j < cols (B contiguous along P, the forward's
+// weight rows): W x W blocks transposed in registers, the edges one float at a time.
+template <int W, int NR>
+__attribute__((always_inline)) inline void PackTransposed(const float *b, int64_t bn, int64_t depth, int cols,
+                                                          float *panel) {
+  using V = Vec<W>;
+  const int block_cols = cols - cols % W;
+  const int64_t block_depth = depth - depth % W;
+  for (int j0 = 0; j0 < block_cols; j0 += W)
+    for (int64_t q0 = 0; q0 < block_depth; q0 += W) {
+      V r[W];
+#pragma GCC unroll 16
+      for (int i = 0; i < W; ++i) r[i] = *reinterpret_cast<const V *>(b + (j0 + i) * bn + q0);
+      Transpose<W>(r, std::make_integer_sequence<int, W>());
+#pragma GCC unroll 16
+      for (int l = 0; l < W; ++l) *reinterpret_cast<V *>(panel + (q0 + l) * NR + j0) = r[l];
+    }
+  for (int j = 0; j < cols; ++j)
+    for (int64_t q = j < block_cols ? block_depth : 0; q < depth; ++q) panel[q * NR + j] = b[q + j * bn];
+}
+
 // Columns [n0, n0 + NR) of C = A B, all M rows; panel is scratch of kPanelFloats.
 template <int W, int MR, int NV>
 __attribute__((always_inline)) inline void GemmPanel(const Gemm &g, int64_t n0, float *panel) {
@@ -108,9 +145,8 @@ __attribute__((always_inline)) inline void GemmPanel(const Gemm &g, int64_t n0, 
     if (cols < NR) std::memset(panel, 0, depth * NR * sizeof(float));
     if (g.bn == 1) {
       for (int64_t q = 0; q < depth; ++q) std::memcpy(panel + q * NR, b + q * g.bp, cols * sizeof(float));
-    } else {  // B(p, n) contiguous along p (the forward's weight rows): read each column in order
-      for (int j = 0; j < cols; ++j)
-        for (int64_t q = 0; q < depth; ++q) panel[q * NR + j] = b[q * g.bp + j * g.bn];
+    } else {  // g.bp == 1
+      PackTransposed<W, NR>(b, g.bn, depth, cols, panel);
     }
     for (int64_t m0 = 0; m0 < g.m; m0 += MR)
       Tile<W, MR, NV>(g.a + m0 * g.am + k0 * g.ap, g.am, g.ap, panel, depth, (int)std::min<int64_t>(MR, g.m - m0),
