@@ -12,8 +12,9 @@
 // template over the vector width W (GCC vector extensions) compiles to AVX-512 (W 16), AVX2 + FMA
 // (W 8) or the baseline (W 4) by the target of the function it is inlined into; the best one the
 // processor has is chosen at run time. A task is an (expert GEMM, NR-column panel) pair, spread
-// over threads: it packs B's panel one K block at a time (kPanelFloats, L1-sized) and runs an
-// MR x NR register tile (NR = NV vectors) down all M rows, adding each K block into C.
+// over threads: it packs B's panel one K block at a time (kPanelFloats, L1-sized; the forward's
+// weight by W x W register transposes) and runs an MR x NR register tile (NR = NV vectors; half
+// the height for a short last tile) down all M rows, adding each K block into C.
 // A group of fewer than kDotMaxRows rows whose A and B are contiguous along P (the forward while
 // decoding) takes dot products instead: each weight row is read once, nothing is packed.
 
@@ -148,9 +149,16 @@ __attribute__((always_inline)) inline void GemmPanel(const Gemm &g, int64_t n0, 
     } else {  // g.bp == 1
       PackTransposed<W, NR>(b, g.bn, depth, cols, panel);
     }
-    for (int64_t m0 = 0; m0 < g.m; m0 += MR)
-      Tile<W, MR, NV>(g.a + m0 * g.am + k0 * g.ap, g.am, g.ap, panel, depth, (int)std::min<int64_t>(MR, g.m - m0),
-                      g.c + m0 * g.ldc + n0, g.ldc, cols, k0 > 0);
+    for (int64_t m0 = 0; m0 < g.m; m0 += MR) {
+      const int rows = (int)std::min<int64_t>(MR, g.m - m0);
+      const float *a = g.a + m0 * g.am + k0 * g.ap;
+      float *c = g.c + m0 * g.ldc + n0;
+      if (2 * rows <= MR) {  // a short last tile: half the height wastes half the FMAs
+        Tile<W, MR / 2, NV>(a, g.am, g.ap, panel, depth, rows, c, g.ldc, cols, k0 > 0);
+      } else {
+        Tile<W, MR, NV>(a, g.am, g.ap, panel, depth, rows, c, g.ldc, cols, k0 > 0);
+      }
+    }
   }
 }
 
@@ -192,31 +200,39 @@ __attribute__((always_inline)) inline void GemmDots(const Gemm &g, int64_t n0, i
   }
 }
 
-// One task, columns [n0, n0 + NR) of g, with the kernels of width W (inlined into each ISA's entry).
+// A register tile of MR x NV vectors of W lanes, C[MR, NR = NV W]. The tiles of the instruction
+// sets fill most of their vector registers with accumulators (24 of AVX-512's 32, 12 of AVX2's 16).
 template <int W, int MR, int NV>
+struct Tiling {
+  static constexpr int kLanes = W, kRows = MR, kVectors = NV, kCols = NV * W;
+};
+using Avx512Tiling = Tiling<16, 12, 2>;
+using Avx2Tiling = Tiling<8, 6, 2>;
+using GenericTiling = Tiling<4, 6, 2>;
+
+// One task, columns [n0, n0 + T::kCols) of g (inlined into each instruction set's entry below).
+template <class T>
 __attribute__((always_inline)) inline void Task(const Gemm &g, int64_t n0, float *panel) {
   if (ByDots(g)) {
-    GemmDots<W>(g, n0, NV * W);
+    GemmDots<T::kLanes>(g, n0, T::kCols);
   } else {
-    GemmPanel<W, MR, NV>(g, n0, panel);
+    GemmPanel<T::kLanes, T::kRows, T::kVectors>(g, n0, panel);
   }
 }
 
-// The instruction sets, each with its tile: MR x NV vectors of accumulators fill most of the
-// vector registers (24 of AVX-512's 32, 12 of AVX2's 16).
 enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 struct Kernel {
-  int nr;  // columns per task
+  int cols;  // per task
   void (*task)(const Gemm &, int64_t, float *);
 };
 
-void TaskGeneric(const Gemm &g, int64_t n0, float *panel) { Task<4, 6, 2>(g, n0, panel); }
+void TaskGeneric(const Gemm &g, int64_t n0, float *panel) { Task<GenericTiling>(g, n0, panel); }
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) void TaskAvx2(const Gemm &g, int64_t n0, float *panel) {
-  Task<8, 6, 2>(g, n0, panel);
+  Task<Avx2Tiling>(g, n0, panel);
 }
 __attribute__((target("avx512f"))) void TaskAvx512(const Gemm &g, int64_t n0, float *panel) {
-  Task<16, 12, 2>(g, n0, panel);
+  Task<Avx512Tiling>(g, n0, panel);
 }
 #endif
 
@@ -238,12 +254,12 @@ Kernel ChosenKernel() {
   switch (forced < 0 ? BestIsa() : forced) {
 #if defined(__x86_64__)
     case kAvx512:
-      return {32, TaskAvx512};
+      return {Avx512Tiling::kCols, TaskAvx512};
     case kAvx2:
-      return {16, TaskAvx2};
+      return {Avx2Tiling::kCols, TaskAvx2};
 #endif
     default:
-      return {8, TaskGeneric};
+      return {GenericTiling::kCols, TaskGeneric};
   }
 }
 
@@ -259,7 +275,7 @@ void RunGemms(const std::vector<Gemm> &gemms) {
       for (int64_t r = 0; r < g.m; ++r) std::memset(g.c + r * g.ldc, 0, g.n * sizeof(float));
       continue;
     }
-    for (int64_t n0 = 0; n0 < g.n; n0 += kernel.nr) tasks.emplace_back(i, n0);
+    for (int64_t n0 = 0; n0 < g.n; n0 += kernel.cols) tasks.emplace_back(i, n0);
     flops += 2.0 * g.m * g.n * g.p;
   }
   int threads = mindport::ThreadsFor(flops, 4e6);
