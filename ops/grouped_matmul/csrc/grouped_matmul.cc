@@ -28,6 +28,9 @@
 #include "aot_export.h"
 #include "parallel_for.h"
 
+// Vectors pass by value only between always-inlined functions, inside one instruction set's entry.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace {
 
 constexpr int64_t kPanelFloats = 8192;  // a packed K block of B's panel: 32 KiB, within L1
@@ -162,6 +165,23 @@ __attribute__((always_inline)) inline void GemmPanel(const Gemm &g, int64_t n0, 
   }
 }
 
+// The half of v starting at lane `first`.
+template <int W, int First, int... L>
+__attribute__((always_inline)) inline Vec<W / 2> Half(Vec<W> v, std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(v, v, (First + L)...);
+}
+
+// v[0] + ... + v[W - 1], as a tree of halves (log2(W) dependent adds, not W).
+template <int W>
+__attribute__((always_inline)) inline float SumLanes(Vec<W> v) {
+  if constexpr (W == 4) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    constexpr auto lanes = std::make_integer_sequence<int, W / 2>();
+    return SumLanes<W / 2>(Half<W, 0>(v, lanes) + Half<W, W / 2>(v, lanes));
+  }
+}
+
 // out[i * ldc] = dot(rows[i], b) over p, for R rows at once (each vector of b loaded once).
 template <int W, int R>
 __attribute__((always_inline)) inline void DotRows(const float *const *rows, const float *b, int64_t p, float *out,
@@ -176,8 +196,7 @@ __attribute__((always_inline)) inline void DotRows(const float *const *rows, con
   }
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    float sum = 0.0f;
-    for (int l = 0; l < W; ++l) sum += acc[i][l];
+    float sum = SumLanes<W>(acc[i]);
     for (int64_t t = q; t < p; ++t) sum += rows[i][t] * b[t];
     out[i * ldc] = sum;
   }
