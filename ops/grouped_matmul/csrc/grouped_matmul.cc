@@ -167,13 +167,13 @@ __attribute__((always_inline)) inline void GemmPanel(const Gemm &g, int64_t n0, 
 
 // The half of v starting at lane `first`.
 template <int W, int First, int... L>
-__attribute__((always_inline)) inline Vec<W / 2> Half(Vec<W> v, std::integer_sequence<int, L...>) {
+__attribute__((always_inline)) inline Vec<W / 2> Half(const Vec<W> &v, std::integer_sequence<int, L...>) {
   return __builtin_shufflevector(v, v, (First + L)...);
 }
 
 // v[0] + ... + v[W - 1], as a tree of halves (log2(W) dependent adds, not W).
 template <int W>
-__attribute__((always_inline)) inline float SumLanes(Vec<W> v) {
+__attribute__((always_inline)) inline float SumLanes(const Vec<W> &v) {
   if constexpr (W == 4) {
     return (v[0] + v[2]) + (v[1] + v[3]);
   } else {
