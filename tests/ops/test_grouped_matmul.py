@@ -121,6 +121,12 @@ def test_cpu_kernels_of_every_isa_match_numpy(isa):
 
 
 @requires_cpu
+def test_force_isa_names_the_unknown_isa():
+    with pytest.raises(ValueError, match="isa 'avx1024': expected one of generic, avx2, avx512"):
+        cpu_backend.force_isa("avx1024")
+
+
+@requires_cpu
 def test_cpu_forward_reads_only_the_visited_experts(isa):
     """Decoding: 3 rows over 16 experts; NaN weights in the 13 others must not reach y."""
     rng = np.random.default_rng(3)
