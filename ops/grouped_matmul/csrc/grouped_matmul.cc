@@ -299,8 +299,8 @@ void RunGemms(const std::vector<Gemm> &gemms) {
   }
   int threads = mindport::ThreadsFor(flops, 4e6);
   mindport::ParallelFor((int64_t)tasks.size(), threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> panel(kPanelFloats);
-    for (int64_t t = begin; t < end; ++t) kernel.task(gemms[tasks[t].first], tasks[t].second, panel.data());
+    alignas(64) float panel[kPanelFloats];  // whole cache lines: a vector load never splits one
+    for (int64_t t = begin; t < end; ++t) kernel.task(gemms[tasks[t].first], tasks[t].second, panel);
   });
 }
 
