@@ -7,6 +7,8 @@ dX and dW: 6 N K F in all), best of N, for
 the cpu and reference backends, and divides the FLOPs by MindSpore's own fp32 matmul rate
 measured in the same run (1024^3 products): ``*_of_bound`` >= 1 would be the plain matmul's speed.
 Group sizes: balanced, and skewed (half the rows in one expert, two experts empty).
+Decoding: the forward of 1 and 8 rows spread over 2 and 16 experts, with the rate at which it reads
+the visited experts' weights (the kernel must not read the others: equal times at 2 and 16 experts).
 
     python bench/bench_grouped_matmul.py [--rows 2048] [--k 512] [--f 704] [--experts 8] [--repeats 5]
 """
@@ -30,6 +32,11 @@ def group_sizes(rows: int, experts: int, skewed: bool) -> np.ndarray:
         sizes[3:] = (rows - rows // 2) // (experts - 3)
     sizes[-1] += rows - sizes.sum()
     return sizes.astype(np.int32)
+
+
+def decode_sizes(rows: int, experts: int) -> np.ndarray:
+    """Rows dealt one by one to the experts in turn (1 row: one expert visited)."""
+    return np.bincount(np.arange(rows) % experts, minlength=experts).astype(np.int32)
 
 
 def weighted_sum(fn, cot):
@@ -78,6 +85,17 @@ def main() -> None:
             print(f"{case}_{backend}_forward_backward_of_bound: {3 * flops / t_both / rate:.3f}")
             if backend == "cpu" and headline is None:
                 headline = 3 * flops / t_both / rate
+    forward = ms.jit(dispatch.get("grouped_matmul", "cpu"))
+    for rows in (1, 8):
+        for experts in (2, 16):
+            sizes = decode_sizes(rows, experts)
+            sizes_t = ms.Tensor(sizes)
+            xd = ms.Tensor(rng.standard_normal((rows, k)).astype(np.float32))
+            wd = ms.Tensor(rng.standard_normal((experts, f, k)).astype(np.float32))
+            t = best_time(lambda: forward(xd, wd, sizes_t).asnumpy(), args.repeats * 4)
+            visited_bytes = 4.0 * f * k * np.count_nonzero(sizes)
+            print(f"decode_{rows}rows_{experts}experts_cpu_forward_us: {t * 1e6:.1f}")
+            print(f"decode_{rows}rows_{experts}experts_cpu_visited_weight_gbps: {visited_bytes / t / 1e9:.1f}")
     print(f"balanced_cpu_forward_backward_of_bound: {headline:.3f}")
 
 

@@ -12,7 +12,8 @@ Notation: N rows (routing slots), K input width, F output width, E experts.
 
 Backends (chosen by :mod:`mindport.dispatch`): ``reference`` (composite: one masked matmul per
 expert, E times the FLOPs; the ground truth), ``cpu`` (C++ GEMM via ``ops.Custom``, forward and
-backward, float32), ``ascend`` (CANN ``GroupedMatmul``; UNEXECUTED).
+backward, float32; AVX-512, else AVX2 + FMA, else plain vectors: ``cpu.force_isa`` picks a narrower
+one, for tests), ``ascend`` (CANN ``GroupedMatmul``; UNEXECUTED).
 """
 from __future__ import annotations
 

@@ -91,16 +91,51 @@ def test_cpu_matches_reference(case, jit):
         assert not got[2][e].any(), f"empty expert {e} has a zero weight gradient"
 
 
+# (N, K, F, group sizes) against the kernels' edges: groups of 1, 3, 5, 7 rows (the dot products
+# while decoding) and 17, 19 (a partial 12- or 6-row tile); K and F not multiples of 16, 300-600
+# (more than one packed K block); sizes summing past N (cut at N).
+EDGE_CASES = [(1, 17, 5, [1]), (3, 33, 47, [0, 3]), (17, 31, 18, [17]), (16, 64, 40, [1, 0, 3, 5, 7]),
+              (40, 600, 70, [1, 3, 17, 19]), (20, 24, 300, [9, 11]), (300, 20, 24, [300]), (50, 300, 45, [7, 30, 40])]
+
+
+@pytest.fixture(params=cpu_backend.ISAS)
+def isa(request):
+    """Each instruction set of the C++ kernels this processor has, forced for the test."""
+    if not cpu_backend.force_isa(request.param):
+        pytest.skip(f"this processor lacks {request.param}")
+    yield request.param
+    cpu_backend.force_isa(None)
+
+
 @requires_cpu
-def test_cpu_kernel_tiles_and_group_sizes_past_n():
-    """Shapes that are not multiples of the 6x16 tile, a large K, and sizes summing past N (cut at N)."""
+def test_cpu_kernels_of_every_isa_match_numpy(isa):
     rng = np.random.default_rng(2)
-    x, w = rng.standard_normal((50, 300)).astype(np.float32), rng.standard_normal((3, 45, 300)).astype(np.float32)
-    cot = rng.standard_normal((50, 45)).astype(np.float32)
-    got = run(dispatch.get(OP, "cpu"), x, w, np.array([7, 30, 40], np.int32), cot)
-    want = np_grouped_matmul(x, w, [7, 30, 13], cot)
-    for g, r, what in zip(got, want, ("y", "dx", "dw")):
-        assert_close(g, r, what)
+    cases = [CASES[name][:3] + (CASES[name][3],) for name in sorted(CASES)] + EDGE_CASES
+    for n, k, f, sizes in cases:
+        x, w = rng.standard_normal((n, k)).astype(np.float32), rng.standard_normal((len(sizes), f, k)).astype(np.float32)
+        cot = rng.standard_normal((n, f)).astype(np.float32)
+        kept = np.diff(np.minimum(np.cumsum([0] + sizes), n))
+        got = run(dispatch.get(OP, "cpu"), x, w, np.array(sizes, np.int32), cot)
+        for g, r, what in zip(got, np_grouped_matmul(x, w, kept, cot), ("y", "dx", "dw")):
+            assert_close(g, r, f"{isa} {n}x{k}->{f} {sizes} {what}")
+
+
+@requires_cpu
+def test_force_isa_names_the_unknown_isa():
+    with pytest.raises(ValueError, match="isa 'avx1024': expected one of generic, avx2, avx512"):
+        cpu_backend.force_isa("avx1024")
+
+
+@requires_cpu
+def test_cpu_forward_reads_only_the_visited_experts(isa):
+    """Decoding: 3 rows over 16 experts; NaN weights in the 13 others must not reach y."""
+    rng = np.random.default_rng(3)
+    sizes = np.zeros(16, np.int32)
+    sizes[[2, 9, 15]] = 1
+    x, w = rng.standard_normal((3, 40)).astype(np.float32), rng.standard_normal((16, 24, 40)).astype(np.float32)
+    w[sizes == 0] = np.nan
+    y = dispatch.get(OP, "cpu")(ms.Tensor(x), ms.Tensor(w), ms.Tensor(sizes)).asnumpy()
+    assert_close(y, np.stack([x[i] @ w[e].T for i, e in enumerate([2, 9, 15])]), "y")
 
 
 @requires_cpu
