@@ -85,7 +85,9 @@ class HelperPool {
       caller_error = std::current_exception();
     }
     const int started = helpers - std::max(0, slots_.exchange(0));
-    while (finished_.load() < started) CpuRelax();
+    for (int i = 0; finished_.load() < started; ++i) {  // a helper the OS preempted mid-chunk may share our core
+      if (i < 4096) CpuRelax(); else std::this_thread::yield();
+    }
     busy_.store(false);
     if (caller_error) std::rethrow_exception(caller_error);
     if (error_) std::rethrow_exception(error_);
