@@ -15,7 +15,7 @@ from mindspore import Tensor, nn, ops
 from mindport.transformer.attention import MASK_VALUE
 from mindport.transformer.kv_cache import StaticLayerCache
 from mindport.transformer.layers import dtype_of
-from mindport.transformer.rope import logn_scale, ntk_scaling, rope_tables
+from mindport.transformer.rope import logn_scale, rope_tables
 
 
 class CompiledDecoder(nn.Cell):
@@ -34,7 +34,6 @@ class CompiledDecoder(nn.Cell):
         self.slots, self.max_len = batch, max_len
         self.caches = nn.CellList([StaticLayerCache(batch, config.num_kv_heads // model.groups.tp.size, max_len,
                                                     config.head_dim, dtype) for _ in range(len(model.layer_ids))])
-        self._rope_tables: dict = {}
         self.step = ms.jit(self.construct)
         self.move_row = ms.jit(self.move)
 
@@ -56,17 +55,6 @@ class CompiledDecoder(nn.Cell):
             ops.scatter_update(cache.v, dst_rows, ops.gather(cache.v, src_rows, 0))
         return dst
 
-    def rope_table(self, total_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (max_len, D) for sequences of ``total_len`` tokens, computed once per distinct
-        scaling (plain RoPE: one table; TeleChat2's NTK: one per (alpha, mscale))."""
-        config = self.model.config
-        key = None
-        if config.rope_scaling == "telechat_ntk":
-            key = ntk_scaling(total_len, config.training_seqlen, config.base_seqlen)
-        if key not in self._rope_tables:
-            self._rope_tables[key] = rope_tables(config, total_len, self.max_len)
-        return self._rope_tables[key]
-
     def row_inputs(self, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
         """Step inputs for rows holding independent sequences: row i's tokens ``ids[i]`` (b, S) sit at
         positions ``starts[i] + [0, S)``, the first ``lengths[i]`` real (the rest right padding). Each
@@ -77,7 +65,7 @@ class CompiledDecoder(nn.Cell):
         cos, sin = np.empty((b, 1, s, config.head_dim), np.float32), np.empty((b, 1, s, config.head_dim), np.float32)
         positions = starts[:, None] + np.arange(s)[None]  # (b, S)
         for i in range(b):
-            table_cos, table_sin = self.rope_table(int(starts[i] + lengths[i]))
+            table_cos, table_sin = rope_tables(config, int(starts[i] + lengths[i]), self.max_len)
             cos[i, 0], sin[i, 0] = table_cos[starts[i]:starts[i] + s], table_sin[starts[i]:starts[i] + s]
         keys = np.arange(self.max_len)
         mask = np.where(keys[None, None] <= positions[:, :, None], 0.0, MASK_VALUE).astype(np.float32)[:, None]

@@ -17,6 +17,7 @@ written with.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -34,27 +35,40 @@ def ntk_scaling(total_len: int, training_seqlen: int, base_seqlen: int) -> tuple
 
 
 def rope_tables(config: ModelConfig, total_len: int, num_positions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin of shape (num_positions, D) in fp32, for a sequence of ``total_len`` tokens."""
-    d = config.head_dim
+    """cos, sin of shape (num_positions, D) in fp32, for a sequence of ``total_len`` tokens (read-only:
+    views of a table shared by every call with the same scaling, see :func:`_scaled_tables`)."""
     base, mscale = config.rope_theta, 1.0
     if config.rope_scaling == "telechat_ntk":
         alpha, mscale = ntk_scaling(total_len, config.training_seqlen, config.base_seqlen)
-        base = base * alpha ** (d / (d - 2))
+        base = base * alpha ** (config.head_dim / (config.head_dim - 2))
+    n = num_positions or total_len
+    cos, sin = _scaled_tables(config.head_dim, base, mscale, config.rope_fp16_tables, 1 << (n - 1).bit_length())
+    return cos[:n], sin[:n]
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled_tables(d: int, base: float, mscale: float, fp16: bool, num_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tables of positions [0, num_positions), computed once per (D, base, mscale, rounding, size):
+    a decode step asks for one more position each time (a power-of-two size serves all of them), and
+    its cost (cos and sin in float64) was a third of the host's time per token."""
     # Each fp32 step correctly rounded (float64 math, then one rounding), as torch's CPU
     # kernels give; numpy's own float32 pow/cos are up to an ulp off.
     f32, f64 = np.float32, np.float64
     exponent = (np.arange(0, d, 2, dtype=f64) / d).astype(f32)
     inv_freq = (1.0 / (f64(f32(base)) ** exponent.astype(f64)).astype(f32).astype(f64)).astype(f32)
-    positions = np.arange(num_positions or total_len, dtype=f64)
+    positions = np.arange(num_positions, dtype=f64)
     freqs = (positions[:, None] * inv_freq.astype(f64)[None, :]).astype(f32)
     angles = np.concatenate([freqs, freqs], axis=-1).astype(f64)  # (S, D): rotate-half layout
     cos, sin = np.cos(angles).astype(f32), np.sin(angles).astype(f32)
-    if config.rope_fp16_tables:
+    if fp16:
         # fp16 table times a Python-float mscale: fp32 arithmetic, rounded to fp16 (torch's rule)
-        cos = (cos.astype(np.float16).astype(f32) * f32(mscale)).astype(np.float16)
-        sin = (sin.astype(np.float16).astype(f32) * f32(mscale)).astype(np.float16)
-        return cos.astype(f32), sin.astype(f32)
-    return (cos * f32(mscale)).astype(f32), (sin * f32(mscale)).astype(f32)
+        cos = (cos.astype(np.float16).astype(f32) * f32(mscale)).astype(np.float16).astype(f32)
+        sin = (sin.astype(np.float16).astype(f32) * f32(mscale)).astype(np.float16).astype(f32)
+    else:
+        cos, sin = (cos * f32(mscale)).astype(f32), (sin * f32(mscale)).astype(f32)
+    cos.setflags(write=False)
+    sin.setflags(write=False)
+    return cos, sin
 
 
 def logn_scale(config: ModelConfig, positions: np.ndarray) -> np.ndarray:

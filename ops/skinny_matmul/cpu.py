@@ -3,9 +3,10 @@
 The kernel lives in ``csrc/skinny_matmul.cc`` and is built on first use by :mod:`mindport.ops._aot`
 (cached, atomic, falling back to the reference if the build fails). The kernel takes float32 x of
 1 <= M <= ``MAX_ROWS`` rows, but the backend hands it only ``FASTER_ROWS``: on the 2-core build
-machine (quiet, BENCHMARKS.md) it beat MatMul at M = 1 (decode step 15.6 vs 17.3 ms) and lost at
-M = 8 (55.5 vs 46.9 ms: one row at a time is compute-bound there, MatMul's tiles are not). Other
-inputs go to the reference. The backward is two MatMuls (dx = dy weight, dweight = dy^T x).
+machine (quiet, BENCHMARKS.md) it beat MatMul at M = 1 (decode step 15.6 vs 17.3 ms with its first,
+one-thread, two-row loop) and lost at M = 8 (55.5 vs 46.9 ms: one row at a time is compute-bound
+there, MatMul's tiles are not). Other inputs go to the reference. The backward is two MatMuls
+(dx = dy weight, dweight = dy^T x).
 """
 from __future__ import annotations
 

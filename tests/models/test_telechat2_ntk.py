@@ -39,3 +39,14 @@ def test_logits_equal_numpy_reference_beyond_training_seqlen(telechat_pair, fp16
     model = AutoModelForCausalLM.from_pretrained(directory, rope_fp16_tables=fp16)
     diff = np.abs(model(ids).asnumpy() - expected).max()
     assert diff <= 1e-5, f"max abs diff {diff:.2e}"
+
+
+def test_tables_of_successive_decode_steps_share_one_computed_table():
+    """A decode step asks for one more position each time: the tables are read-only views of one
+    table computed once per scaling (cos and sin in float64 were a third of the host's time per token),
+    and a row does not depend on how many rows were asked for."""
+    cfg = AutoModelForCausalLM.from_preset("telechat2-tiny-gqa").config
+    (cos_a, sin_a), (cos_b, sin_b) = rope_tables(cfg, 20, 21), rope_tables(cfg, 22, 23)
+    assert np.shares_memory(cos_a, cos_b) and np.shares_memory(sin_a, sin_b)
+    assert not cos_a.flags.writeable and not sin_b.flags.writeable
+    assert np.array_equal(cos_b[:21], cos_a) and np.array_equal(rope_tables(cfg, 22, 200)[1][:23], sin_b)

@@ -42,12 +42,13 @@ def assert_close(actual, expected, what, tol=1e-5):
 
 
 @requires_cpu
-@pytest.mark.parametrize("m, k, n", [(1, 37, 29), (3, 64, 33), (MAX_ROWS, 512, 1025)],
-                         ids=["one_row_tails", "odd_rows", "max_rows_threaded"])
+@pytest.mark.parametrize("m, k, n", [(1, 37, 29), (3, 64, 33), (1, 200, 1029), (MAX_ROWS, 512, 1025)],
+                         ids=["one_row_tails", "odd_rows", "one_row_threaded_tails", "max_rows_threaded"])
 @pytest.mark.parametrize("jit", [False, True], ids=["pynative", "jit"])
 def test_cpu_matches_numpy_oracle(m, k, n, jit):
     """The kernel itself (the backend hands it only FASTER_ROWS rows): K not a multiple of the vector
-    width, an odd N (the two-row loop's tail), and a product large enough to be split over threads."""
+    width, N not a multiple of the rows streamed together (the loop's tail), and products large enough
+    to be split over the kept threads (at M = 1 too, with a tail in the last chunk)."""
     rng = np.random.default_rng(m)
     x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
     cot = rng.standard_normal((m, n)).astype(np.float32)

@@ -3,10 +3,11 @@
 //   SkinnyMatmul(x f32[M,K], weight f32[N,K]) -> y f32[M,N] = x weight^T,   1 <= M <= kMaxRows
 //
 // While decoding, M (the batch) is small and the product is bound by reading the weight once.
-// Each weight row is streamed once, two rows at a time, and dotted with all M rows of x (which
+// Each weight row is streamed once, several rows at a time, and dotted with all M rows of x (which
 // stay in L1): AVX-512 or AVX2 + FMA when the processor has them, plain C++ otherwise. Rows of
-// the weight are split over threads only when the product is large enough to pay for starting
-// them. Float32 sums in another order than MatMul's: results agree to rounding.
+// the weight are split over the operators' kept threads (parallel_for.h) unless the product is too
+// small to pay for handing work over. Float32 sums in another order than MatMul's: results agree
+// to rounding.
 
 #include <algorithm>
 #include <cstdint>
@@ -22,7 +23,7 @@
 namespace {
 
 constexpr int kMaxRows = 8;
-constexpr double kThreadFlops = 2e6;  // smaller products run on the calling thread
+constexpr double kThreadFlops = 2e5;  // smaller products run on the calling thread (a 100K-float weight at M = 1)
 
 // y[i, j] for weight rows j in [j0, j1): plain C++ (any processor).
 void RowsPlain(const float *x, int64_t m, const float *w, int64_t k, float *y, int64_t n, int64_t j0, int64_t j1) {
@@ -35,36 +36,42 @@ void RowsPlain(const float *x, int64_t m, const float *w, int64_t k, float *y, i
 }
 
 #if defined(__x86_64__)
-// M rows of x against weight rows [j0, j1), two weight rows at a time (each x load feeds two FMAs),
-// 16 lanes; M is a template parameter so that the 2 M accumulators stay in registers.
-template <int M>
+// Weight rows streamed together by the AVX-512 loop for M rows of x: as many as the 32 vector registers
+// hold beside their R * M accumulators (8 at M = 1: eight streams in flight keep a core at the memory's
+// rate where two reached ~25 GB/s of ~35).
+constexpr int StreamedRows(int m) { return std::max(2, std::min(8, 24 / (m + 1))); }
+
+// M rows of x against weight rows [j0, j1), R weight rows at a time (each x load feeds R FMAs), 16 lanes;
+// M and R are template parameters so that the R * M accumulators stay in registers. Rows left over
+// from the blocks of R run one at a time.
+template <int M, int R = StreamedRows(M)>
 __attribute__((target("avx512f"))) void RowsAvx512(const float *x, int64_t k, const float *w, float *y, int64_t n,
                                                    int64_t j0, int64_t j1) {
   const int64_t body = k - k % 16;
   int64_t j = j0;
-  for (; j + 2 <= j1; j += 2) {
-    const float *w0 = w + j * k, *w1 = w0 + k;
-    __m512 a0[M], a1[M];
-    for (int i = 0; i < M; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  for (; j + R <= j1; j += R) {
+    const float *wj = w + j * k;
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
     for (int64_t q = 0; q < body; q += 16) {
-      const __m512 v0 = _mm512_loadu_ps(w0 + q), v1 = _mm512_loadu_ps(w1 + q);
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(wj + r * k + q);
       for (int i = 0; i < M; ++i) {
         const __m512 xv = _mm512_loadu_ps(x + i * k + q);
-        a0[i] = _mm512_fmadd_ps(xv, v0, a0[i]);
-        a1[i] = _mm512_fmadd_ps(xv, v1, a1[i]);
+        for (int r = 0; r < R; ++r) acc[r][i] = _mm512_fmadd_ps(xv, wv[r], acc[r][i]);
       }
     }
-    for (int i = 0; i < M; ++i) {
-      float s0 = _mm512_reduce_add_ps(a0[i]), s1 = _mm512_reduce_add_ps(a1[i]);
-      for (int64_t q = body; q < k; ++q) {
-        s0 += x[i * k + q] * w0[q];
-        s1 += x[i * k + q] * w1[q];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < M; ++i) {
+        float s = _mm512_reduce_add_ps(acc[r][i]);
+        for (int64_t q = body; q < k; ++q) s += x[i * k + q] * wj[r * k + q];
+        y[i * n + j + r] = s;
       }
-      y[i * n + j] = s0;
-      y[i * n + j + 1] = s1;
-    }
   }
-  if (j < j1) RowsPlain(x, M, w, k, y, n, j, j1);
+  if constexpr (R > 1) {
+    if (j < j1) RowsAvx512<M, 1>(x, k, w, y, n, j, j1);
+  }
 }
 
 template <int M>
@@ -131,7 +138,8 @@ int SkinnyMatmulBody(int nparam, void **params, int *ndims, int64_t **shapes, co
   const float *w = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   const int threads = mindport::ThreadsFor(2.0 * m * n * k, kThreadFlops);
-  mindport::ParallelFor(n, threads, std::max<int64_t>(1, n / (4 * threads)), [&](int64_t j0, int64_t j1) {
+  const int64_t chunk = std::max<int64_t>(8, n / (4 * threads) / 8 * 8);  // whole blocks of the row loop
+  mindport::ParallelFor(n, threads, chunk, [&](int64_t j0, int64_t j1) {
 #if defined(__x86_64__)
     if (RowsFn fn = Vectorized(m)) {
       fn(x, k, w, y, n, j0, j1);
