@@ -11,6 +11,8 @@ with other work: best-of-N timing and a bandwidth probe at start and end limit t
 
     python bench/bench_moe_routing.py                 # full shape, ~1-2 minutes on 2 cores
     python bench/bench_moe_routing.py --tokens 1024   # quick run
+    python bench/bench_moe_routing.py --jit --tokens 1024 --hidden 512 --experts 8 --top-k 2
+        # one layer of issue 18's Mixtral training shape, each op compiled as in the training step
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of the reference (best is kept)")
     ap.add_argument("--fused-repeats", type=int, default=10, help="timed runs of the fused op (best is kept)")
     ap.add_argument("--copy-mb", type=int, default=1024, help="size of the bandwidth-probe copy")
+    ap.add_argument("--jit", action="store_true", help="time each op compiled (ms.jit), as in a training step")
     args = ap.parse_args()
 
     import mindspore as ms
@@ -84,7 +87,8 @@ def main() -> None:
     cot_p = ms.Tensor(rng.standard_normal((n, h)).astype(npdt))
     cot_o = ms.Tensor(rng.standard_normal((t, h)).astype(npdt))
 
-    print(f"shape: T={t} H={h} E={e} top_k={k} capacity={cap} dtype={args.dtype} mode=PYNATIVE")
+    mode = "jit" if args.jit else "PYNATIVE"
+    print(f"shape: T={t} H={h} E={e} top_k={k} capacity={cap} dtype={args.dtype} mode={mode}")
     print(f"threads: {os.cpu_count()} cores, MINDPORT_OP_THREADS={os.environ.get('MINDPORT_OP_THREADS', 'all')}")
     print(f"load_average_1min_at_start: {os.getloadavg()[0]:.2f}")
 
@@ -98,38 +102,44 @@ def main() -> None:
     bytes_c_fwd = (n * h + t * h) * size
     bytes_c_fb = bytes_c_fwd + (t * h + 2 * n * h) * size
 
-    results = {}
-    sens_c = cot_o
-    for backend in ("reference", "cpu"):
-        repeats = args.repeats if backend == "reference" else args.fused_repeats
+    def compiled(fn):
+        return ms.jit(fn) if args.jit else fn
+
+    def timed(fn, *inputs):
+        def run():
+            fn(*inputs)
+            ms.runtime.synchronize()  # a compiled graph may return before its kernels finish
+        return run
+
+    def ops_of(backend: str):
+        """(gating+permute forward, its gradient, combine forward, its gradient) of one backend."""
         gp = dispatch.get("moe_gating_permute", backend=backend)
         comb = dispatch.get("moe_unpermute_combine", backend=backend)
 
-        def gp_fwd(gp=gp):
-            return gp(logits, hidden, k, True, 1e-6, cap)
+        def gp_fwd(lg, hd):
+            return gp(lg, hd, k, True, 1e-6, cap)
 
-        w, _, perm, slot_rows, _ = gp_fwd()
-        expert_out = perm  # the experts' outputs have the permuted rows' shape and dtype
-
-        def gp_out(lg, hd, gp=gp):
+        def gp_out(lg, hd):
             wts, _, p, _, _ = gp(lg, hd, k, True, 1e-6, cap)
             return wts, p
 
-        gp_grad = ms.grad(gp_out, grad_position=(0, 1), sens_param=True)
+        def c_fwd(eo, slots, wts):
+            return comb(eo, slots, wts)
 
-        def c_fwd(comb=comb):
-            return comb(expert_out, slot_rows, w)
+        return (compiled(gp_fwd), compiled(ms.grad(gp_out, grad_position=(0, 1), sens_param=True)),
+                compiled(c_fwd), compiled(ms.grad(c_fwd, grad_position=(0, 2), sens_param=True)))
 
-        def c_out(eo, wts, comb=comb):
-            return comb(eo, slot_rows, wts)
-
-        c_grad = ms.grad(c_out, grad_position=(0, 1), sens_param=True)
-
+    results = {}
+    for backend in ("reference", "cpu"):
+        repeats = args.repeats if backend == "reference" else args.fused_repeats
+        gp_fwd, gp_grad, c_fwd, c_grad = ops_of(backend)
+        w, _, perm, slot_rows, _ = gp_fwd(logits, hidden)
+        expert_out = perm  # the experts' outputs have the permuted rows' shape and dtype
         results[backend] = {
-            "gating_permute_forward": best_time(gp_fwd, repeats),
-            "gating_permute_fwd_bwd": best_time(lambda: gp_grad(logits, hidden, (cot_w, cot_p)), repeats),
-            "combine_forward": best_time(c_fwd, repeats),
-            "combine_fwd_bwd": best_time(lambda: c_grad(expert_out, w, sens_c), repeats),
+            "gating_permute_forward": best_time(timed(gp_fwd, logits, hidden), repeats),
+            "gating_permute_fwd_bwd": best_time(timed(gp_grad, logits, hidden, (cot_w, cot_p)), repeats),
+            "combine_forward": best_time(timed(c_fwd, expert_out, slot_rows, w), repeats),
+            "combine_fwd_bwd": best_time(timed(c_grad, expert_out, slot_rows, w, cot_o), repeats),
         }
         del w, perm, slot_rows, expert_out
 

@@ -13,7 +13,7 @@ Jacobian-vector product; the backward of the combine op gives the expert-output 
 weight gradients in one pass.
 
 The kernels stream rows with non-temporal stores (SSE2, x86-64 baseline; plain memcpy elsewhere)
-and split large copies over ``$MINDPORT_OP_THREADS`` threads (default: every core).
+and split copies of 64 MB or more over ``$MINDPORT_OP_THREADS`` threads (default: every core).
 
 MindSpore refuses to create a Custom primitive inside a ``mindspore.jit`` graph, so the
 primitives are created at import time (pointing at the library's future path) and shared by all
