@@ -99,6 +99,7 @@ signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 open(os.path.join(sys.argv[1], f"started{rank}"), "w").close()
 while not stop:
     time.sleep(0.05)
+time.sleep(3 if rank == 0 else 0)  # rank 0 saves slower: rank 1 has ended (143) while it saves
 open(os.path.join(sys.argv[1], f"saved{rank}"), "w").close()  # what mindport train does: finish the step, save
 sys.exit(143)
 """
@@ -109,7 +110,8 @@ sys.exit(143)
 def test_ctrl_c_or_sigterm_reaches_every_worker_and_the_launcher_returns_after_them(tmp_path, as_terminal, code):
     """A terminal's Ctrl-C (SIGINT to the launcher's whole process group) or `kill` of the launcher:
     every worker gets SIGTERM and finishes (mindport train saves a checkpoint) before the launcher
-    returns 130 / 143; msrun itself never SIGKILLs them."""
+    returns 130 / 143; msrun itself never SIGKILLs them, not even a rank still saving after another
+    rank's 143 (msrun kills the others at a worker's non-zero exit, then waits ~30 s for their heartbeats)."""
     import signal
     import time
 
