@@ -139,7 +139,12 @@ def test_ctrl_c_or_sigterm_reaches_every_worker_and_the_launcher_returns_after_t
 
 
 def test_a_command_that_is_no_script_fails_at_once_in_one_line(tmp_path):
-    proc = launch(tmp_path, "echo hello", "2", timeout=60)
+    held = listening_socket(DEFAULT_PORT)  # busy (or in TIME_WAIT after the jobs above): no port notice first
+    try:
+        proc = launch(tmp_path, "echo hello", "2", timeout=60)
+    finally:
+        if held:
+            held.close()
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "msrun_launcher.sh: error: CMD = 'echo hello': expected a Python script with its arguments or a "
         "mindport command"), proc.stderr
