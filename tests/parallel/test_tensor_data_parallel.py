@@ -1,12 +1,14 @@
 """TP2, TP2+SP, DP2, DP2xTP2, PP2 (2 and 4 micro-batches) and PP2xTP2 on real msrun processes
 (CPU): loss, gradient norm, logits, every gradient and every parameter after one AdamW step equal
-the single-process run, slice by slice, and replicated parameters are bit-identical on every rank."""
+the single-process run, slice by slice, and replicated parameters are bit-identical on every rank.
+The layouts of one world size share one msrun launch."""
 import json
 import os
 
 import pytest
 
-from testkit.launch import assert_layout_equals_single_process, msrun, rank_dumps, single_process_dump
+from testkit.launch import (assert_layout_equals_single_process, layout_launches, msrun, rank_dumps,
+                            single_process_dump)
 from mindport import ConfigError, ParallelConfig
 from mindport.parallel.state import check_layout, group_ranks
 
@@ -28,6 +30,12 @@ def reference(tiny_telechat_hf, tmp_path_factory):
     return tiny_telechat_hf, single_process_dump(WORKER, tiny_telechat_hf, str(tmp_path_factory.mktemp("single")))
 
 
+@pytest.fixture(scope="module")
+def layout_runs(reference, tmp_path_factory):
+    """name -> output directory of that layout's step (2 launches: world 2 and world 4)."""
+    return layout_launches(WORKER, [reference[0]], LAYOUTS, str(tmp_path_factory.mktemp("layouts")))
+
+
 def run_and_compare(model_dir: str, ref: dict, layout: dict, tmp_path) -> None:
     world = ParallelConfig.from_dict(layout).world_size
     out = str(tmp_path / "out")
@@ -37,9 +45,10 @@ def run_and_compare(model_dir: str, ref: dict, layout: dict, tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_equals_single_process(reference, tmp_path, name):
-    hf_dir, ref = reference
-    run_and_compare(hf_dir, ref, LAYOUTS[name], tmp_path)
+def test_layout_equals_single_process(reference, layout_runs, name):
+    layout = LAYOUTS[name]
+    dumps = rank_dumps(layout_runs(name), ParallelConfig.from_dict(layout).world_size)
+    assert_layout_equals_single_process(dumps, reference[1], layout)
 
 
 @pytest.mark.slow

@@ -35,6 +35,37 @@ def msrun(script: str, args: list[str], workers: int, log_dir: str, timeout: int
         raise AssertionError(f"msrun failed ({proc.returncode}):\n" + "\n".join(tails))
 
 
+def layout_launches(worker: str, model_dirs: list[str], layouts: dict[str, dict], root: str, *extra: str):
+    """A function name -> the output directory of ``worker``'s run under ``layouts[name]``.
+
+    The layouts of one world size run in one msrun launch, started when the first of them is asked
+    for (process start-up, MindSpore's import and the cluster join are paid once per world size);
+    the worker runs a JSON list of layouts one after the other, the i-th writing to OUT_DIR/i/.
+    A failed launch fails every layout of it with its error, without launching again."""
+    import json
+
+    from mindport import ParallelConfig
+
+    outcome: dict[str, str | AssertionError] = {}
+
+    def out_dir(name: str) -> str:
+        if name not in outcome:
+            world = ParallelConfig.from_dict(layouts[name]).world_size
+            names = [n for n in layouts if ParallelConfig.from_dict(layouts[n]).world_size == world]
+            out = os.path.join(root, f"world{world}")
+            try:
+                msrun(worker, [",".join(model_dirs), out, json.dumps([layouts[n] for n in names]), *extra], world,
+                      os.path.join(out, "log"))
+                outcome.update({n: os.path.join(out, str(i)) for i, n in enumerate(names)})
+            except AssertionError as err:
+                outcome.update({n: err for n in names})
+        if isinstance(outcome[name], AssertionError):
+            raise outcome[name]
+        return outcome[name]
+
+    return out_dir
+
+
 def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
     scale = max(float(np.abs(ref).max()), 1e-12)
