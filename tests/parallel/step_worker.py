@@ -1,12 +1,9 @@
 """One training step under a parallel layout, launched by msrun; dumps what tests compare.
 
 usage: step_worker.py MODEL_DIRS OUT_DIR '{"data_parallel": 2, "model_parallel": 2, ...}' [jit]
-       step_worker.py MODEL_DIRS OUT_DIR '[{"model_parallel": 2}, {"data_parallel": 2}, ...]' [jit]
 
 MODEL_DIRS is one model directory, or several joined by ',' (one msrun launch for several
-models; the k-th writes to OUT_DIR/k/). A list of layouts of one world size runs them one after
-the other in the same processes (one launch: start-up, import and joining the cluster are paid
-once), the i-th writing to OUT_DIR/i/. For each, every rank loads its slices, takes its
+models; the k-th writes to OUT_DIR/k/). For each, every rank loads its slices, takes its
 data-parallel share of a fixed batch, computes loss and gradients, synchronises them, applies
 one AdamW step and writes rank{r}.npz: loss (global), the global gradient norm (GradNorm),
 logits (all V columns, without pipeline stages), grad:/param: entries for its local parameters,
@@ -84,10 +81,5 @@ def main(model_dirs: list[str], out_dir: str, layout: dict, jit: bool) -> None:
 
 
 if __name__ == "__main__":
-    layouts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    jit = sys.argv[4:] == ["jit"]
-    if isinstance(layouts, list):
-        for i, layout in enumerate(layouts):
-            main(sys.argv[1].split(","), os.path.join(sys.argv[2], str(i)), layout, jit)
-    else:
-        main(sys.argv[1].split(","), sys.argv[2], layouts, jit)
+    main(sys.argv[1].split(","), sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {},
+         sys.argv[4:] == ["jit"])
