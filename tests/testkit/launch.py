@@ -35,35 +35,49 @@ def msrun(script: str, args: list[str], workers: int, log_dir: str, timeout: int
         raise AssertionError(f"msrun failed ({proc.returncode}):\n" + "\n".join(tails))
 
 
-def layout_launches(worker: str, model_dirs: list[str], layouts: dict[str, dict], root: str, *extra: str):
-    """A function name -> the output directory of ``worker``'s run under ``layouts[name]``.
+def shared_launches(jobs: dict[str, tuple[str, int, list[str]]], root: str):
+    """``jobs``: name -> (launch, world size, [script, *arguments]), each job writing to ROOT/name
+    (which its arguments name). Returns ``run(name)`` -> ROOT/name once job ``name`` has run: the jobs
+    with one ``launch`` key (and world size) run one after the other in one msrun launch of
+    ``script_runner.py`` (logs in ROOT/logs/LAUNCH), started at the first ``run`` of any of them.
+    A failed launch fails each of its jobs with its error, without launching again."""
+    import json
 
-    The layouts of one world size run in one msrun launch, started when the first of them is asked
-    for (process start-up, MindSpore's import and the cluster join are paid once per world size);
-    the worker runs a JSON list of layouts one after the other, the i-th writing to OUT_DIR/i/.
-    A failed launch fails every layout of it with its error, without launching again."""
+    runner = os.path.join(os.path.dirname(__file__), "script_runner.py")
+    outcome: dict[str, AssertionError | None] = {}
+
+    def run(name: str) -> str:
+        launch, world, _ = jobs[name]
+        if name not in outcome:
+            names = [n for n, (l, _, _) in jobs.items() if l == launch]
+            assert {jobs[n][1] for n in names} == {world}, f"launch {launch}: jobs of different world sizes"
+            try:
+                msrun(runner, [json.dumps([jobs[n][2] for n in names])], world, os.path.join(root, "logs", launch),
+                      timeout=300 * (len(names) + 1))
+                outcome.update(dict.fromkeys(names))
+            except AssertionError as err:
+                outcome.update(dict.fromkeys(names, err))
+        if outcome[name] is not None:
+            raise outcome[name]
+        return os.path.join(root, name)
+
+    return run
+
+
+def layout_runs(worker: str, runs: dict[str, tuple[str, dict]], root: str, *extra: str):
+    """``runs``: name -> (model directories joined by ',', layout) for ``worker MODEL_DIRS OUT_DIR
+    LAYOUT_JSON *extra`` (step_worker.py); the runs of one world size share a launch. Returns
+    :func:`shared_launches`' ``run``."""
     import json
 
     from mindport import ParallelConfig
 
-    outcome: dict[str, str | AssertionError] = {}
-
-    def out_dir(name: str) -> str:
-        if name not in outcome:
-            world = ParallelConfig.from_dict(layouts[name]).world_size
-            names = [n for n in layouts if ParallelConfig.from_dict(layouts[n]).world_size == world]
-            out = os.path.join(root, f"world{world}")
-            try:
-                msrun(worker, [",".join(model_dirs), out, json.dumps([layouts[n] for n in names]), *extra], world,
-                      os.path.join(out, "log"))
-                outcome.update({n: os.path.join(out, str(i)) for i, n in enumerate(names)})
-            except AssertionError as err:
-                outcome.update({n: err for n in names})
-        if isinstance(outcome[name], AssertionError):
-            raise outcome[name]
-        return outcome[name]
-
-    return out_dir
+    jobs = {}
+    for name, (model_dirs, layout) in runs.items():
+        world = ParallelConfig.from_dict(layout).world_size
+        jobs[name] = (f"world{world}", world, [worker, model_dirs, os.path.join(root, name), json.dumps(layout),
+                                               *extra])
+    return shared_launches(jobs, root)
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:
