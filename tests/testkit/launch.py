@@ -1,4 +1,5 @@
 """Launch a script on N CPU processes with msrun, as tests do, and compare what the ranks dumped."""
+import json
 import os
 import socket
 import subprocess
@@ -41,8 +42,6 @@ def shared_launches(jobs: dict[str, tuple[str, int, list[str]]], root: str):
     with one ``launch`` key (and world size) run one after the other in one msrun launch of
     ``script_runner.py`` (logs in ROOT/logs/LAUNCH), started at the first ``run`` of any of them.
     A failed launch fails each of its jobs with its error, without launching again."""
-    import json
-
     runner = os.path.join(os.path.dirname(__file__), "script_runner.py")
     outcome: dict[str, AssertionError | None] = {}
 
@@ -68,8 +67,6 @@ def layout_runs(worker: str, runs: dict[str, tuple[str, dict]], root: str, *extr
     """``runs``: name -> (model directories joined by ',', layout) for ``worker MODEL_DIRS OUT_DIR
     LAYOUT_JSON *extra`` (step_worker.py); the runs of one world size share a launch. Returns
     :func:`shared_launches`' ``run``."""
-    import json
-
     from mindport import ParallelConfig
 
     jobs = {}
