@@ -153,8 +153,6 @@ def assert_layout_equals_single_process(dumps: list[dict], ref: dict, layout: di
 def assert_checkpoint_replicas_identical(step_dir: str) -> int:
     """:func:`assert_replicas_identical` on a per-rank checkpoint (``layout.json`` + ``rank_XXXX/``):
     every tensor slice that several rank directories hold is bit-identical in all of them."""
-    import json
-
     from mindport.train.checkpoint import read_safetensors
 
     with open(os.path.join(step_dir, "layout.json")) as f:
