@@ -44,6 +44,17 @@ done
 (( LOCAL_WORKER <= WORKER_NUM )) || { echo "$me: error: LOCAL_WORKER = $LOCAL_WORKER exceeds WORKER_NUM = $WORKER_NUM" >&2; exit 2; }
 case ${JOIN,,} in true) JOIN=True ;; false) JOIN=False ;; *) echo "$me: error: JOIN = '$JOIN': expected True or False" >&2; exit 2 ;; esac
 
+eval "ARGS=($CMD)"  # CMD is a shell command line: honour its quoting ("--prompt 'two words'")
+if [[ ${ARGS[0]} =~ ^python(3(\.[0-9]+)?)?$ ]]; then  # "python script.py ...": msrun adds the interpreter
+  ARGS=("${ARGS[@]:1}")
+fi
+if [[ ${ARGS[0]:-} == mindport ]]; then  # msrun runs a Python script: use the CLI module's file
+  ARGS[0]=$(python -c 'import mindport.cli as c; print(c.__file__)')
+elif [[ ! -f ${ARGS[0]:-} ]]; then
+  echo "$me: error: CMD = '$CMD': expected a Python script with its arguments or a mindport command" >&2
+  exit 2
+fi
+
 # Can this host bind MASTER_ADDR:MASTER_PORT, as msrun's scheduler will (without SO_REUSEADDR: a
 # port in TIME_WAIT after an earlier job stops it too)? "free", "in-use", or "elsewhere" (the
 # address is another node's: its launcher checks).
@@ -67,17 +78,6 @@ if [[ $(port_state) == in-use ]]; then
   port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   echo "$me: port $MASTER_PORT is in use; using $port" >&2
   MASTER_PORT=$port
-fi
-
-eval "ARGS=($CMD)"  # CMD is a shell command line: honour its quoting ("--prompt 'two words'")
-if [[ ${ARGS[0]} =~ ^python(3(\.[0-9]+)?)?$ ]]; then  # "python script.py ...": msrun adds the interpreter
-  ARGS=("${ARGS[@]:1}")
-fi
-if [[ ${ARGS[0]:-} == mindport ]]; then  # msrun runs a Python script: use the CLI module's file
-  ARGS[0]=$(python -c 'import mindport.cli as c; print(c.__file__)')
-elif [[ ! -f ${ARGS[0]:-} ]]; then
-  echo "$me: error: CMD = '$CMD': expected a Python script with its arguments or a mindport command" >&2
-  exit 2
 fi
 
 here=$(cd "$(dirname "$0")" && pwd)

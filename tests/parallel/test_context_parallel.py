@@ -3,7 +3,8 @@ algorithms, and CP2 x TP2, on a tiny GQA TeleChat2 (training_seqlen 32, so seque
 tokens also exercise the dynamic NTK RoPE built from the total length). Every layer's attention
 output, the loss and every gradient equal the single-process model (<= 1e-5 relative, fp32);
 so do the attention core's output and dq/dk/dv on random inputs, with the C++ and the reference
-block operator, and compiled with ms.jit. Plus the zigzag layout helpers (fast, no msrun)."""
+block operator, and compiled with ms.jit. Plus the zigzag layout helpers (fast, no msrun).
+CP4 and CP2 x TP2 share one msrun launch."""
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from testkit.hf_models import llama_tiny, save_hf_dir, telechat_from_llama
-from testkit.launch import assert_close, assert_replicas_identical, msrun, rank_dumps
+from testkit.launch import assert_close, assert_replicas_identical, msrun, rank_dumps, shared_launches
 from mindport import ConfigError
 from mindport.parallel.context import (check_sequence_length, context_parallel_batch, zigzag_merge,
                                        zigzag_positions, zigzag_split)
@@ -77,14 +78,25 @@ def reference(tmp_path_factory):
     return hf_dir, dict(np.load(os.path.join(out, "rank0.npz")))
 
 
+@pytest.fixture(scope="module")
+def layout_runs(reference, tmp_path_factory):
+    """name -> its output directory, once it has run (the runs of one world size share a launch)."""
+    root = str(tmp_path_factory.mktemp("cp_layouts"))
+    jobs = {}
+    for name, (layout, seqs) in LAYOUTS.items():
+        world = layout.get("context_parallel", 1) * layout.get("model_parallel", 1)
+        jobs[name] = (f"world{world}", world, [WORKER, reference[0], os.path.join(root, name),
+                                               ",".join(map(str, seqs)), json.dumps(layout)])
+    return shared_launches(jobs, root)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_context_parallel_equals_single_process(reference, tmp_path, name):
+def test_context_parallel_equals_single_process(reference, layout_runs, name):
     hf_dir, ref = reference
     layout, seqs = LAYOUTS[name]
     cp, tp = layout.get("context_parallel", 1), layout.get("model_parallel", 1)
-    out = str(tmp_path / "out")
-    msrun(WORKER, [hf_dir, out, ",".join(map(str, seqs)), json.dumps(layout)], cp * tp, str(tmp_path / "log"))
+    out = layout_runs(name)
     grad_names = [k.split(":", 3)[3] for k in ref if k.startswith(f"{seqs[0]}:single:grad:")]
     for rank in range(cp * tp):
         dump = dict(np.load(os.path.join(out, f"rank{rank}.npz")))

@@ -9,6 +9,8 @@ the same code; tests/train/test_moe_compiled.py compares the two).
 - TP2, TP2+SP and TP2 x EP2 (4 ranks), tiny Mixtral, Qwen2-MoE (shared expert + sigmoid gate)
   and XVERSE-MoE (shared experts, capacity drops), all with a router loss: the router's and the
   shared gate's gradients are partial on each tp rank and must be summed over tp.
+
+Two msrun launches: the world-2 layouts (both EP2 dispatchers, TP2, TP2+SP) in one, TP2 x EP2.
 """
 import json
 import os
@@ -20,14 +22,19 @@ import pytest
 
 from mindport import AutoModelForCausalLM, ParallelConfig
 from testkit.hf_models import hf_moe
-from testkit.launch import assert_layout_equals_single_process, msrun, rank_dumps
+from testkit import launch
+from testkit.launch import assert_layout_equals_single_process, rank_dumps
 
 WORKER = os.path.join(os.path.dirname(__file__), "step_worker.py")
 FAMILIES = ("mixtral", "qwen2_moe", "xverse")
-TP_LAYOUTS = {
-    "tp2": dict(model_parallel=2),
-    "tp2_sp": dict(model_parallel=2, use_seq_parallel=True),
-    "tp2_ep2": dict(data_parallel=2, model_parallel=2, expert_parallel=2),
+EP_FAMILIES = ("mixtral", "xverse")
+# name -> (families, layout)
+LAYOUTS = {
+    "ep2_alltoall": (EP_FAMILIES, dict(data_parallel=2, expert_parallel=2, moe_token_dispatcher="alltoall")),
+    "ep2_allgather": (EP_FAMILIES, dict(data_parallel=2, expert_parallel=2, moe_token_dispatcher="allgather")),
+    "tp2": (FAMILIES, dict(model_parallel=2)),
+    "tp2_sp": (FAMILIES, dict(model_parallel=2, use_seq_parallel=True)),
+    "tp2_ep2": (FAMILIES, dict(data_parallel=2, model_parallel=2, expert_parallel=2)),
 }
 
 
@@ -62,25 +69,28 @@ def models(tmp_path_factory):
             for k, (name, d) in enumerate(zip(FAMILIES, dirs))}
 
 
-def run_layout(models: dict, families: tuple, layout: dict, tmp_path) -> None:
-    """One msrun launch (compiled) for every family in ``families``, each compared with its single process."""
-    world = ParallelConfig.from_dict(layout).world_size
-    out = str(tmp_path / "out")
-    msrun(WORKER, [",".join(models[f][0] for f in families), out, json.dumps(layout), "jit"], world,
-          str(tmp_path / "log"))
+@pytest.fixture(scope="module")
+def layout_runs(models, tmp_path_factory):
+    """name -> its output directory (OUT/k/ for the k-th family) once its compiled steps have run."""
+    runs = {name: (",".join(models[f][0] for f in families), layout) for name, (families, layout) in LAYOUTS.items()}
+    return launch.layout_runs(WORKER, runs, str(tmp_path_factory.mktemp("layouts")), "jit")
+
+
+def assert_layout_equals(models: dict, layout_runs, name: str) -> None:
+    """Every family's ranks under layout ``name`` against its single process."""
+    families, layout = LAYOUTS[name]
     for k, family in enumerate(families):
-        dumps = rank_dumps(os.path.join(out, str(k)) if len(families) > 1 else out, world)
+        dumps = rank_dumps(os.path.join(layout_runs(name), str(k)), ParallelConfig.from_dict(layout).world_size)
         assert_layout_equals_single_process(dumps, models[family][1], layout)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-def test_ep2_equals_single_process(models, tmp_path, dispatcher):
-    run_layout(models, ("mixtral", "xverse"), dict(data_parallel=2, expert_parallel=2,
-                                                   moe_token_dispatcher=dispatcher), tmp_path)
+def test_ep2_equals_single_process(models, layout_runs, dispatcher):
+    assert_layout_equals(models, layout_runs, f"ep2_{dispatcher}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TP_LAYOUTS)
-def test_tensor_parallel_moe_equals_single_process(models, tmp_path, name):
-    run_layout(models, FAMILIES, TP_LAYOUTS[name], tmp_path)
+@pytest.mark.parametrize("name", ["tp2", "tp2_sp", "tp2_ep2"])
+def test_tensor_parallel_moe_equals_single_process(models, layout_runs, name):
+    assert_layout_equals(models, layout_runs, name)

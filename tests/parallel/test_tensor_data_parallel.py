@@ -1,11 +1,13 @@
 """TP2, TP2+SP, DP2, DP2xTP2, PP2 (2 and 4 micro-batches) and PP2xTP2 on real msrun processes
 (CPU): loss, gradient norm, logits, every gradient and every parameter after one AdamW step equal
-the single-process run, slice by slice, and replicated parameters are bit-identical on every rank."""
+the single-process run, slice by slice, and replicated parameters are bit-identical on every rank.
+The runs of one world size share one msrun launch."""
 import json
 import os
 
 import pytest
 
+from testkit import launch
 from testkit.launch import assert_layout_equals_single_process, msrun, rank_dumps, single_process_dump
 from mindport import ConfigError, ParallelConfig
 from mindport.parallel.state import check_layout, group_ranks
@@ -20,6 +22,7 @@ LAYOUTS = {
     "pp2_mb4": dict(pipeline_stage=2, micro_batch_num=4),
     "pp2_tp2": dict(pipeline_stage=2, micro_batch_num=2, model_parallel=2),
 }
+EXPORT_LAYOUT = dict(model_parallel=2, pipeline_stage=2, micro_batch_num=2)  # loaded from a per-rank export
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +31,38 @@ def reference(tiny_telechat_hf, tmp_path_factory):
     return tiny_telechat_hf, single_process_dump(WORKER, tiny_telechat_hf, str(tmp_path_factory.mktemp("single")))
 
 
-def run_and_compare(model_dir: str, ref: dict, layout: dict, tmp_path) -> None:
-    world = ParallelConfig.from_dict(layout).world_size
-    out = str(tmp_path / "out")
-    msrun(WORKER, [model_dir, out, json.dumps(layout)], world, str(tmp_path / "log"))
-    assert_layout_equals_single_process(rank_dumps(out, world), ref, layout)
+@pytest.fixture(scope="module")
+def layout_runs(reference, tmp_path_factory):
+    """name (a layout, or "export": TP2xPP2 from a per-rank export) -> its output directory, once its
+    launch has run (2 launches: world 2 and world 4)."""
+    from mindport.ckpt_tools.convert import hf_to_mindport
+
+    root = str(tmp_path_factory.mktemp("layouts"))
+    export = os.path.join(root, "tp2_pp2_export")
+    hf_to_mindport(reference[0], export, tp=2, pp=2)
+    runs = {name: (reference[0], layout) for name, layout in LAYOUTS.items()}
+    runs["export"] = (export, EXPORT_LAYOUT)
+    return launch.layout_runs(WORKER, runs, root)
+
+
+def assert_run_equals_single_process(out_dir: str, ref: dict, layout: dict) -> None:
+    dumps = rank_dumps(out_dir, ParallelConfig.from_dict(layout).world_size)
+    assert_layout_equals_single_process(dumps, ref, layout)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_equals_single_process(reference, tmp_path, name):
-    hf_dir, ref = reference
-    run_and_compare(hf_dir, ref, LAYOUTS[name], tmp_path)
+def test_layout_equals_single_process(reference, layout_runs, name):
+    assert_run_equals_single_process(layout_runs(name), reference[1], LAYOUTS[name])
 
 
 @pytest.mark.slow
-def test_ranks_load_their_shards_from_a_per_rank_export(reference, tmp_path):
-    from mindport.ckpt_tools.convert import hf_to_mindport
-
-    hf_dir, ref = reference
-    shards = str(tmp_path / "tp2_pp2")
-    hf_to_mindport(hf_dir, shards, tp=2, pp=2)
-    assert os.path.isdir(os.path.join(shards, "rank_0003")) and not os.path.exists(os.path.join(shards, "model.safetensors"))
-    run_and_compare(shards, ref, dict(model_parallel=2, pipeline_stage=2, micro_batch_num=2), tmp_path)
+def test_ranks_load_their_shards_from_a_per_rank_export(reference, layout_runs):
+    out = layout_runs("export")
+    shards = os.path.join(os.path.dirname(out), "tp2_pp2_export")
+    assert os.path.isdir(os.path.join(shards, "rank_0003"))
+    assert not os.path.exists(os.path.join(shards, "model.safetensors"))
+    assert_run_equals_single_process(out, reference[1], EXPORT_LAYOUT)
 
 
 def test_group_layout_puts_tp_innermost():

@@ -1,7 +1,7 @@
 """An XVERSE vocabulary that does not divide by model_parallel (XVERSE-65B's 100534; here 251)
 is padded for the split, and the padding never shows: under TP2 the logits, loss, gradients,
 an AdamW step and greedy generation equal one process, and per-rank exports hold only real
-rows and merge back to the original shape."""
+rows and merge back to the original shape. The TP2 step and generation share one msrun launch."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 
 from mindport import AutoConfig, AutoModelForCausalLM, ParallelConfig
 from mindport.parallel.sharding import shard_slices, vocab_block
-from testkit.launch import assert_layout_equals_single_process, msrun, rank_dumps
+from testkit.launch import assert_layout_equals_single_process, rank_dumps, shared_launches
 
 HERE = os.path.dirname(__file__)
 STEP_WORKER, GENERATE_WORKER = os.path.join(HERE, "step_worker.py"), os.path.join(HERE, "generate_worker.py")
@@ -67,31 +67,41 @@ def test_per_rank_export_holds_real_rows_and_merges_back(xverse_dirs, tmp_path):
     assert merged["model.safetensors"]["lm_head.weight"].shape[0] == VOCAB
 
 
-@pytest.mark.slow
-def test_tp2_step_equals_single_process(xverse_dirs, tmp_path):
-    """Logits, loss, gradient norm, gradients and one AdamW step; dense from the HF directory and from
-    a per-rank export, XVERSE-MoE from the HF directory."""
+@pytest.fixture(scope="module")
+def tp2_runs(xverse_dirs, tmp_path_factory):
+    """Under TP2, in one launch: "step" (dense from HF and from a per-rank export, XVERSE-MoE) and
+    "tokens.npz" (dense generation); name -> its output once the launch has run."""
     from mindport.ckpt_tools.convert import hf_to_mindport
 
     dense, moe = xverse_dirs
-    export = str(tmp_path / "tp2_export")
+    root = str(tmp_path_factory.mktemp("tp2_runs"))
+    export = os.path.join(root, "tp2_export")
     hf_to_mindport(dense, export, tp=2, progress=False)
-    single = str(tmp_path / "single")
-    subprocess.run([sys.executable, STEP_WORKER, f"{dense},{moe}", single], check=True, capture_output=True)
-    refs = [dict(np.load(os.path.join(single, str(k), "rank0.npz"))) for k in range(2)]
-    layout = dict(model_parallel=2)
-    out = str(tmp_path / "out")
-    msrun(STEP_WORKER, [f"{dense},{export},{moe}", out, json.dumps(layout)], 2, str(tmp_path / "log"))
-    for k, ref in enumerate((refs[0], refs[0], refs[1])):
-        dumps = rank_dumps(os.path.join(out, str(k)), 2)
-        assert dumps[0]["logits"].shape[-1] == VOCAB  # the padding columns never leave the model
-        assert_layout_equals_single_process(dumps, ref, layout)
+    layout = json.dumps(dict(model_parallel=2))
+    return shared_launches({
+        "step": ("tp2", 2, [STEP_WORKER, f"{dense},{export},{moe}", os.path.join(root, "step"), layout]),
+        "tokens.npz": ("tp2", 2, [GENERATE_WORKER, dense, os.path.join(root, "tokens.npz"), layout]),
+    }, root)
 
 
 @pytest.mark.slow
-def test_tp2_generation_equals_single_process(xverse_dirs, tmp_path):
-    single, parallel = str(tmp_path / "single.npz"), str(tmp_path / "tp2.npz")
+def test_tp2_step_equals_single_process(xverse_dirs, tp2_runs, tmp_path):
+    """Logits, loss, gradient norm, gradients and one AdamW step; dense from the HF directory and from
+    a per-rank export, XVERSE-MoE from the HF directory."""
+    dense, moe = xverse_dirs
+    single = str(tmp_path / "single")
+    subprocess.run([sys.executable, STEP_WORKER, f"{dense},{moe}", single], check=True, capture_output=True)
+    refs = [dict(np.load(os.path.join(single, str(k), "rank0.npz"))) for k in range(2)]
+    out = tp2_runs("step")
+    for k, ref in enumerate((refs[0], refs[0], refs[1])):
+        dumps = rank_dumps(os.path.join(out, str(k)), 2)
+        assert dumps[0]["logits"].shape[-1] == VOCAB  # the padding columns never leave the model
+        assert_layout_equals_single_process(dumps, ref, dict(model_parallel=2))
+
+
+@pytest.mark.slow
+def test_tp2_generation_equals_single_process(xverse_dirs, tp2_runs, tmp_path):
+    single = str(tmp_path / "single.npz")
     subprocess.run([sys.executable, GENERATE_WORKER, xverse_dirs[0], single], check=True, capture_output=True)
-    msrun(GENERATE_WORKER, [xverse_dirs[0], parallel, json.dumps({"model_parallel": 2})], 2, str(tmp_path / "log"))
-    ours, ref = np.load(parallel), np.load(single)  # greedy tokens, and those of the int8-quantized model
+    ours, ref = np.load(tp2_runs("tokens.npz")), np.load(single)  # greedy tokens, and those of the int8-quantized model
     assert np.array_equal(ours["tokens"], ref["tokens"]) and np.array_equal(ours["int8_tokens"], ref["int8_tokens"])

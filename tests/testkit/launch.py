@@ -1,4 +1,5 @@
 """Launch a script on N CPU processes with msrun, as tests do, and compare what the ranks dumped."""
+import json
 import os
 import socket
 import subprocess
@@ -33,6 +34,47 @@ def msrun(script: str, args: list[str], workers: int, log_dir: str, timeout: int
                 lines = [l for l in f.read().splitlines() if "WARNING" not in l]
             tails.append(f"--- {name}\n" + "\n".join(lines[-15:]))
         raise AssertionError(f"msrun failed ({proc.returncode}):\n" + "\n".join(tails))
+
+
+def shared_launches(jobs: dict[str, tuple[str, int, list[str]]], root: str):
+    """``jobs``: name -> (launch, world size, [script, *arguments]), each job writing to ROOT/name
+    (which its arguments name). Returns ``run(name)`` -> ROOT/name once job ``name`` has run: the jobs
+    with one ``launch`` key (and world size) run one after the other in one msrun launch of
+    ``script_runner.py`` (logs in ROOT/logs/LAUNCH), started at the first ``run`` of any of them.
+    A failed launch fails each of its jobs with its error, without launching again."""
+    runner = os.path.join(os.path.dirname(__file__), "script_runner.py")
+    outcome: dict[str, AssertionError | None] = {}
+
+    def run(name: str) -> str:
+        launch, world, _ = jobs[name]
+        if name not in outcome:
+            names = [n for n, (l, _, _) in jobs.items() if l == launch]
+            assert {jobs[n][1] for n in names} == {world}, f"launch {launch}: jobs of different world sizes"
+            try:
+                msrun(runner, [json.dumps([jobs[n][2] for n in names])], world, os.path.join(root, "logs", launch),
+                      timeout=300 * (len(names) + 1))
+                outcome.update(dict.fromkeys(names))
+            except AssertionError as err:
+                outcome.update(dict.fromkeys(names, err))
+        if outcome[name] is not None:
+            raise outcome[name]
+        return os.path.join(root, name)
+
+    return run
+
+
+def layout_runs(worker: str, runs: dict[str, tuple[str, dict]], root: str, *extra: str):
+    """``runs``: name -> (model directories joined by ',', layout) for ``worker MODEL_DIRS OUT_DIR
+    LAYOUT_JSON *extra`` (step_worker.py); the runs of one world size share a launch. Returns
+    :func:`shared_launches`' ``run``."""
+    from mindport import ParallelConfig
+
+    jobs = {}
+    for name, (model_dirs, layout) in runs.items():
+        world = ParallelConfig.from_dict(layout).world_size
+        jobs[name] = (f"world{world}", world, [worker, model_dirs, os.path.join(root, name), json.dumps(layout),
+                                               *extra])
+    return shared_launches(jobs, root)
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-5) -> None:
@@ -111,8 +153,6 @@ def assert_layout_equals_single_process(dumps: list[dict], ref: dict, layout: di
 def assert_checkpoint_replicas_identical(step_dir: str) -> int:
     """:func:`assert_replicas_identical` on a per-rank checkpoint (``layout.json`` + ``rank_XXXX/``):
     every tensor slice that several rank directories hold is bit-identical in all of them."""
-    import json
-
     from mindport.train.checkpoint import read_safetensors
 
     with open(os.path.join(step_dir, "layout.json")) as f:

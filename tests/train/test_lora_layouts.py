@@ -7,6 +7,7 @@ single-process LoRA run, the ranks' copies of replicated adapter slices are bit-
 adapter joined from the per-rank checkpoint equals the single-process one.
 """
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -94,22 +95,22 @@ def world_of(parallel):
 
 @pytest.fixture(scope="module")
 def layout_runs(data_dir, bases, tmp_path_factory):
-    """name -> the run directory of that layout's msrun LoRA training (run on first use)."""
+    """name -> the run directory of that layout's msrun LoRA training, once it has run. The layouts
+    share one launch; dp2_zero has its own, as test_lora_resume_under_zero_continues_the_run compares a
+    fresh process's steps with it bit for bit."""
     from mindport import cli
 
-    cache = {}
-
-    def run(name):
-        if name not in cache:
-            (preset, targets, params), parallel, batch = LAYOUTS[name]
-            root = tmp_path_factory.mktemp(name)
-            config = write_yaml(root, data_dir, bases(preset), targets, params, batch, parallel, **SAVES.get(name, {}))
-            launch.msrun(cli.__file__, ["train", "--config", config, "--no-progress"], world_of(parallel),
-                         str(root / "log"))
-            cache[name] = root
-        return cache[name]
-
-    return run
+    root = tmp_path_factory.mktemp("layouts")
+    jobs = {}
+    for name, ((preset, targets, params), parallel, batch) in LAYOUTS.items():
+        (root / name).mkdir()
+        config = write_yaml(root / name, data_dir, bases(preset), targets, params, batch, parallel,
+                            **SAVES.get(name, {}))
+        world = world_of(parallel)
+        jobs[name] = (name if name == "dp2_zero" else f"world{world}", world,
+                      [cli.__file__, "train", "--config", config, "--no-progress"])
+    run = launch.shared_launches(jobs, str(root))
+    return lambda name: pathlib.Path(run(name))
 
 
 @pytest.mark.slow

@@ -118,22 +118,19 @@ def reference(references):
 
 @pytest.fixture(scope="module")
 def layout_runs(data_dirs, tmp_path_factory):
-    """name -> output directory of that layout's msrun training (run on first use)."""
-    cache = {}
-
-    def run(name):
-        if name not in cache:
-            model, parallel, batch, runner, data = LAYOUTS[name]
-            root = tmp_path_factory.mktemp(name)
-            cfg = write_yaml(root / "run.yaml", data_dirs[data], root / "out", batch, parallel, model,
-                             **dict(runner), **SAVES.get(name, {}))
-            world = int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage",
-                                                               "context_parallel")]))
-            msrun_mindport(["train", "--config", cfg, "--no-progress"], world, root / "log")
-            cache[name] = root / "out"
-        return cache[name]
-
-    return run
+    """name -> output directory of that layout's `mindport train` under msrun, once it has run. The
+    layouts share one launch (one `mindport train` after the other in each process); dp2_zero has its
+    own, as test_resume_under_zero_continues_the_run compares a fresh process's steps with it bit for bit."""
+    root = tmp_path_factory.mktemp("layouts")
+    jobs = {}
+    for name, (model, parallel, batch, runner, data) in LAYOUTS.items():
+        cfg = write_yaml(root / f"{name}.yaml", data_dirs[data], root / name, batch, parallel, model,
+                         **dict(runner), **SAVES.get(name, {}))
+        world = int(np.prod([parallel.get(k, 1) for k in ("data_parallel", "model_parallel", "pipeline_stage",
+                                                           "context_parallel")]))
+        jobs[name] = (name if name == "dp2_zero" else f"world{world}", world,
+                      [cli_path(), "train", "--config", cfg, "--no-progress"])
+    return launch.shared_launches(jobs, str(root))
 
 
 @pytest.mark.slow
