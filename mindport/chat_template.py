@@ -20,6 +20,8 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+ROLES = ("system", "user", "assistant")  # the roles of a conversation's messages
+
 Span = tuple[int, int]  # [start, end) character offsets in the rendered text
 
 # While a render is recorded: (pieces rendered so far, spans found so far).

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mindport.chat_template import ROLES
+
 MAX_STOP_STRINGS = 4  # OpenAI's limit
-Role = Literal["system", "user", "assistant"]
-ROLES = get_args(Role)
 TEXT_PARTS = 'a string or a list of text parts [{"type": "text", "text": ...}]'
 logger = logging.getLogger("mindport.serve")
 
@@ -89,7 +89,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Role
+    role: Literal[ROLES]
     content: str
 
     @field_validator("role", mode="before")

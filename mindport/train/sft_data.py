@@ -32,14 +32,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mindport.chat_template import token_mask
+from mindport.chat_template import ROLES, token_mask
 from mindport.constants import IGNORE_INDEX
 from mindport.tokenizer import TokenizerError
 from mindport.train.data import (FORMAT, LABELS_FILE, SEGMENTS_FILE, TOKENS_FILE, DataError, token_dtype,
                                  write_index)
 
 RECORD_FORMATS = ("chat", "alpaca")
-ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 OVERFLOW = ("truncate", "drop")
 

@@ -33,8 +33,11 @@ def test_moe_step_is_one_compiled_graph_equal_to_the_eager_step(case, monkeypatc
     a, b = eager.train_step([batch]), compiled.train_step([batch])
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     wa, wb = eager.fp32_weights(), compiled.fp32_weights()
-    for name in wa:  # AdamW's first step is ~lr * sign(g): fp32 rounding of tiny gradients shows up at 1e-6
-        np.testing.assert_allclose(wb[name], wa[name], atol=1e-5, err_msg=name)
+    # AdamW's first step moves each weight by lr * g / (|g| + eps): ~lr, but less where |g| is near eps (1e-8),
+    # and there the gradients' fp32 rounding (the two graphs sum in different orders) moves the update by up
+    # to ~0.5% of lr (measured 1.3e-5 at lr 3e-3 on one element); a wrong step is off by ~lr on most weights
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], atol=1e-2 * eager.config.learning_rate, err_msg=name)
 
     reads = []
     asnumpy = ms.Tensor.asnumpy
